@@ -1,0 +1,181 @@
+"""UNet3D: parity with the original ModelScope UNetSD and with diffusers, the full-size key map, round trips, errors."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import unet3d
+from oracles import max_abs_diff, modelscope_module, randomize_
+from weights import WeightsError
+
+KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "keys"
+if not KEYS.is_dir():  # fresh clones put shared/ beside the repository
+    KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+
+# A tiny original config that still has every kind of block: 3 levels (the last without attention, so its Upsample
+# sits at sub-module index 1), 2 ResBlocks per level, an inner width != channels in input_blocks.0.1.
+# context_dim must be 1024: upstream hard-codes it in the decoder.
+TINY_ORIGINAL = dict(unet_in_dim=4, unet_dim=32, unet_y_dim=768, unet_context_dim=1024, unet_out_dim=4,
+                     unet_dim_mult=[1, 2, 2], unet_num_heads=2, unet_head_dim=32, unet_res_blocks=2,
+                     unet_attn_scales=[1, 0.5], unet_dropout=0.0, temporal_attention="True")
+
+
+def _shape(s: str):
+    return tuple(int(x) for x in s.strip("()").split(",") if x.strip())
+
+
+def _meta_state(cfg):
+    with torch.device("meta"):
+        return unet3d.UNet3D(cfg).state_dict()
+
+
+def test_full_size_keys_match_both_release_layouts():
+    sd = _meta_state(unet3d.UNet3DConfig())
+    assert len(sd) == 1480
+    assert sum(v.numel() for v in sd.values()) == 1_411_233_860
+    # original file: same key set, same shapes
+    original = dict(line.rstrip("\n").split("\t") for line in open(KEYS / "ms_unet_keys.tsv"))
+    ours_as_original = unet3d.to_original(sd, unet3d.UNet3DConfig())
+    assert set(ours_as_original) == set(original)
+    for k, v in ours_as_original.items():
+        assert tuple(v.shape) == _shape(original[k]), k
+    # diffusers: our names ARE the diffusers names; our key map equals diffusers' conversion table
+    rows = [line.rstrip("\n").split("\t") for line in open(KEYS / "ms_unet_to_diffusers_keymap.tsv")][1:]
+    assert len(rows) == 1480
+    key_map = unet3d.original_key_map(unet3d.UNet3DConfig(), sd.keys())
+    for orig, diff, transform, diff_shape in rows:
+        assert tuple(sd[diff].shape) == _shape(diff_shape), diff
+        assert key_map[diff] == orig
+        assert (transform == "squeeze(-1)") == unet3d._is_temporal_proj(diff)
+
+
+def _original_unet(seed=0):
+    ms = modelscope_module("unet_sd")
+    c = TINY_ORIGINAL
+    ref = ms.UNetSD(in_dim=c["unet_in_dim"], dim=c["unet_dim"], y_dim=c["unet_y_dim"], context_dim=c["unet_context_dim"],
+                    out_dim=c["unet_out_dim"], dim_mult=c["unet_dim_mult"], num_heads=c["unet_num_heads"],
+                    head_dim=c["unet_head_dim"], num_res_blocks=c["unet_res_blocks"],
+                    attn_scales=c["unet_attn_scales"], dropout=c["unet_dropout"], temporal_attention=True)
+    return randomize_(ref, seed)
+
+
+def test_parity_with_original_modelscope_unet(tmp_path):
+    ref = _original_unet()
+    path = tmp_path / "text2video_pytorch_model.pth"
+    torch.save(ref.state_dict(), path)
+    cfg = unet3d.config_from_original(TINY_ORIGINAL)
+    ours = unet3d.load_unet(path, cfg)
+    g = torch.Generator().manual_seed(0)
+    for frames, t in [(1, [999, 0]), (3, [981, 1]), (5, [500, 37])]:
+        x = torch.randn(2, 4, frames, 16, 16, generator=g)
+        ctx = torch.randn(2, 7, 1024, generator=g)
+        t = torch.tensor(t)
+        with torch.no_grad():
+            want = ref(x, t, ctx)
+            got = ours(x, t, ctx)
+        err = max_abs_diff(got, want)
+        assert err <= 1e-5, f"F={frames}: max abs diff {err}"
+        assert want.abs().mean() > 0.1  # a real signal, not a collapsed output
+
+
+def _diffusers_unet(seed=0):
+    from diffusers import UNet3DConditionModel
+
+    ref = UNet3DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=48, down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"))
+    return randomize_(ref, seed)
+
+
+def test_parity_with_diffusers_unet(tmp_path):
+    ref = _diffusers_unet()
+    ref.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    cfg = unet3d.config_from_diffusers(json.loads((tmp_path / "unet" / "config.json").read_text()))
+    ours = unet3d.load_unet(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", cfg)
+    g = torch.Generator().manual_seed(1)
+    for frames, t in [(2, [981, 1]), (4, [250, 750])]:
+        x = torch.randn(2, 4, frames, 16, 16, generator=g)
+        ctx = torch.randn(2, 5, 48, generator=g)
+        with torch.no_grad():
+            want = ref(x, torch.tensor(t), ctx).sample
+            got = ours(x, torch.tensor(t), ctx)
+        err = max_abs_diff(got, want)
+        assert err <= 1e-5, f"F={frames}: max abs diff {err}"
+        assert want.abs().mean() > 0.1
+
+
+def test_round_trip_both_layouts(tmp_path):
+    cfg = unet3d.config_from_original(TINY_ORIGINAL)
+    model = randomize_(unet3d.UNet3D(cfg), seed=3)
+    for layout, name in [("original", "unet.pth"), ("diffusers", "unet.safetensors"), ("diffusers", "unet.bin")]:
+        unet3d.save_unet(model, tmp_path / name, layout=layout)
+        back = unet3d.load_unet(tmp_path / name, cfg)
+        a, b = model.state_dict(), back.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(WeightsError, match="already exists"):
+        unet3d.save_unet(model, tmp_path / "unet.pth", layout="original")
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    cfg = unet3d.UNET_PRESETS["tiny"]
+    model = randomize_(unet3d.UNet3D(cfg), seed=4).train()
+    x, ctx = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, cfg.cross_attention_dim)
+    t = torch.tensor([10, 900])
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_gradient_checkpointing(ckpt)
+        torch.manual_seed(0)  # same dropout masks in both runs (checkpointing replays the RNG state)
+        model(x, t, ctx).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    cfg = unet3d.UNET_PRESETS["tiny"]
+    model = randomize_(unet3d.UNet3D(cfg), seed=5)
+    x, ctx = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 5, cfg.cross_attention_dim)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([500]), ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, torch.tensor([500]), ctx)
+    assert low.dtype == torch.bfloat16 and low.shape == ref.shape
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, f"bf16 relative error {rel:.3f}"
+
+
+def test_scalar_timestep_and_batch_independence():
+    cfg = unet3d.UNET_PRESETS["tiny"]
+    model = randomize_(unet3d.UNet3D(cfg), seed=6)
+    x, ctx = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, cfg.cross_attention_dim)
+    with torch.no_grad():
+        both = model(x, 300, ctx)
+        one = model(x[1:], torch.tensor([300]), ctx[1:])
+    assert both.shape == x.shape
+    assert max_abs_diff(both[1:], one) <= 1e-5  # videos in a batch do not see each other
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    cfg = unet3d.UNET_PRESETS["tiny"]
+    with pytest.raises(WeightsError, match="not found.*UNet weights"):
+        unet3d.load_unet(tmp_path / "nope.safetensors", cfg)
+    sd = unet3d.UNet3D(cfg).state_dict()
+    sd["bogus.weight"] = torch.zeros(1)
+    del sd["conv_in.bias"]
+    torch.save(sd, tmp_path / "keys.pth")
+    with pytest.raises(WeightsError) as e:
+        unet3d.load_unet(tmp_path / "keys.pth", cfg)
+    assert "missing (1): conv_in.bias" in str(e.value) and "unexpected (1): bogus.weight" in str(e.value)
+    assert "diffusers UNet3DConditionModel" in str(e.value)  # the detected layout
+    bigger = dataclasses.replace(cfg, in_channels=8)
+    torch.save(unet3d.UNet3D(bigger).state_dict(), tmp_path / "shape.pth")
+    with pytest.raises(WeightsError, match=r"conv_in.weight: file has \(32, 8, 3, 3\), model expects \(32, 4, 3, 3\)"):
+        unet3d.load_unet(tmp_path / "shape.pth", cfg)
+    with pytest.raises(ValueError, match="divisible"):
+        unet3d.UNet3D(cfg)(torch.randn(1, 4, 2, 5, 6), 1, torch.randn(1, 5, 64))

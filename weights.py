@@ -1,0 +1,259 @@
+"""Weight files: read them safely, assign them strictly, write them atomically, and load a model directory.
+
+Two release layouts of the same ModelScope text-to-video model are understood (facts: ../shared/reference/modelscope.md):
+
+  original  (damo/text-to-video-synthesis, zeroscope's zs2_576w/)      diffusers (text-to-video-ms-1.7b, zeroscope_v2_576w)
+    configuration.json                                                   model_index.json (optional)
+    text2video_pytorch_model.pth   plain UNet state dict                 unet/config.json + diffusion_pytorch_model[.fp16].{safetensors,bin}
+    VQGAN_autoencoder.pth          Lightning checkpoint, first_stage_model.*   vae/config.json + diffusion_pytorch_model[...]
+    open_clip_pytorch_model.bin    full OpenCLIP ViT-H-14 (visual.* unused)    text_encoder/config.json + model[...] (HF CLIPTextModel, 23 layers)
+
+Security: nothing here unpickles arbitrary code. Pickles are read with `torch.load(weights_only=True)`; the one legacy
+file that needs more (the Lightning VAE checkpoint names `pytorch_lightning` and numpy classes) goes through
+`_RestrictedUnpickler`, which rebuilds tensors and replaces every other global by an inert placeholder, so a malicious
+`__reduce__` in a checkpoint is never called.
+
+Memory: models are built on the meta device and the loaded tensors are assigned (`load_state_dict(assign=True)`), and
+pickles are memory-mapped, so a 1.4 B-parameter UNet never exists twice in RAM.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# -----------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+class WeightsError(ValueError):
+    """A weight file or model directory that cannot be used; the message names the file and the problem."""
+
+
+def _first(names, n=8):
+    names = sorted(names)
+    more = f" ... (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def detect_format(keys) -> str:
+    """Human-readable name of the layout a state dict's keys look like (used in error messages)."""
+    keys = list(keys)
+    probes = [  # (substring, description), first hit wins
+        ("input_blocks.", "original ModelScope UNet (input_blocks.*)"),
+        ("down_blocks.0.temp_convs", "diffusers UNet3DConditionModel (down_blocks.*.temp_convs)"),
+        ("down_blocks.0.resnets", "diffusers 2-D model (down_blocks.* without temporal layers)"),
+        ("first_stage_model.", "Lightning LDM checkpoint (first_stage_model.*)"),
+        ("encoder.down.", "original LDM autoencoder (encoder.down.*)"),
+        ("encoder.down_blocks.", "diffusers AutoencoderKL (encoder.down_blocks.*)"),
+        ("transformer.resblocks.", "OpenCLIP (transformer.resblocks.*)"),
+        ("encoder.layers.", "Hugging Face CLIPTextModel (encoder.layers.*)"),
+    ]
+    for probe, name in probes:
+        if any(probe in k for k in keys):
+            return name
+    return f"unknown (first keys: {_first(keys, 4)})"
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class _Inert:
+    """Placeholder for any global a legacy checkpoint names that is not needed to rebuild tensors.
+
+    Whatever the pickle does with it (call it, build it, set its state, fill it), nothing runs and nothing is imported.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+    def __repr__(self):
+        return f"<inert {type(self).__name__}>"
+
+
+# Only these globals are resolved for real; torch.load's own wrapper resolves the `*Storage` classes before us.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "Size"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        # Anything else (pytorch_lightning callbacks, numpy scalars, os.system, ...) becomes a harmless class.
+        return type(f"{module}.{name}", (_Inert,), {})
+
+
+class _RestrictedPickleModule:
+    """The `pickle_module` torch.load expects: an object with an `Unpickler` (and `load`) attribute."""
+
+    Unpickler = _RestrictedUnpickler
+    __name__ = "restricted_pickle"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True and mmap; falls back to the restricted unpickler for legacy checkpoints."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        pass  # e.g. a Lightning checkpoint that names pytorch_lightning / numpy classes: see _RestrictedUnpickler
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise WeightsError(f"{path}: not a readable PyTorch file ({e})") from None
+        # Legacy (pre-1.6, non-zip) files cannot be memory-mapped: read them whole, still weights-only.
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            pass
+    try:
+        mmap = _is_zip(path)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule, mmap=mmap)
+    except Exception as e:  # a corrupt file: name it, do not dump the unpickler's traceback
+        raise WeightsError(f"{path}: could not be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def read_state_dict(path, what: str = "weights") -> dict:
+    """Read a `.safetensors` or torch pickle file into a flat {name: tensor} dict on the CPU, without running code.
+
+    A Lightning-style `{'state_dict': {...}}` wrapper is unwrapped. `what` describes the file for error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found; expected the {what}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: file is empty; expected the {what}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as e:
+            raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
+    else:
+        sd = _torch_load(path)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # PyTorch-Lightning checkpoint
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        bad = type(sd).__name__ if not isinstance(sd, dict) else "a dict with non-tensor values"
+        raise WeightsError(f"{path}: expected a state dict of tensors for the {what}, found {bad}")
+    return dict(sd)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# assigning
+
+
+def assign_state_dict(model: nn.Module, sd: dict, *, source: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Strictly load `sd` (already in our key names) into `model`, which may live on the meta device.
+
+    Key sets must match exactly and every shape must agree; errors name the source, the first offending keys, the
+    detected layout and both shapes. Tensors are assigned, not copied (cast only if `dtype` differs).
+    """
+    own = model.state_dict()
+    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+    if missing or unexpected:
+        lines = [f"{source}: the weights do not fit {type(model).__name__} "
+                 f"({len(sd)} tensors given, {len(own)} expected; detected layout: {detect_format(sd)})"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {_first(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {_first(unexpected)}")
+        raise WeightsError("\n".join(lines))
+    for k, v in own.items():
+        if v.shape != sd[k].shape:
+            raise WeightsError(f"{source}: shape mismatch for {k}: file has {tuple(sd[k].shape)}, "
+                               f"model expects {tuple(v.shape)} (wrong config for these weights?)")
+    if dtype is not None:
+        sd = {k: v if v.dtype == dtype else v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a state dict atomically (temp file + rename) as safetensors (by suffix) or a torch file.
+
+    Refuses to replace an existing file unless `overwrite`; a crash mid-write never leaves a half-written file.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path}: already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_json(obj, path, overwrite: bool = False) -> Path:
+    """Atomic JSON write with the same no-silent-overwrite rule as save_state_dict."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path}: already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found; expected the {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e}); expected the {what}") from None
