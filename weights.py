@@ -125,23 +125,19 @@ class _RestrictedPickleModule:
 
 
 def _torch_load(path: Path):
-    """torch.load with weights_only=True and mmap; falls back to the restricted unpickler for legacy checkpoints."""
+    """torch.load with weights_only=True (memory-mapped when the file is a zip archive); legacy checkpoints that
+    weights_only refuses are read by the restricted unpickler instead. Any failure names the file."""
+    zipped = _is_zip(path)  # pre-1.6 (non-zip) files cannot be memory-mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError:
-        pass  # e.g. a Lightning checkpoint that names pytorch_lightning / numpy classes: see _RestrictedUnpickler
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise WeightsError(f"{path}: not a readable PyTorch file ({e})") from None
-        # Legacy (pre-1.6, non-zip) files cannot be memory-mapped: read them whole, still weights-only.
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            pass
+        pass  # e.g. a Lightning checkpoint naming pytorch_lightning / numpy classes: see _RestrictedUnpickler
+    except Exception as e:  # a corrupt or foreign file: name it, do not dump the unpickler's traceback
+        raise WeightsError(f"{path}: could not be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     try:
-        mmap = _is_zip(path)
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule, mmap=mmap)
-    except Exception as e:  # a corrupt file: name it, do not dump the unpickler's traceback
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule,
+                          mmap=zipped)
+    except Exception as e:
         raise WeightsError(f"{path}: could not be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
