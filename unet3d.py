@@ -77,10 +77,10 @@ UNET_PRESETS = {
     "modelscope-1.7b": UNet3DConfig(),
     # smallest config that exercises every kind of layer (tests); 2 levels, attention at both
     "tiny": UNet3DConfig(block_out_channels=(32, 64), cross_attn_levels=(True, True), layers_per_block=1, head_dim=16,
-                         first_temporal_heads=2, cross_attention_dim=64, norm_num_groups=8, dropout=0.0),
+                         first_temporal_heads=8, cross_attention_dim=64, norm_num_groups=8, dropout=0.0),
     # CPU-scale toy world (toy-calibration.md: 8x8 latents, attention at both levels, ~2 M params)
     "toy": UNet3DConfig(block_out_channels=(32, 64, 64), cross_attn_levels=(True, True, False), layers_per_block=1,
-                        head_dim=8, first_temporal_heads=4, cross_attention_dim=64, norm_num_groups=8, dropout=0.0),
+                        head_dim=8, first_temporal_heads=8, cross_attention_dim=64, norm_num_groups=8, dropout=0.0),
 }
 
 
@@ -100,6 +100,7 @@ def config_from_original(model_cfg: dict) -> UNet3DConfig:
         head_dim=model_cfg["unet_head_dim"],
         first_temporal_heads=model_cfg["unet_num_heads"],
         cross_attention_dim=model_cfg["unet_context_dim"],
+        norm_num_groups=model_cfg.get("unet_norm_num_groups", 32),  # our extension: upstream hard-codes 32
         dropout=model_cfg.get("unet_dropout", 0.1),
     )
 
@@ -112,6 +113,7 @@ def config_to_original(cfg: UNet3DConfig) -> dict:
         "unet_num_heads": cfg.first_temporal_heads, "unet_head_dim": cfg.head_dim, "unet_res_blocks": cfg.layers_per_block,
         "unet_attn_scales": [0.5 ** i for i, a in enumerate(cfg.cross_attn_levels) if a],
         "unet_dropout": cfg.dropout, "temporal_attention": "True",
+        **({"unet_norm_num_groups": cfg.norm_num_groups} if cfg.norm_num_groups != 32 else {}),
     }
 
 
@@ -141,7 +143,9 @@ def config_from_diffusers(d: dict) -> UNet3DConfig:
 
 
 def config_to_diffusers(cfg: UNet3DConfig) -> dict:
-    assert cfg.first_temporal_heads == 8, "diffusers' UNet3DConditionModel hard-codes 8 heads in transformer_in"
+    if cfg.first_temporal_heads != 8:
+        raise ValueError("the diffusers layout cannot store first_temporal_heads != 8 (UNet3DConditionModel hard-codes "
+                         "8 heads in transformer_in); save this model in the original layout")
     return {
         "_class_name": "UNet3DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.head_dim,
         "block_out_channels": list(cfg.block_out_channels), "cross_attention_dim": cfg.cross_attention_dim,
