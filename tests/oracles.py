@@ -53,3 +53,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.double() - b.double()).abs().max().item()
+
+
+# A tiny original UNet config that still has every kind of block: 3 levels (the last without attention, so its Upsample
+# sits at sub-module index 1), 2 ResBlocks per level, an inner width != channels in input_blocks.0.1.
+# context_dim must be 1024: upstream hard-codes it in the decoder.
+TINY_ORIGINAL = dict(unet_in_dim=4, unet_dim=32, unet_y_dim=768, unet_context_dim=1024, unet_out_dim=4,
+                     unet_dim_mult=[1, 2, 2], unet_num_heads=2, unet_head_dim=32, unet_res_blocks=2,
+                     unet_attn_scales=[1, 0.5], unet_dropout=0.0, temporal_attention="True")
+
+
+def original_unet(seed: int = 0, cfg: dict = TINY_ORIGINAL):
+    """The original `UNetSD` built from a configuration.json-style dict, with random weights, eval mode."""
+    c = cfg
+    ref = modelscope_module("unet_sd").UNetSD(
+        in_dim=c["unet_in_dim"], dim=c["unet_dim"], y_dim=c["unet_y_dim"], context_dim=c["unet_context_dim"],
+        out_dim=c["unet_out_dim"], dim_mult=c["unet_dim_mult"], num_heads=c["unet_num_heads"],
+        head_dim=c["unet_head_dim"], num_res_blocks=c["unet_res_blocks"], attn_scales=c["unet_attn_scales"],
+        dropout=c["unet_dropout"], temporal_attention=True)
+    return randomize_(ref, seed)

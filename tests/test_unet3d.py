@@ -8,20 +8,12 @@ import pytest
 import torch
 
 import unet3d
-from oracles import max_abs_diff, modelscope_module, randomize_
+from oracles import TINY_ORIGINAL, max_abs_diff, original_unet, randomize_
 from weights import WeightsError
 
 KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "keys"
 if not KEYS.is_dir():  # fresh clones put shared/ beside the repository
     KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
-
-# A tiny original config that still has every kind of block: 3 levels (the last without attention, so its Upsample
-# sits at sub-module index 1), 2 ResBlocks per level, an inner width != channels in input_blocks.0.1.
-# context_dim must be 1024: upstream hard-codes it in the decoder.
-TINY_ORIGINAL = dict(unet_in_dim=4, unet_dim=32, unet_y_dim=768, unet_context_dim=1024, unet_out_dim=4,
-                     unet_dim_mult=[1, 2, 2], unet_num_heads=2, unet_head_dim=32, unet_res_blocks=2,
-                     unet_attn_scales=[1, 0.5], unet_dropout=0.0, temporal_attention="True")
-
 
 def _shape(s: str):
     return tuple(int(x) for x in s.strip("()").split(",") if x.strip())
@@ -52,18 +44,8 @@ def test_full_size_keys_match_both_release_layouts():
         assert (transform == "squeeze(-1)") == unet3d._is_temporal_proj(diff)
 
 
-def _original_unet(seed=0):
-    ms = modelscope_module("unet_sd")
-    c = TINY_ORIGINAL
-    ref = ms.UNetSD(in_dim=c["unet_in_dim"], dim=c["unet_dim"], y_dim=c["unet_y_dim"], context_dim=c["unet_context_dim"],
-                    out_dim=c["unet_out_dim"], dim_mult=c["unet_dim_mult"], num_heads=c["unet_num_heads"],
-                    head_dim=c["unet_head_dim"], num_res_blocks=c["unet_res_blocks"],
-                    attn_scales=c["unet_attn_scales"], dropout=c["unet_dropout"], temporal_attention=True)
-    return randomize_(ref, seed)
-
-
 def test_parity_with_original_modelscope_unet(tmp_path):
-    ref = _original_unet()
+    ref = original_unet()
     path = tmp_path / "text2video_pytorch_model.pth"
     torch.save(ref.state_dict(), path)
     cfg = unet3d.config_from_original(TINY_ORIGINAL)

@@ -1,0 +1,362 @@
+"""Text-to-video sampling with the ModelScope sampler, reproduced exactly, plus DPM-Solver++(2M) as a faster option.
+
+    python sample.py --model text-to-video-ms-1.7b --prompt "a person doing the pll sign" --out out/
+    python sample.py --model zeroscope_v2_576w --width 576 --height 320 --frames 24 --solver dpmpp-2m --steps 25 \\
+        --prompts prompts.txt --seed 0 --num-samples 4 --precision fp16 --out out/
+    python sample.py --model text-to-video-ms-1.7b --delta runs/pll/delta.safetensors --prompt "..." --out out/
+
+Defaults are the original pipeline's (modelscope.md §5): 50 DDIM steps at t = 981, 961, ..., 1, eta 0, classifier-free
+guidance 9.0 against the empty prompt, 16 frames at 256x256, latents / 0.18215, per-frame VAE decode,
+`x*0.5+0.5` clamped and truncated to uint8, 8 fps. Each (prompt, seed) pair gives the same video whatever the batch.
+
+The diffusion math is a handful of pure functions (the schedule, a DDIM step, a DPM-Solver++ step) that train.py reuses;
+the samplers take any `eps_fn(x, t)`. Video tensors are (B, C, F, H, W).
+
+Notable differences from upstream:
+  * Guidance runs the conditional and unconditional halves in ONE batched UNet call (upstream: two calls).
+  * For step counts that do not divide 1000, timesteps follow diffusers' "leading" spacing (exactly `steps` steps);
+    upstream's `arange(0, 1000, 1000 // steps)` would take one step more. Identical for 50 steps (and 10, 20, 25, ...).
+  * No noise tensor is drawn per step when eta = 0 (upstream draws and multiplies it by 0).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from weights import Models, WeightsError, load_models, read_state_dict
+
+# -----------------------------------------------------------------------------------------------------------------------
+# diffusion math: schedule, DDIM, DPM-Solver++(2M)
+
+
+def alphas_cumprod(schedule: dict) -> torch.Tensor:
+    """abar_t for t = 0..T-1 in float64: SD's "scaled_linear" betas, linspace(sqrt(b0), sqrt(b1), T)^2 (upstream
+    `beta_schedule('linear_sd')`)."""
+    assert schedule["beta_schedule"] == "scaled_linear", schedule
+    T = schedule["num_train_timesteps"]
+    betas = torch.linspace(schedule["beta_start"] ** 0.5, schedule["beta_end"] ** 0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)  # \bar{\alpha}_t
+
+
+def ddim_timesteps(steps: int, T: int = 1000) -> list:
+    """Descending timesteps 1 + k*(T//steps): [981, 961, ..., 1] for 50 steps (upstream = diffusers "leading" + 1)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    stride = T // steps
+    return [min(1 + k * stride, T - 1) for k in reversed(range(steps))]
+
+
+def ddim_step(x, eps, abar_t: float, abar_prev: float, eta: float = 0.0, noise=None):
+    """One DDIM update x_t -> x_prev (Song et al. 2021, Eq. 12), eps parameterisation, no clipping.
+
+    x0 = (x - sqrt(1-abar_t) eps) / sqrt(abar_t);  x_prev = sqrt(abar_prev) x0 + sqrt(1-abar_prev-sigma^2) eps + sigma z
+    with sigma = eta * sqrt((1-abar_prev)/(1-abar_t) * (1-abar_t/abar_prev)).
+    """
+    x0 = math.sqrt(1.0 / abar_t) * x - math.sqrt(1.0 / abar_t - 1.0) * eps
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma ** 2) * eps
+    if sigma > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def sample_ddim(eps_fn, x, abar: torch.Tensor, steps: int = 50, eta: float = 0.0, noise_fn=None, progress=None):
+    """The ModelScope sampler (`GaussianDiffusion.ddim_sample_loop`): the last step lands on abar[0], not 1."""
+    T = len(abar)
+    ts = ddim_timesteps(steps, T)
+    for t in tqdm(ts, desc="DDIM", disable=progress is False, leave=False):
+        t_prev = max(t - T // steps, 0)  # the final step (t=1) uses abar[0] = 0.99915 (diffusers: set_alpha_to_one=False)
+        noise = noise_fn(x) if eta > 0 else None
+        x = ddim_step(x, eps_fn(x, t), abar[t].item(), abar[t_prev].item(), eta, noise)
+    return x
+
+
+def dpm_timesteps(steps: int, T: int = 1000) -> list:
+    """round(linspace(0, T-1, steps+1)) descending, without the 0: [999, 959, ..., 40] for 25 steps.
+
+    This is what the model card's `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` does: the DDIM
+    config never sets `timestep_spacing`, so the solver keeps its own default, "linspace".
+    """
+    return torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().flip(0)[:-1].tolist()
+
+
+def sample_dpmpp_2m(eps_fn, x, abar: torch.Tensor, steps: int = 25, progress=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2, midpoint form), data prediction, final step to
+    sigma = 0 with a first-order update: diffusers' DPMSolverMultistepScheduler defaults, which the model card suggests.
+
+    In the VP parameterisation: sigma_t = sqrt((1-abar)/abar), alpha = 1/sqrt(1+sigma^2), lambda = -log(sigma).
+    """
+    ts = dpm_timesteps(steps, len(abar))
+    sigmas = [math.sqrt((1 - abar[t].item()) / abar[t].item()) for t in ts] + [0.0]
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(tqdm(ts, desc="DPM++2M", disable=progress is False, leave=False)):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        alpha_s, sig_s = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
+        x0 = (x - sig_s * eps_fn(x, t)) / alpha_s  # data prediction
+        if s_next == 0:  # last step: lambda = inf, so x_next = x0 exactly
+            return x0
+        alpha_t, sig_t = 1 / math.sqrt(1 + s_next ** 2), s_next / math.sqrt(1 + s_next ** 2)
+        h = math.log(s / s_next)  # lambda_t - lambda_s
+        d = x0 if x0_prev is None else x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)  # D0 + D1/2 with D1 = (x0 - x0')/r
+        x = (sig_t / sig_s) * x - alpha_t * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def apply_delta(models: Models, path) -> dict:
+    """Load a customized-weights file written by train.py onto the base models, strictly; returns its metadata.
+
+    Format (safetensors): `unet.<name>` tensors replace those UNet parameters; `text_encoder.placeholder_embeddings`
+    plus the metadata entry `placeholder_words` (a JSON list) restore learned tokens.
+    """
+    from safetensors import safe_open
+
+    import text_encoder as te
+
+    path = Path(path)
+    sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    unet_sd = models.unet.state_dict()
+    for key, value in sd.items():
+        if key.startswith("unet."):
+            name = key[len("unet."):]
+            if name not in unet_sd:
+                raise WeightsError(f"{path}: {name} is not a parameter of this UNet (wrong base model?)")
+            if unet_sd[name].shape != value.shape:
+                raise WeightsError(f"{path}: shape mismatch for {name}: file has {tuple(value.shape)}, "
+                                   f"model expects {tuple(unet_sd[name].shape)}")
+            unet_sd[name].copy_(value)
+        elif key != "text_encoder.placeholder_embeddings":
+            raise WeightsError(f"{path}: unexpected tensor {key} (expected unet.* or text_encoder.placeholder_embeddings)")
+    if "text_encoder.placeholder_embeddings" in sd:
+        words = json.loads(meta.get("placeholder_words", "[]"))
+        te.load_placeholder_state({"words": words, "embeddings": sd["text_encoder.placeholder_embeddings"]},
+                                  models.tokenizer, models.text_encoder)
+    return meta
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str = "", frames: int = 16,
+             height: int = 256, width: int = 256, steps: int = 50, guidance: float = 9.0, eta: float = 0.0,
+             solver: str = "ddim", batch_size: int = 1, dtype=None, decode_chunk: int = 8, progress: bool = True,
+             return_latents: bool = False):
+    """Videos for the (prompt, seed) pairs: uint8 (N, 3, F, H, W). Used by this CLI, train.py and evaluate.py.
+
+    Initial noise comes from a CPU generator seeded per pair, so a pair gives the same video on any batch size and
+    device. `dtype`: autocast dtype for UNet and VAE (None = full precision). The text encoder runs in float32.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    unet, vae, text = models.unet, models.vae, models.text_encoder
+    vae_factor = 2 ** (len(vae.cfg.block_out_channels) - 1)  # 8 for the KL-f8 VAE
+    f = vae_factor * unet.cfg.downsample_factor  # pixels per cell of the UNet's deepest level: 64
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f} for this model, got {height}x{width}")
+    device = next(unet.parameters()).device
+    abar = alphas_cumprod(models.schedule)
+    latent_hw = (height // vae_factor, width // vae_factor)
+    uncond = text(models.tokenizer([negative_prompt]).to(device))  # (1, 77, D): upstream's '' embedding by default
+    videos, latents_out = [], []
+    batches = range(0, len(prompts), batch_size)
+    for n, i in enumerate(batches):
+        bp, bs = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        B = len(bp)
+        cond = text(models.tokenizer(bp).to(device))  # (B, 77, D)
+        context = torch.cat([cond, uncond.expand(B, -1, -1)])  # (2B, 77, D): [cond; uncond]
+        gens = [torch.Generator().manual_seed(int(s)) for s in bs]
+        shape = (unet.cfg.in_channels, frames, *latent_hw)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, F, h, w)
+
+        def eps_fn(x, t):
+            # classifier-free guidance, both halves in one UNet call: eps_u + g * (eps_c - eps_u)
+            with _autocast(device, dtype):
+                e = unet(torch.cat([x, x]), torch.full((2 * B,), t, device=device), context).float()
+            eps_c, eps_u = e.chunk(2)
+            return eps_u + guidance * (eps_c - eps_u)
+
+        def noise_fn(x):  # per-sample generators keep eta > 0 batch-independent too
+            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
+
+        show = progress and len(batches) > 1
+        if show:
+            print(f"batch {n + 1}/{len(batches)}", file=sys.stderr)
+        if solver == "ddim":
+            x = sample_ddim(eps_fn, x, abar, steps, eta, noise_fn, progress)
+        elif solver == "dpmpp-2m":
+            x = sample_dpmpp_2m(eps_fn, x, abar, steps, progress)
+        else:
+            raise ValueError(f"solver must be 'ddim' or 'dpmpp-2m', got {solver!r}")
+        with _autocast(device, dtype):
+            video = vae.decode(x, chunk_size=decode_chunk).float()  # (B, 3, F, H, W) in about [-1, 1]
+        # upstream tensor2vid: x*0.5+0.5, clamp, *255, truncate to uint8
+        videos.append((video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8).cpu())
+        latents_out.append(x.cpu())
+    out = torch.cat(videos)
+    return (out, torch.cat(latents_out)) if return_latents else out
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def slug(text: str, n: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "empty"
+
+
+def free_stem(folder: Path, stem: str, suffixes=(".mp4", ".gif", ".png")) -> Path:
+    """`folder/stem`, or `stem-1`, `stem-2`, ... so that no existing output is ever overwritten."""
+    k, name = 0, stem
+    while any((folder / (name + s)).exists() for s in suffixes):
+        k += 1
+        name = f"{stem}-{k}"
+    return folder / name
+
+
+def _atomic(path: Path, write):
+    """Write via a temporary file in the same folder, then rename: no half-written file on a crash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_mp4(video: torch.Tensor, path: Path, fps: int = 8, crf: int = 10):
+    """H.264 mp4 through PyAV (its wheels bundle libx264; no system ffmpeg). video: uint8 (3, F, H, W)."""
+    import av
+
+    frames = video.permute(1, 2, 3, 0).contiguous().numpy()  # (F, H, W, 3)
+
+    def write(tmp):
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush
+
+    _atomic(path, write)
+
+
+def write_gif(video: torch.Tensor, path: Path, fps: int = 8):
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in video.permute(1, 2, 3, 0).numpy()]  # F x (H, W, 3)
+    _atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                             duration=round(1000 / fps), loop=0))
+
+
+def contact_sheet(video: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """All frames on a grid: uint8 (3, F, H, W) -> (3, rows*H, columns*W)."""
+    C, F, H, W = video.shape
+    columns = min(columns, F)
+    rows = math.ceil(F / columns)
+    sheet = torch.zeros(C, rows * H, columns * W, dtype=torch.uint8)
+    for i in range(F):
+        r, c = divmod(i, columns)
+        sheet[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = video[:, i]
+    return sheet
+
+
+def write_png(image: torch.Tensor, path: Path):
+    from PIL import Image
+
+    img = Image.fromarray(image.permute(1, 2, 0).numpy())  # (H, W, 3)
+    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_video(video: torch.Tensor, folder, stem: str, fps: int = 8) -> Path:
+    """Write `stem`.mp4 / .gif / .png (contact sheet) in `folder` under a name no existing file has."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = free_stem(folder, stem)
+    write_mp4(video, base.with_name(base.name + ".mp4"), fps)
+    write_gif(video, base.with_name(base.name + ".gif"), fps)
+    write_png(contact_sheet(video), base.with_name(base.name + ".png"))
+    return base
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate videos from text with a ModelScope-architecture model "
+                                "(original or diffusers layout), optionally with weights customized by train.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory in either release layout")
+    p.add_argument("--delta", help="customized weights (.safetensors) written by train.py")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    p.add_argument("--prompts", help="text file with one prompt per line (blank lines and #comments ignored)")
+    p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
+    p.add_argument("--seed", type=int, default=0, help="first seed; sample k of a prompt uses seed + k")
+    p.add_argument("--num-samples", type=int, default=1, help="videos per prompt")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=256, help="pixels, a multiple of 64 for the released model")
+    p.add_argument("--width", type=int, default=256, help="pixels, a multiple of 64 (zeroscope_v2_576w: 576x320)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (model card: 25 with dpmpp-2m)")
+    p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic, as upstream)")
+    p.add_argument("--solver", choices=["ddim", "dpmpp-2m"], default="ddim")
+    p.add_argument("--batch-size", type=int, default=1, help="videos per UNet batch (x2 for guidance)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype for UNet and VAE (upstream samples in fp16 on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--out", default="out", help="output folder (existing files are never overwritten)")
+    args = p.parse_args(argv)
+
+    try:
+        prompts = list(args.prompt)
+        if args.prompts:
+            path = Path(args.prompts)
+            if not path.is_file():
+                raise ValueError(f"{path}: prompts file not found")
+            prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not prompts:
+            p.error("give at least one --prompt or a --prompts file")
+        if args.num_samples < 1 or args.batch_size < 1:
+            p.error("--num-samples and --batch-size must be at least 1")
+        models = load_models(args.model, variant=args.variant)
+        if args.delta:
+            apply_delta(models, args.delta)
+        for m in (models.unet, models.vae, models.text_encoder):
+            m.to(args.device)
+        pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        videos = generate(models, [q for q, _ in pairs], [s for _, s in pairs], negative_prompt=args.negative_prompt,
+                          frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                          guidance=args.guidance, eta=args.eta, solver=args.solver, batch_size=args.batch_size,
+                          dtype=dtype)
+        for (prompt, seed), video in zip(pairs, videos):
+            base = save_video(video, args.out, f"{slug(prompt)}_seed{seed}", args.fps)
+            print(f"{base}.mp4  ({prompt!r}, seed {seed})")
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
