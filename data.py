@@ -1,0 +1,498 @@
+"""Training clips: a folder of videos or of frame folders (or the Jester layout) -> (C, F, H, W) tensors in [-1, 1].
+
+    ds = VideoDataset("data/drumming/", ClipSpec(frames=16, size=384, fps=24),
+                      caption="a person doing the {token} sign", token="pll")
+    ds = VideoDataset("20bn-jester-v1/", ClipSpec(size=384), caption="a person {class}",
+                      jester_csv="jester-v1-train.csv", jester_class="Drumming Fingers", limit=10, seed=0)
+    print(ds.report)           # "loaded 10 clips from 20bn-jester-v1/ ..., skipped 1: 4242 (missing frame numbers 7)"
+    item = ds[0]               # {"video": (C, F, H, W) float32 in [-1, 1], "caption", "path", "key", "label"}
+
+Sources (method.md §2, §7.2):
+  * video files `.mp4 .webm .mov .mkv .avi .gif`, decoded with PyAV (bundled FFmpeg; no system ffmpeg);
+  * frame folders: a folder holding numbered images (`00001.jpg`, `0.png`, ...; 0- or 1-based, any zero padding, jpg
+    or png) is one clip, frames in numeric order; a gap in the numbers, or an unnumbered image, makes the clip bad.
+    If the root itself is such a folder it is the one clip. Frame folders carry no frame rate: `ClipSpec.native_fps`
+    (12 = Jester) stands in;
+  * the Jester layout: `<root>/<video_id>/00001.jpg ...` plus a `;`-separated CSV `<video_id>;<class name>`; clips are
+    picked by class NAME (indices differ between codebases), `limit` of them with a seeded RNG.
+`recursive=False` looks at the root's direct children only; True walks every subfolder. Hidden names are ignored.
+
+Captions, first match wins:
+  1. a sidecar text file: `clip.mp4` -> `clip.txt` beside it; a frame folder `clip/` -> `clip.txt` beside it, else
+     `clip/caption.txt` inside it;
+  2. `<root>/metadata.jsonl`, lines `{"file": "relative/path.mp4", "text": "..."}` (a frame folder's "file" is the
+     folder's relative path; `file_name` is accepted for `file`, as in Hugging Face's imagefolder);
+  3. the `caption` template, e.g. "a person doing the {token} sign".
+`{token}` (the `token` argument) and `{class}` (the Jester class name) are substituted in every caption. A clip with no
+caption, or an empty one, is an error naming the file: captions are never silently empty.
+
+Clip sampling (`ClipSpec`): frames `start, start + stride, ...` (0-based frame indices), with the stride either given or
+derived from a target fps as max(1, round(native_fps / fps)) like the official code (Jester at 12 fps with fps=24 gives
+consecutive frames). Clips shorter than needed are padded by repeating the last frame (official), looped, or skipped;
+each is counted in the report. Frames are resized (bilinear, antialiased) so they cover the target and center-cropped.
+
+Bad input never surfaces as a bare decoder traceback. Every clip is probed at construction by decoding exactly the
+frames __getitem__ will use, so a zero-byte, non-video, truncated or corrupt file, or a frame folder with missing
+numbers, is found before training starts and the clip count is exact. Default: skip it with a warning and list it in
+`report`; `strict=True`: raise `DataError` naming the file. __getitem__ decodes again (only paths are kept, not
+frames): train.py reads every clip once to cache VAE latents, so memory matters more than speed here.
+
+Notable differences from upstream (ExponentialML/Text-To-Video-Finetuning, used by the official code):
+  * bucketing keeps the aspect ratio with short side = size and the long side snapped to a multiple of `multiple`;
+    upstream snaps in +-64/128 steps with a 192-pixel minimum;
+  * `start` defaults to 0; upstream's `sample_start_idx: 1` skips the first frame;
+  * no `text.json` random-caption files and no file-name or random fallback captions: a missing caption is an error.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from difflib import get_close_matches
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
+KEY_VERSION = "data.py/1"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
+
+
+class DataError(ValueError):
+    """A clip, caption or folder that cannot be used; the message starts with the file or folder it is about."""
+
+
+@dataclass
+class ClipSpec:
+    frames: int = 16  # frames per clip (official: 16)
+    size: int = 256  # output short side; the square output is size x size (official: 384)
+    stride: int = 1  # take every stride-th frame (official `frame_step`); leave at 1 when fps is set
+    fps: float = None  # target fps: stride = max(1, round(native_fps / fps)) per clip (official: 24)
+    native_fps: float = 12.0  # frame rate assumed for frame folders (Jester: 12) and videos that do not state one
+    start: int = 0  # index of the first frame taken (official `sample_start_idx`: 1)
+    short: str = "repeat"  # too few frames: "repeat" the last one (official), "loop" the video, or "skip" the clip
+    bucket: bool = False  # keep the aspect ratio: short side = size, long side snapped to a multiple of `multiple`
+    multiple: int = 64  # H and W must divide by 64 = VAE x8 times UNet x8; tests and the toy world use smaller ones
+
+    def __post_init__(self):
+        # fail at once on settings that cannot work, rather than at the first clip or inside the UNet
+        if self.frames < 1 or self.stride < 1 or self.start < 0 or self.multiple < 1:
+            raise ValueError(f"ClipSpec: need frames >= 1, stride >= 1, start >= 0, multiple >= 1; got {self}")
+        if self.size < self.multiple or self.size % self.multiple:
+            raise ValueError(f"ClipSpec: size {self.size} is not a positive multiple of {self.multiple} (the model "
+                             f"needs H and W divisible by {self.multiple}; lower `multiple` only for tiny test models)")
+        if self.fps is not None and (self.fps <= 0 or self.stride != 1):
+            raise ValueError(f"ClipSpec: give a positive fps or a stride, not both "
+                             f"(fps={self.fps}, stride={self.stride})")
+        if self.short not in ("repeat", "loop", "skip"):
+            raise ValueError(f"ClipSpec: short must be 'repeat', 'loop' or 'skip', not {self.short!r}")
+
+    def stride_for(self, native_fps) -> int:
+        """Frame step for a source of `native_fps` (None: a frame folder, or a video that does not say)."""
+        if self.fps is None:
+            return self.stride
+        return max(1, round((native_fps or self.native_fps) / self.fps))  # upstream's formula (method.md §2)
+
+    def out_size(self, h: int, w: int) -> tuple:
+        """(H, W) of the output for a source of h x w pixels."""
+        if not self.bucket:
+            return self.size, self.size
+        long = max(h, w) * self.size / min(h, w)  # the long side at the source's aspect ratio
+        long = max(self.size, round(long / self.multiple) * self.multiple)
+        return (self.size, long) if h <= w else (long, self.size)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# finding clips
+
+
+def _natural(p: Path):
+    """Sort key that puts 2 before 10 (Jester video ids, unpadded frame numbers)."""
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]
+
+
+def _visible(folder: Path) -> list:
+    # hidden names are skipped: macOS `._clip.mp4` resource forks and `.ipynb_checkpoints/` are not clips
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=_natural)
+
+
+def is_frame_folder(folder: Path) -> bool:
+    """A folder with at least one numbered image (00001.jpg) is a clip; its other contents are checked when probing."""
+    return any(p.suffix.lower() in IMAGE_EXTS and p.stem.isdigit() for p in _visible(folder) if p.is_file())
+
+
+def find_clips(root: Path, recursive: bool = False) -> list:
+    """Video files and frame folders under root, in natural order."""
+    if is_frame_folder(root):
+        return [root]  # e.g. `data/Terracotta_Warrior/001.jpg ...`: the root is the one clip
+    clips, folders = [], [root]
+    while folders:
+        for p in _visible(folders.pop(0)):
+            if p.is_file() and p.suffix.lower() in VIDEO_EXTS:
+                clips.append(p)
+            elif p.is_dir() and is_frame_folder(p):
+                clips.append(p)  # a frame folder is a leaf: its own subfolders are not searched
+            elif p.is_dir() and recursive:
+                folders.append(p)
+    return sorted(clips, key=lambda p: [_natural(Path(part)) for part in p.relative_to(root).parts])
+
+
+def read_jester_csv(csv_path) -> list:
+    """[(video_id, class name)] from a Jester split CSV: no header, `;`-separated (method.md §7.2)."""
+    rows = []
+    for n, line in enumerate(Path(csv_path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [s.strip() for s in line.split(";")]  # class names hold spaces ("Drumming Fingers"), never ";"
+        if len(parts) != 2 or not parts[0]:
+            raise DataError(f"{csv_path}:{n}: expected '<video_id>;<class name>', got {line!r}")
+        rows.append(tuple(parts))
+    return rows
+
+
+def list_frames(folder: Path) -> list:
+    """The frame files of a frame folder in numeric order; raises DataError on gaps, duplicates or stray images."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: frame folder not found")
+    images = [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    if not images:
+        raise DataError(f"{folder}: no frame images (.jpg, .png) in this folder")
+    # Strict on purpose: a stray image or a missing number would silently become a jump in the motion we learn.
+    stray = [p.name for p in images if not p.stem.isdigit()]
+    if stray:
+        raise DataError(f"{folder}: images that are not numbered frames: {', '.join(stray[:5])}")
+    by_number = {}  # frame number -> file; 00001.jpg and 1.png would both be frame 1
+    for p in images:
+        if int(p.stem) in by_number:
+            raise DataError(f"{folder}: two files for frame {int(p.stem)}: {by_number[int(p.stem)].name}, {p.name}")
+        by_number[int(p.stem)] = p
+    first, last = min(by_number), max(by_number)
+    missing = sorted(set(range(first, last + 1)) - set(by_number))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise DataError(f"{folder}: missing frame numbers {shown} (frames {first}..{last})")
+    return [by_number[k] for k in range(first, last + 1)]
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# reading frames
+
+
+def _clip_indices(n: int, spec: ClipSpec, stride: int) -> tuple:
+    """Frame indices into a source of n frames, what was done if it is too short (None, "padded", "looped",
+    "skipped"), and the frame count a full clip needs."""
+    idx = [spec.start + k * stride for k in range(spec.frames)]  # 16 frames, stride 2, start 1: 1, 3, ..., 31
+    needed = idx[-1] + 1  # ... so a full clip needs 32 frames
+    if needed <= n:
+        return idx, None, needed
+    if spec.short == "loop":
+        return [i % n for i in idx], "looped", needed  # as if the video played again from its first frame
+    if spec.short == "repeat" and spec.start < n:
+        kept = [i for i in idx if i < n]
+        return kept + [kept[-1]] * (spec.frames - len(kept)), "padded", needed  # upstream pads with the last frame
+    return None, "skipped", needed  # "skip", or nothing to repeat because the clip ends before `start`
+
+
+def _looks_like_text(path: Path) -> bool:
+    """True if the file starts with readable text (a README saved as .mp4, an HTML error page from a download)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        head = head.decode("utf-8")
+    except UnicodeDecodeError:  # (a multi-byte character cut at byte 512 also lands here; fine for a message)
+        return False
+    return all(c.isprintable() or c.isspace() for c in head)
+
+
+def decode_video(path: Path, spec: ClipSpec) -> tuple:
+    """The frames the spec can need from the start of a video (fewer if it is shorter) as uint8 (H, W, 3) arrays, and
+    the stride for this video's fps."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: zero-byte file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream (streams: {[s.type for s in container.streams]})")
+            stream = container.streams.video[0]
+            # average_rate is frames / duration; None for some odd files, and then native_fps stands in
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+            stride = spec.stride_for(fps)
+            needed = spec.start + (spec.frames - 1) * stride + 1
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) whatever the pixel format
+                if len(frames) >= needed:
+                    break  # decode only what is used: regularization videos can be long
+            # frames the header promises: the stream's count (mp4, avi), else its duration x fps, else the container's
+            # duration x fps (webm, mkv; this one also covers audio, so it can only over-promise for short clips)
+            seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+            promised = stream.frames or seconds * (fps or 0)
+    except (av.FFmpegError, OSError) as e:
+        what = "not a video (the file holds text)" if _looks_like_text(path) else "not a video, or truncated/corrupt"
+        raise DataError(f"{path}: {what}: {getattr(e, 'strerror', None) or e}") from None
+    if not frames:
+        raise DataError(f"{path}: no frame could be decoded")
+    # A file that ends well before its header says is truncated, not merely short (a cut mp4 usually fails to open
+    # above, having lost its index; a cut webm opens and just stops). Gifs have no header count: a cut gif looks short.
+    if len(frames) < needed and len(frames) < 0.9 * promised - 1:  # 10% slack for rounded durations
+        raise DataError(f"{path}: truncated: the header promises {round(promised)} frames, only {len(frames)} decode")
+    return frames, stride
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: zero-byte file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable or truncated images
+        raise DataError(f"{path}: not a readable image ({str(e).replace(repr(str(path)), path.name)})") from None
+
+
+def read_clip(path: Path, spec: ClipSpec) -> tuple:
+    """The spec's frames of one clip (video file or frame folder) as uint8 (F, H, W, 3), and how a short clip was
+    handled (None, "padded", "looped", or "skipped" with frames None), the source's frame count (when short: all of
+    it) and the count the spec needs. DataError if the clip is unusable."""
+    if path.is_dir() or path.suffix.lower() not in VIDEO_EXTS:  # (a Jester id whose folder is missing lands here too)
+        files = list_frames(path)
+        n = len(files)
+        idx, short, needed = _clip_indices(n, spec, spec.stride_for(None))  # frame folders have no fps: native_fps
+        if idx is None:
+            return None, short, n, needed
+        # only the selected files are read (Jester folders hold ~36 frames, 16 are used); padding reuses them
+        images = {i: _read_image(files[i]) for i in sorted(set(idx))}
+        if len({im.shape for im in images.values()}) > 1:
+            raise DataError(f"{path}: frames differ in size: {sorted({im.shape for im in images.values()})}")
+        frames = [images[i] for i in idx]
+    else:
+        decoded, stride = decode_video(path, spec)  # the stride comes back: it depends on the file's own fps
+        n = len(decoded)
+        idx, short, needed = _clip_indices(n, spec, stride)
+        if idx is None:
+            return None, short, n, needed
+        frames = [decoded[i] for i in idx]
+    return np.stack(frames), short, n, needed  # (F, H, W, 3)
+
+
+def to_tensor(frames: np.ndarray, spec: ClipSpec) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float32 (C, F, H', W') in [-1, 1]: resize to cover the output size, then center-crop."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W): frames as an image batch
+    h, w = x.shape[-2:]
+    oh, ow = spec.out_size(h, w)
+    scale = max(oh / h, ow / w)  # the smallest resize that covers (oh, ow)
+    rh, rw = max(oh, round(h * scale)), max(ow, round(w * scale))
+    if (rh, rw) != (h, w):
+        # antialias matters when shrinking (e.g. 576p sources to 256): plain bilinear would alias fine detail
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (rh - oh) // 2, (rw - ow) // 2
+    x = x[:, :, top:top + oh, left:left + ow]  # (F, 3, oh, ow)
+    x = (x / 127.5 - 1.0).clamp(-1.0, 1.0)  # [0, 255] -> [-1, 1], the VAE's input range
+    return x.permute(1, 0, 2, 3).contiguous()  # (C, F, H, W)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# captions and cache keys
+
+
+def read_metadata(root: Path) -> dict:
+    """{relative posix path: caption} from `<root>/metadata.jsonl`, or {} if there is none."""
+    path, captions = root / "metadata.jsonl", {}
+    if not path.is_file():
+        return captions
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        # a malformed line is an error even in non-strict mode: skipping it would drop that clip's caption silently
+        try:
+            row = json.loads(line)
+            captions[Path(row.get("file", row.get("file_name"))).as_posix()] = str(row["text"])  # "./a.mp4" -> "a.mp4"
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise DataError(f"{path}:{n}: expected {{\"file\": \"relative/path.mp4\", \"text\": \"...\"}}, "
+                            f"got {line[:100]!r}") from None
+    return captions
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over a video file's bytes, or over a frame folder's frame files in order. Names are left out, so a
+    renamed or moved clip keeps its digest (and its cached latents); any changed byte changes it."""
+    outer = hashlib.sha256()
+    for file in list_frames(path) if path.is_dir() else [path]:
+        inner = hashlib.sha256()  # per-file digests, chained: file boundaries count, so frames cannot merge
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(inner.digest())
+    return outer.hexdigest()
+
+
+def clip_key(digest: str, spec: ClipSpec, caption: str) -> str:
+    """Cache key for a clip's latents: what was read (content), how (spec, code version) and its caption."""
+    # JSON with sorted keys: the same settings always give the same bytes, whatever the dict order
+    blob = json.dumps({"version": KEY_VERSION, "content": digest, "spec": asdict(spec), "caption": caption},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# the dataset
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips under `root` (see the module docstring); item i is {"video": float32 (C, F, H, W) in [-1, 1], "caption",
+    "path", "key", "label" (the Jester class name, else "")}.
+
+    caption: template used when a clip has no sidecar or metadata.jsonl caption; `{token}` -> token, `{class}` -> label.
+    jester_csv, jester_class: take the clips of this class (by name) from a Jester split CSV; root holds `<video_id>/`.
+    limit, seed: keep at most `limit` clips, drawn in a seeded random order (bad ones are replaced by the next draw).
+    strict: raise DataError on the first unusable clip instead of skipping it with a warning.
+    After construction: `report` (one summary line), `skipped` [(path, reason)], `short` [(path, action, n, needed)].
+    """
+
+    def __init__(self, root, spec: ClipSpec = None, caption: str = None, token: str = None, recursive: bool = False,
+                 strict: bool = False, jester_csv=None, jester_class: str = None, limit: int = None, seed: int = 0):
+        self.root, self.spec = Path(root), spec or ClipSpec()
+        self.template, self.token = caption, token
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a directory")
+        # the CSV alone would mean "every class" and a class alone has no ids to pick: ask for both
+        if (jester_csv is None) != (jester_class is None):
+            raise ValueError("give jester_csv and jester_class together (the CSV maps video ids to class names)")
+        self.labels = {}  # clip path -> Jester class name
+        if jester_csv is not None:
+            candidates = self._jester(Path(jester_csv), jester_class)
+        else:
+            candidates = find_clips(self.root, recursive)
+        self.metadata = read_metadata(self.root)
+
+        # Probe clips in order (a seeded shuffle when only `limit` are wanted) until enough are usable. Probing decodes
+        # the very frames __getitem__ will use, so every failure happens here, once, and the count is exact. The RNG is
+        # private and seeded, so every rank of a DDP run draws the same clips.
+        order = list(candidates)
+        if limit is not None:
+            random.Random(seed).shuffle(order)
+        self.clips, self.skipped, self.short = [], [], []
+        for path in order:
+            if limit is not None and len(self.clips) >= limit:
+                break
+            try:
+                frames, short, n, needed = read_clip(path, self.spec)
+            except DataError as e:
+                if strict:
+                    raise
+                warnings.warn(f"skipping {e}", stacklevel=2)  # points at the caller's line
+                self.skipped.append((path, self._reason(path, e)))
+                continue
+            if short:  # padded, looped or skipped: the report counts each kind
+                self.short.append((path, short, n, needed))
+            if frames is None:
+                self.skipped.append((path, f"short: {n} frames, needs {needed}"))
+                continue
+            label = self.labels.get(path, "")
+            text = self._caption(path, label)  # a missing caption is a setup mistake, not a bad file: never skipped
+            key = clip_key(content_digest(path), self.spec, text)
+            self.clips.append({"path": str(path), "caption": text, "key": key, "label": label})
+        # back to natural order, whatever order they were drawn in: the dataset reads like the folder listing
+        rank = {str(p): i for i, p in enumerate(candidates)}
+        self.clips.sort(key=lambda c: rank[c["path"]])
+
+        self.report = self._summary(candidates, jester_class, limit, seed)
+        if not self.clips:
+            raise DataError(self._empty_message(candidates, recursive))
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        # decode again rather than keep every clip's frames in RAM; decoding is deterministic, so this is the probe's
+        # result (unless the file changed on disk since, which then raises a DataError naming it)
+        frames, _, _, _ = read_clip(Path(clip["path"]), self.spec)
+        if frames is None:
+            raise DataError(f"{clip['path']}: has become too short since the dataset was built")
+        return {"video": to_tensor(frames, self.spec), **clip}  # video: (C, F, H, W)
+
+    def _jester(self, csv_path: Path, name: str) -> list:
+        """Frame folders `<root>/<video_id>` of the CSV rows whose class is `name`, in numeric id order."""
+        rows = read_jester_csv(csv_path)
+        classes = sorted({c for _, c in rows})
+        if name not in classes:  # by name only: class indices differ between codebases (method.md §7.2)
+            close = get_close_matches(name, classes, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; classes: {', '.join(classes)}"
+            raise DataError(f"{csv_path}: no clips of class {name!r}{hint}")
+        ids = sorted({vid for vid, c in rows if c == name}, key=lambda v: _natural(Path(v)))
+        self.labels = {self.root / vid: name for vid in ids}
+        return [self.root / vid for vid in ids]
+
+    def _caption(self, path: Path, label: str) -> str:
+        """The first of: sidecar .txt, metadata.jsonl entry, template; then {token} and {class} substituted."""
+        if path.is_dir():
+            sidecars = [path.parent / (path.name + ".txt"), path / "caption.txt"]
+        else:
+            sidecars = [path.with_suffix(".txt")]
+        rel = path.relative_to(self.root).as_posix()
+        found = [f for f in sidecars if f.is_file()]
+        if found:  # (strip: editors add a trailing newline)
+            text, source = found[0].read_text().strip(), str(found[0])
+        elif rel in self.metadata:
+            text, source = self.metadata[rel].strip(), f"{self.root / 'metadata.jsonl'}"
+        elif self.template is not None:
+            text, source = self.template, "the caption template"
+        else:
+            raise DataError(f"{path}: no caption: no {' or '.join(f.name for f in sidecars)}, no {rel!r} entry in "
+                            f"{self.root / 'metadata.jsonl'}, and no caption template "
+                            f"(e.g. 'a person doing the {{token}} sign')")
+        # plain replace, not str.format: a caption may contain other braces
+        for field, value in (("{token}", self.token), ("{class}", label)):
+            if field in text:
+                if not value:
+                    what = "token was given" if field == "{token}" else "Jester class (jester_csv/jester_class)"
+                    raise DataError(f"{path}: caption {text!r} from {source} uses {field} but no {what}")
+                text = text.replace(field, value)
+        if not text:
+            raise DataError(f"{path}: empty caption in {source}")
+        return text
+
+    def _reason(self, path: Path, e: DataError) -> str:
+        """The error message without the leading path, or relative to the root when it names a file inside the clip."""
+        msg = str(e)
+        return msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg.replace(f"{self.root}{os.sep}", "")
+
+    def _name(self, path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def _summary(self, candidates, jester_class, limit, seed) -> str:
+        text = f"loaded {len(self.clips)} clips from {self.root}"
+        if jester_class is not None:
+            text += f" (class {jester_class!r}, {len(candidates)} listed)"
+        if limit is not None:
+            text += f", at most {limit} drawn with seed {seed}"
+        for action, how in (("padded", "padded by repeating the last frame"), ("looped", "looped")):
+            hits = [f"{self._name(p)} ({n}/{needed} frames)" for p, a, n, needed in self.short if a == action]
+            if hits:
+                more = " ..." if len(hits) > 20 else ""
+                text += f"; {len(hits)} short clips {how}: {', '.join(hits[:20])}{more}"
+        if self.skipped:
+            shown = [f"{self._name(p)} ({r})" for p, r in self.skipped[:20]]  # the rest are in self.skipped
+            text += f"; skipped {len(self.skipped)}: " + ", ".join(shown) + (" ..." if len(self.skipped) > 20 else "")
+        return text
+
+    def _empty_message(self, candidates, recursive) -> str:
+        if self.skipped:
+            return f"{self.root}: no usable clips: {self.report}"
+        if candidates:  # only possible with limit=0
+            return f"{self.root}: no clips kept ({self.report})"
+        exts = " ".join(sorted(VIDEO_EXTS))
+        msg = f"{self.root}: no clips: no video files ({exts}) and no folders of numbered frames"
+        subfolders = [p.name + "/" for p in _visible(self.root) if p.is_dir()]
+        if subfolders and not recursive:
+            msg += f" (subfolders {', '.join(subfolders[:3])} were not searched: pass recursive=True)"
+        return msg

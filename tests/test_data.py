@@ -1,0 +1,384 @@
+"""data.py: source kinds, frame selection, short clips, resize/crop/bucket, captions, Jester, bad input, cache keys.
+
+    python -m pytest -q tests/test_data.py
+
+Fixtures are tiny videos written with PyAV (no system ffmpeg) and frame folders written with PIL. Frame i of a "ramp"
+clip is a flat gray of level 8 + 12 i, so the frames a spec selects can be read back from the output despite lossy
+codecs.
+"""
+
+import json
+import re
+import shutil
+import warnings
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import ClipSpec, DataError, VideoDataset, find_clips
+
+SPEC = dict(frames=4, size=32, multiple=16)  # small clips keep the whole file fast
+
+# container -> (codec, pixel format, options); ffv1 in mkv and crf 0 x264 are lossless up to the RGB<->YUV rounding
+CODECS = {".mp4": ("libx264", "yuv420p", {"crf": "0"}), ".webm": ("libvpx", "yuv420p", {}),
+          ".mkv": ("ffv1", "yuv444p", {}), ".avi": ("mjpeg", "yuvj420p", {}), ".mov": ("mpeg4", "yuv420p", {})}
+
+
+def ramp(n, h=48, w=64):
+    """n flat frames, frame i has gray level 8 + 12 i: uint8 (F, H, W, 3)."""
+    assert n <= 20
+    return np.stack([np.full((h, w, 3), 8 + 12 * i, np.uint8) for i in range(n)])
+
+
+def write_video(path, frames, fps=24):
+    """uint8 (F, H, W, 3) -> a video file whose codec follows the extension (gif through PIL)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        return path
+    codec, pix_fmt, options = CODECS[path.suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())  # flush
+    return path
+
+
+def write_frames(folder, frames, ext=".png", numbers=None):
+    """Frame folder 00001.png, 00002.png, ... (or the given 1-based numbers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, f in zip(numbers or range(1, len(frames) + 1), frames):
+        Image.fromarray(f).save(folder / f"{k:05d}{ext}")
+    return folder
+
+
+def levels(video):
+    """Frame indices of a ramp clip read back from a (C, F, H, W) output in [-1, 1]."""
+    pixel = (video + 1) * 127.5
+    means = pixel.mean(dim=(0, 2, 3))  # (F,)
+    idx = torch.round((means - 8) / 12)
+    assert (means - (8 + 12 * idx)).abs().max() < 4, means  # flat frames: every pixel near an exact level
+    return idx.long().tolist()
+
+
+def load(root, **kw):
+    spec = ClipSpec(**{**SPEC, **kw.pop("spec", {})})
+    return VideoDataset(root, spec, caption=kw.pop("caption", "a {token} clip"), token=kw.pop("token", "pll"), **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sources, frame selection, short clips
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif", "frames"])
+def test_each_source_kind_gives_the_strided_frames(tmp_path, ext):
+    if ext == "frames":
+        write_frames(tmp_path / "clip", ramp(12))
+    else:
+        write_video(tmp_path / f"clip{ext}", ramp(12), fps=10 if ext == ".gif" else 24)
+    ds = load(tmp_path, spec=dict(stride=2, start=1))
+    assert len(ds) == 1 and ds.report.startswith(f"loaded 1 clips from {tmp_path}")
+    v = ds[0]["video"]
+    assert v.shape == (3, 4, 32, 32) and v.dtype == torch.float32
+    assert -1 <= v.min() and v.max() <= 1
+    assert levels(v) == [1, 3, 5, 7]
+
+
+def test_fps_sets_the_stride_from_each_clips_own_rate(tmp_path):
+    write_video(tmp_path / "v24.mp4", ramp(20), fps=24)
+    write_video(tmp_path / "v12.mp4", ramp(20), fps=12)
+    write_frames(tmp_path / "frames", ramp(20))
+    ds = load(tmp_path, spec=dict(fps=8, native_fps=12))  # strides 3, round(1.5) = 2, and 2 (frames at native_fps)
+    got = {d["path"].rsplit("/", 1)[-1]: levels(d["video"]) for d in ds}
+    assert got == {"v24.mp4": [0, 3, 6, 9], "v12.mp4": [0, 2, 4, 6], "frames": [0, 2, 4, 6]}
+    # the official setting: Jester-like 12 fps frames with a 24 fps target keep consecutive frames
+    ds = load(tmp_path / "frames", spec=dict(fps=24, native_fps=12))
+    assert levels(ds[0]["video"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("short, expected", [("repeat", [0, 2, 4, 6, 8, 8, 8, 8]), ("loop", [0, 2, 4, 6, 8, 0, 2, 4])])
+def test_short_clips_are_padded_or_looped_and_reported(tmp_path, short, expected):
+    write_video(tmp_path / "long.mp4", ramp(16))
+    write_video(tmp_path / "short.mp4", ramp(10))  # 8 frames at stride 2 need 15
+    ds = load(tmp_path, spec=dict(frames=8, stride=2, short=short))
+    assert [levels(d["video"]) for d in ds] == [[0, 2, 4, 6, 8, 10, 12, 14], expected]
+    action = {"repeat": "padded", "loop": "looped"}[short]
+    assert [(p.name, a, n, need) for p, a, n, need in ds.short] == [("short.mp4", action, 10, 15)]
+    assert "1 short clips" in ds.report and "short.mp4 (10/15 frames)" in ds.report
+    assert ("padded by repeating the last frame" if short == "repeat" else "looped") in ds.report
+
+
+def test_short_clips_can_be_skipped(tmp_path):
+    write_video(tmp_path / "long.mp4", ramp(16))
+    write_frames(tmp_path / "short", ramp(3))
+    ds = load(tmp_path, spec=dict(frames=8, short="skip"), strict=True)  # a chosen skip is not an error
+    assert [d["path"] for d in ds.clips] == [str(tmp_path / "long.mp4")]
+    assert "skipped 1: short (short: 3 frames, needs 8)" in ds.report
+    with pytest.raises(DataError, match="no usable clips"):
+        load(tmp_path / "short", spec=dict(frames=8, short="skip"))
+    # "repeat" has nothing to repeat when the clip ends before `start`
+    ds = load(tmp_path, spec=dict(start=5))
+    assert len(ds) == 1 and "short (short: 3 frames, needs 9)" in ds.report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resize, crop, bucket
+
+
+def gradient(h=48, w=64, n=2):
+    """Frames whose gray level is 4 x (column index): the output's columns tell where the crop was taken."""
+    row = (4 * np.arange(w)).astype(np.uint8)
+    return np.broadcast_to(row[None, None, :, None], (n, h, w, 3)).copy()
+
+
+def columns(video):
+    return ((video[:, 0].mean(dim=(0, 1)) + 1) * 127.5).numpy()  # (W,) gray level of each output column
+
+
+def test_resize_keeps_the_aspect_and_center_crops(tmp_path):
+    write_frames(tmp_path / "wide", gradient(48, 64), numbers=[1, 2])
+    v = load(tmp_path / "wide", spec=dict(frames=2))[0]["video"]
+    assert v.shape == (3, 2, 32, 32)
+    # 64x48 -> 43x32 (scale 2/3), crop columns 5..36: output column c shows source column (c + 5.5) * 1.5 - 0.5
+    expected = 4 * ((np.arange(32) + 5.5) * 1.5 - 0.5)
+    assert np.abs(columns(v)[2:-2] - expected[2:-2]).max() < 2  # a squash would start near 0, not at 31
+    assert np.allclose(v[:, :, :, 0], v[:, :, :1, 0], atol=1e-6)  # rows are untouched: the gradient is horizontal
+
+
+@pytest.mark.parametrize("h, w, out", [(48, 64, (32, 48)), (64, 48, (48, 32)), (40, 120, (32, 96)), (40, 56, (32, 48))])
+def test_bucket_keeps_the_aspect_with_long_side_snapped(tmp_path, h, w, out):
+    write_frames(tmp_path / "clip", gradient(h, w), numbers=[1, 2])
+    v = load(tmp_path / "clip", spec=dict(frames=2, bucket=True))[0]["video"]
+    assert tuple(v.shape) == (3, 2, *out)
+    if (h, w) == (48, 64):  # scale 0.75, nothing cropped sideways: the full gradient 0..252 survives
+        assert columns(v)[0] < 8 and columns(v)[-1] > 244
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ClipSpec(size=100)
+    ClipSpec(size=32, multiple=32)  # small sizes are fine with a small multiple
+    with pytest.raises(ValueError, match="not both"):
+        ClipSpec(stride=2, fps=24)
+    with pytest.raises(ValueError, match="short"):
+        ClipSpec(short="pad")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# captions
+
+
+def test_caption_priority_sidecar_then_metadata_then_template(tmp_path):
+    for name in ["a", "b", "c"]:
+        write_video(tmp_path / f"{name}.mp4", ramp(4))
+    write_frames(tmp_path / "f1", ramp(4))
+    write_frames(tmp_path / "f2", ramp(4))
+    (tmp_path / "a.txt").write_text("sidecar for a\n")
+    (tmp_path / "f1.txt").write_text("beside f1")
+    (tmp_path / "f1" / "caption.txt").write_text("inside f1 (loses to beside)")
+    (tmp_path / "f2" / "caption.txt").write_text("inside f2 with {token}")
+    meta = [{"file": "a.mp4", "text": "metadata a (loses to sidecar)"}, {"file": "b.mp4", "text": "metadata b"},
+            {"file_name": "f2", "text": "metadata f2 (loses to caption.txt)"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(map(json.dumps, meta)) + "\n")
+    ds = load(tmp_path, caption="a person doing the {token} sign", token="pll")
+    got = {d["path"].rsplit("/", 1)[-1]: d["caption"] for d in ds.clips}
+    assert got == {"a.mp4": "sidecar for a", "b.mp4": "metadata b", "c.mp4": "a person doing the pll sign",
+                   "f1": "beside f1", "f2": "inside f2 with pll"}
+
+
+def test_missing_or_unusable_captions_are_errors(tmp_path):
+    write_video(tmp_path / "a.mp4", ramp(4))
+    with pytest.raises(DataError, match=r"a\.mp4: no caption: no a\.txt"):
+        load(tmp_path, caption=None)
+    with pytest.raises(DataError, match=r"a\.mp4: .*uses \{token\} but no token"):
+        load(tmp_path, token=None)
+    with pytest.raises(DataError, match=r"a\.mp4: .*uses \{class\}"):
+        load(tmp_path, caption="doing {class}")
+    (tmp_path / "a.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"a\.mp4: empty caption in .*a\.txt"):
+        load(tmp_path)
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "metadata.jsonl").write_text('{"file": "a.mp4"}\n')
+    with pytest.raises(DataError, match=r"metadata\.jsonl:1: expected"):
+        load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Jester layout
+
+
+def make_jester(root, ids_by_class, missing=()):
+    rows = []
+    for name, ids in ids_by_class.items():
+        for vid in ids:
+            if vid not in missing:
+                write_frames(root / str(vid), ramp(5, 16, 16), ext=".jpg")
+            rows.append(f"{vid};{name}")
+    csv = root.parent / "jester-v1-train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def test_jester_picks_clips_of_a_class_by_name_with_a_seed(tmp_path):
+    drumming = [3, 17, 25, 40, 41, 102, 250]
+    csv = make_jester(tmp_path / "frames", {"Drumming Fingers": drumming, "No gesture": [1, 2, 9, 10],
+                                            "Doing other things": [5, 6]}, missing=[40])
+    kw = dict(jester_csv=csv, jester_class="Drumming Fingers", caption="a person {class}, {token} style",
+              spec=dict(size=16))
+    picks, replaced = {}, False
+    for seed in range(6):
+        with warnings.catch_warnings(record=True):  # the missing folder 40, when drawn
+            ds = load(tmp_path / "frames", limit=3, seed=seed, **kw)
+        replaced |= [p.name for p, _ in ds.skipped] == ["40"]
+        picks[seed] = [int(d["path"].rsplit("/", 1)[-1]) for d in ds.clips]
+        assert len(picks[seed]) == 3 and set(picks[seed]) <= set(drumming) - {40}
+        assert picks[seed] == sorted(picks[seed])  # kept in natural (numeric) order
+        assert {d["label"] for d in ds.clips} == {"Drumming Fingers"}
+    assert ds[0]["caption"] == "a person Drumming Fingers, pll style"
+    again = load(tmp_path / "frames", limit=3, seed=0, **kw)
+    assert [int(d["path"].rsplit("/", 1)[-1]) for d in again.clips] == picks[0]
+    assert len({tuple(p) for p in picks.values()}) > 1  # the seed matters
+    assert replaced  # some seed drew the missing folder and still got 3 clips: a bad draw is replaced by the next
+    # all of a class; the listed-but-absent folder is skipped and named
+    with pytest.warns(UserWarning, match="40: frame folder not found"):
+        ds = load(tmp_path / "frames", **kw)
+    assert len(ds) == 6 and "skipped 1: 40 (frame folder not found)" in ds.report and "7 listed" in ds.report
+    with pytest.raises(DataError, match=r"40: frame folder not found"):
+        load(tmp_path / "frames", strict=True, **kw)
+    # 2 of 4 "No gesture" clips, and a misspelt class gets a suggestion
+    ds = load(tmp_path / "frames", jester_csv=csv, jester_class="No gesture", limit=2, spec=dict(size=16))
+    assert len(ds) == 2 and {d["label"] for d in ds.clips} == {"No gesture"}
+    with pytest.raises(DataError, match="did you mean 'No gesture'"):
+        load(tmp_path / "frames", jester_csv=csv, jester_class="No Gesture")
+    with pytest.raises(ValueError, match="together"):
+        load(tmp_path / "frames", jester_class="No gesture")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# discovery
+
+
+def test_recursive_or_direct_children_only(tmp_path):
+    write_video(tmp_path / "top.mp4", ramp(4))
+    write_video(tmp_path / "sub" / "deep.webm", ramp(4))
+    write_frames(tmp_path / "sub" / "more" / "frames", ramp(4))
+    write_frames(tmp_path / "frames", ramp(4))
+    write_video(tmp_path / "nested" / "inner" / "x.gif", ramp(4))
+    (tmp_path / "notes.md").write_text("not a clip, ignored")
+    names = lambda ds: sorted(str(tmp_path.joinpath(d["path"]).relative_to(tmp_path)) for d in ds.clips)
+    assert names(load(tmp_path)) == ["frames", "top.mp4"]
+    assert names(load(tmp_path, recursive=True)) == ["frames", "nested/inner/x.gif", "sub/deep.webm", "sub/more/frames",
+                                                     "top.mp4"]
+    assert find_clips(tmp_path / "frames") == [tmp_path / "frames"]  # a frame folder as root is the one clip
+    with pytest.raises(DataError, match="pass recursive=True"):
+        load(tmp_path / "nested")
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no clips"):
+        load(tmp_path / "empty")
+    with pytest.raises(DataError, match="not a directory"):
+        load(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: skipped with a warning and counted by default, DataError naming the file with strict=True
+
+
+def _zero_byte(root):
+    (root / "bad.mp4").write_bytes(b"")
+    return "bad.mp4", "zero-byte file"
+
+
+def _text(root):
+    (root / "bad.mp4").write_text("this is a text file, not a video\n")
+    return "bad.mp4", r"not a video \(the file holds text\)"
+
+
+def _truncated_mp4(root):
+    data = write_video(root / "x" / "full.mp4", ramp(16)).read_bytes()
+    shutil.rmtree(root / "x")
+    (root / "bad.mp4").write_bytes(data[: len(data) // 2])
+    return "bad.mp4", "truncated/corrupt"
+
+
+def _truncated_webm(root):  # opens fine and stops early: caught by comparing with the header's duration
+    data = write_video(root / "x" / "full.webm", ramp(16)).read_bytes()
+    shutil.rmtree(root / "x")
+    (root / "bad.webm").write_bytes(data[: len(data) // 2])
+    return "bad.webm", "truncated: the header promises 16 frames"
+
+
+def _missing_frames(root):
+    write_frames(root / "bad", ramp(3), numbers=[1, 2, 4])
+    return "bad", r"missing frame numbers 3 \(frames 1\.\.4\)"
+
+
+def _corrupt_frame(root):
+    write_frames(root / "bad", ramp(4))
+    (root / "bad" / "00002.png").write_bytes(b"\x89PNG garbage")
+    return "bad", r"00002\.png: not a readable image"
+
+
+BAD = [_zero_byte, _text, _truncated_mp4, _truncated_webm, _missing_frames, _corrupt_frame]
+
+
+@pytest.mark.parametrize("make_bad", BAD)
+def test_bad_input_is_skipped_with_a_warning_and_counted(tmp_path, make_bad):
+    write_video(tmp_path / "good.mp4", ramp(8))
+    name, reason = make_bad(tmp_path)
+    with pytest.warns(UserWarning, match=f"skipping {re.escape(str(tmp_path / name))}.*{reason}"):
+        ds = load(tmp_path)
+    assert len(ds) == 1 and ds.clips[0]["path"].endswith("good.mp4")
+    assert [p.name for p, _ in ds.skipped] == [name]
+    assert ds.report.startswith(f"loaded 1 clips from {tmp_path}; skipped 1: {name} (")
+
+
+@pytest.mark.parametrize("make_bad", BAD)
+def test_bad_input_fails_in_strict_mode_naming_the_file(tmp_path, make_bad):
+    write_video(tmp_path / "good.mp4", ramp(8))
+    name, reason = make_bad(tmp_path)
+    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path / name))}.*{reason}"):
+        load(tmp_path, strict=True)
+
+
+def test_only_bad_files_is_an_error_even_when_skipping(tmp_path):
+    _zero_byte(tmp_path)
+    _missing_frames(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=f"{tmp_path}: no usable clips.*skipped 2: bad \\(missing.*bad.mp4 \\(zero"):
+            load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# determinism and cache keys
+
+
+def test_items_are_deterministic_and_keys_follow_content_spec_and_caption(tmp_path):
+    write_video(tmp_path / "a.mp4", ramp(8))
+    ds = load(tmp_path)
+    first, again = ds[0], ds[0]
+    assert torch.equal(first["video"], again["video"]) and len(first["key"]) == 64
+    key = first["key"]
+    # renaming the file keeps the key (it is content-addressed); other content, spec or caption change it
+    (tmp_path / "a.mp4").rename(tmp_path / "renamed.mp4")
+    assert load(tmp_path)[0]["key"] == key
+    assert load(tmp_path, spec=dict(stride=2))[0]["key"] != key
+    assert load(tmp_path, token="sks")[0]["key"] != key
+    write_video(tmp_path / "renamed.mp4", ramp(8)[::-1].copy())
+    assert load(tmp_path)[0]["key"] != key
+    # frame folders: content of the frame files in order
+    write_frames(tmp_path / "f", ramp(4))
+    k1 = {d["path"]: d["key"] for d in load(tmp_path).clips}[str(tmp_path / "f")]
+    (tmp_path / "f" / "00004.png").unlink()
+    Image.fromarray(ramp(4)[0]).save(tmp_path / "f" / "00004.png")
+    k2 = {d["path"]: d["key"] for d in load(tmp_path).clips}[str(tmp_path / "f")]
+    assert k1 != k2
