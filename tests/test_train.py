@@ -284,3 +284,31 @@ def test_validation_videos_early_stop_and_nan_guard(world, tmp_path, monkeypatch
         train.main(_cfg(root, model, tmp_path / "nan", steps=6, ckpt_every=1, log_every=5))
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["trained"].values())
+
+
+def test_grad_accumulation_and_jester_selection(world, tmp_path):
+    """--grad-accum runs and trains (a smoke check: micro-batches draw their own timesteps and noise, so it is not
+    bit-equal to one larger batch); --jester-* picks clips by class name and rejects a near-miss name."""
+    from PIL import Image
+
+    root, model = world
+    jester = tmp_path / "jester"
+    rows = []
+    for vid, cls in [(1, "Drumming Fingers"), (2, "No gesture"), (3, "Drumming Fingers"), (4, "Doing other things")]:
+        (jester / str(vid)).mkdir(parents=True)
+        for i, frame in enumerate(_moving_square(vid)):
+            Image.fromarray(frame).save(jester / str(vid) / f"{i + 1:05d}.jpg")
+        rows.append(f"{vid};{cls}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    kw = dict(videos=str(jester), jester_csv=str(tmp_path / "train.csv"), jester_class="Drumming Fingers",
+              prior="none", steps=1, weight_decay=0.0)
+    one = weights.read_state_dict(train.main(dataclasses.replace(_cfg(root, model, tmp_path / "b2", batch_size=2), **kw)))
+    two = weights.read_state_dict(train.main(dataclasses.replace(_cfg(root, model, tmp_path / "a2", batch_size=1,
+                                                                      grad_accum=2), **kw)))
+    base = weights.load_models(model).unet.state_dict()
+    for d in (one, two):
+        assert any(not torch.equal(v, base[k[5:]]) for k, v in d.items())
+    log = (tmp_path / "b2" / "log.jsonl").read_text()
+    assert json.loads(log.splitlines()[-1])["loss_reg"] == 0.0  # prior none: no regularization term
+    with pytest.raises(SystemExit, match="did you mean 'Drumming Fingers'"):
+        train.main(dataclasses.replace(_cfg(root, model, tmp_path / "bad"), **{**kw, "jester_class": "Drumming fingers"}))
