@@ -307,9 +307,13 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                 p.copy_(state["trained"][name])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in state["rng"][rank]:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+        if len(state["rng"]) != world:
+            print0(f"warning: {state_path} was written by {len(state['rng'])} processes, resuming with {world}: the "
+                   f"data order and random draws will differ from an uninterrupted run")
+        rng = state["rng"][rank % len(state["rng"])]
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
         step = state["step"]
         print0(f"resumed from {state_path} at step {step}")
     if master:
@@ -388,10 +392,12 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         if cfg.val_every and step % cfg.val_every == 0:
             score = validate(cfg, models, unet, step, out, amp, master)
             if score_fn is not None and stop_score is not None:
-                videos, prompts = score
-                s = score_fn(videos, prompts)
+                s = score_fn(*score)
                 print0(f"step {step}: validation score {s:.4f}")
-                if s <= stop_score:
+                stop = torch.tensor([float(s <= stop_score)], device=device)
+                if ddp:  # rank 0 decides, so ranks cannot disagree (GPU sampling is not bit-deterministic)
+                    dist.broadcast(stop, 0)
+                if stop.item():
                     print0(f"validation score reached {stop_score}: stopping")
                     break
     bar.close()
@@ -414,10 +420,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         state = te.placeholder_state(models.tokenizer, text)
         delta["text_encoder.placeholder_embeddings"] = state["embeddings"]
         meta["placeholder_words"] = json.dumps(state["words"])
+    if not cfg.lora_rank:  # (with LoRA the adapters were just merged away; the last periodic checkpoint stays)
+        save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, ddp, world, device, master)
     if master:
         save_state_dict(delta, delta_path, metadata=meta, overwrite=cfg.resume)
-        if not cfg.lora_rank:
-            save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, False, 1, device, True)
         if cfg.export_diffusers:
             import unet3d
 
