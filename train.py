@@ -99,6 +99,9 @@ class Config:
     val_prompts: str = opt("a person doing the {token} sign", "validation prompts separated by '|'")
     val_seeds: str = opt("0", "validation seeds, comma-separated")
     val_steps: int = opt(25, "sampling steps for validation videos (DDIM)")
+    stop_clip: str = opt("", "open_clip model for the paper's stopping rule, e.g. ViT-B-32-quickgelu ('' = off)")
+    stop_clip_weights: str = opt("", "local weights file for --stop-clip")
+    stop_score: float = opt(0.265, "stop when the validation appearance CLIP score falls to this (paper: 0.265)")
     cache: str = opt("", "folder for cached latents/text embeddings ('' = <out>/cache)")
     export_diffusers: bool = opt(False, "also write the full customized UNet in the diffusers layout to <out>/unet/")
 
@@ -634,6 +637,15 @@ def parse_args(argv=None) -> Config:
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
-    except WeightsError as e:
+        cfg = parse_args()
+        score_fn = None
+        if cfg.stop_clip:  # the paper's protocol: stop once the appearance score of validation videos hits 0.265
+            import evaluate
+
+            if not cfg.val_every:
+                raise SystemExit("error: --stop-clip needs --val-every N (the score is taken on validation videos)")
+            clip = evaluate.load_clip(cfg.stop_clip, cfg.stop_clip_weights or None)
+            score_fn = evaluate.appearance_score_fn(clip, cfg.token)
+        main(cfg, score_fn=score_fn, stop_score=cfg.stop_score)
+    except (WeightsError, ValueError) as e:  # bad files and values: one line naming the problem
         raise SystemExit(f"error: {e}") from None

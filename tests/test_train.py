@@ -312,3 +312,21 @@ def test_grad_accumulation_and_jester_selection(world, tmp_path):
     assert json.loads(log.splitlines()[-1])["loss_reg"] == 0.0  # prior none: no regularization term
     with pytest.raises(SystemExit, match="did you mean 'Drumming Fingers'"):
         train.main(dataclasses.replace(_cfg(root, model, tmp_path / "bad"), **{**kw, "jester_class": "Drumming fingers"}))
+
+
+def test_cli_stopping_rule_with_a_clip_model(world, tmp_path):
+    """--stop-clip wires evaluate.py's appearance score into validation; a threshold of 1.0 is met at once."""
+    from test_evaluate import TINY_CLIP
+
+    root, model = world
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    args = ["--model", str(model), "--videos", str(root / "videos"), "--prior", "none", "--frames", "4", "--size",
+            "32", "--steps", "5", "--precision", "fp32", "--log-every", "1", "--val-every", "1", "--val-steps", "2",
+            "--stop-clip", str(tmp_path / "clip.json"), "--stop-score", "1.0", "--out", str(tmp_path / "run")]
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "validation score reached 1.0: stopping" in run.stdout
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 1
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), *args[:-2], "--val-every", "0", "--out",
+                          str(tmp_path / "run2")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--stop-clip needs --val-every" in bad.stderr

@@ -1,0 +1,253 @@
+"""evaluate.py: each metric on cases with a known answer, the CLI end to end, bad input. CPU, no downloads.
+
+    cd /work/main && python -m pytest -q tests/test_evaluate.py
+"""
+
+import json
+from pathlib import Path
+
+import av
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate as ev
+
+# a tiny open_clip CLIP (random weights) as a JSON model config: builds in well under a second
+TINY_CLIP = {"model_cfg": {"embed_dim": 32, "quick_gelu": True,
+                           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+                           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                                        "layers": 1}}}
+CLASSES = ["Getting Darker", "Getting Brighter", "Sliding Two Fingers Up"]
+
+
+class Brightness(torch.nn.Module):
+    """Toy video classifier on (N, 3, T, H, W): 'Getting Brighter' if the last frame is brighter than the first."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 3, 4))  # (N, T)
+        d = m[:, -1] - m[:, 0]
+        return torch.stack([-d, d, torch.zeros_like(d)], dim=1)  # (N, 3)
+
+
+def ramp(up: bool, frames=8, size=32, seed=0) -> torch.Tensor:
+    """uint8 (3, F, H, W): random texture whose brightness rises (or falls) over frames."""
+    g = torch.Generator().manual_seed(seed)
+    tex = torch.rand(3, 1, size, size, generator=g) * 80
+    level = torch.linspace(40, 160, frames).view(1, frames, 1, 1)
+    return (tex + (level if up else level.flip(1))).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    torch.jit.script(Brightness()).save(str(d / "toy.pt"))
+    (d / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (d / "clip.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    clip = ev.load_clip(str(d / "clip.json"))
+    with torch.no_grad():  # differ from the seeded random init, so the test sees that the file was loaded
+        for p in clip.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    torch.save(clip.model.state_dict(), d / "clip.pth")
+    torch.manual_seed(0)
+    net = ev.sscd_resnet50()
+    torch.save(net.model.state_dict(), d / "sscd.torchvision.pt")
+    return d
+
+
+def scripted_clf(assets, **kw):
+    return ev.ScriptedClassifier(assets / "toy.pt", assets / "classes.txt", frames=4, size=16, **kw)
+
+
+def test_motion_accuracy_toy_classifier(assets):
+    clf = scripted_clf(assets)
+    target = ev.class_index(clf.class_names, "Getting Brighter")
+    up = [ramp(True, seed=i) for i in range(3)]
+    down = [ramp(False, seed=i) for i in range(3)]
+    top1, probs = ev.motion_predictions(clf, up)
+    assert (top1 == target).float().mean().item() == 1.0 and probs.shape == (3, 3)
+    top1, _ = ev.motion_predictions(clf, down)
+    assert (top1 == target).float().mean().item() == 0.0
+    assert ev.segment_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]  # TRN: 1-based 2, 4, ..., 16
+
+
+def test_class_names_by_name_and_errors(assets):
+    assert ev.class_index(CLASSES, "sliding two  fingers up") == 2  # case/space-insensitive fallback
+    with pytest.raises(ev.EvalError, match="'Sliding Two Fingers Down'.*close names.*Sliding Two Fingers Up"):
+        ev.class_index(CLASSES, "Sliding Two Fingers Down", "classes.txt")
+    with pytest.raises(ev.EvalError, match="has 2 frames.*needs 4"):
+        scripted_clf(assets).predict([ramp(True, frames=2)])
+    with pytest.raises(ev.EvalError, match="not a TorchScript classifier"):
+        ev.ScriptedClassifier(assets / "clip.json", assets / "classes.txt")
+
+
+def test_prompt_rule():
+    t = "A female firefighter doing the {token} sign"
+    assert ev.appearance_text(t) == "A female firefighter"
+    assert ev.caption_text(t, "sliding two fingers up") == "A female firefighter sliding two fingers up"
+    assert ev.appearance_text("A chef doing the pll sign in a kitchen", "pll") == "A chef in a kitchen"
+    with pytest.raises(ev.EvalError, match="matches 0 times"):
+        ev.appearance_text("A chef waving")
+    lines = Path(__file__).resolve().parents[1].joinpath("prompts/appearance_100.txt").read_text().splitlines()
+    assert len(lines) == 100 == len(set(lines)) and all(ln.count("{token}") == 1 for ln in lines)
+    assert all(ev.appearance_text(ln) for ln in lines)
+
+
+def test_clip_metrics_match_direct_computation(assets):
+    clip = ev.load_clip(str(assets / "clip.json"), assets / "clip.pth")
+    ref = ev.load_clip(str(assets / "clip.json"))  # random, different weights: loading must have changed them
+    assert not torch.equal(ref.model.visual.conv1.weight, clip.model.visual.conv1.weight)
+    v = ramp(True, frames=4, size=32)  # already 32x32: preprocessing is only the normalisation
+    x = (v.permute(1, 0, 2, 3).float() / 255 - torch.tensor(ev.OPENAI_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(ev.OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = F.normalize(clip.model.encode_image(x), dim=-1)
+        txt = F.normalize(clip.model.encode_text(clip.tokenizer(["A female firefighter"])), dim=-1)
+    want = (img @ txt.T).mean().item()
+    assert ev.clip_text_score(clip, v, "A female firefighter") == pytest.approx(want, abs=1e-5)
+    fn = ev.appearance_score_fn(clip, "pll")
+    got = fn(v[None], ["A female firefighter doing the pll sign"])
+    assert got == pytest.approx(want, abs=1e-5) and -1 <= got <= 1  # raw cosine, not x100
+    assert ev.temporal_consistency(clip, v) == pytest.approx((img[:-1] * img[1:]).sum(-1).mean().item(), abs=1e-5)
+    still = v[:, :1].expand(-1, 4, -1, -1).contiguous()
+    assert ev.temporal_consistency(clip, still) == pytest.approx(1.0, abs=1e-5)
+    # larger, non-square frames: short side -> 32 bicubic, center crop
+    big = torch.randint(0, 256, (3, 2, 48, 64), dtype=torch.uint8)
+    pre = clip.preprocess(big.permute(1, 0, 2, 3).float() / 255)
+    assert pre.shape == (2, 3, 32, 32)
+
+
+def test_clip_openai_weights_need_quickgelu(tmp_path):
+    bad = tmp_path / "openai_vit.pth"
+    bad.write_bytes(b"x")
+    with pytest.raises(ev.EvalError, match="QuickGELU.*ViT-B-32-quickgelu"):
+        ev.load_clip("ViT-B-32", bad)
+    with pytest.raises(ev.EvalError, match="not an open_clip model name"):
+        ev.load_clip("ViT-B-33")
+
+
+def test_sscd_descriptors_and_copy_score(assets):
+    sscd = ev.load_sscd(assets / "sscd.torchvision.pt", size=64)
+    torch.manual_seed(0)
+    net = ev.sscd_resnet50().eval()
+    v = ramp(True, frames=3, size=48)
+    x = v.permute(1, 0, 2, 3).float() / 255
+    x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - torch.tensor(ev.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(ev.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = F.normalize(net(x), dim=-1)
+    got = sscd.descriptors(v)
+    assert got.shape == (3, 512) and torch.allclose(got, want, atol=1e-5)
+    # the scripted form gives the same descriptors
+    torch.jit.script(net).save(str(assets / "sscd.torchscript.pt"))
+    scripted = ev.load_sscd(assets / "sscd.torchscript.pt", size=64)
+    assert torch.allclose(scripted.descriptors(v), want, atol=1e-5)
+    # generated == training: max cosine is 1
+    other = ramp(False, frames=3, size=48, seed=5)
+    train = torch.cat([sscd.descriptors(v), sscd.descriptors(other)])
+    assert ev.copy_score(sscd.descriptors(v), train) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ev.EvalError, match="not an SSCD ResNet-50"):
+        torch.save({"w": torch.zeros(1)}, assets / "bad_sscd.pt")
+        ev.load_sscd(assets / "bad_sscd.pt")
+
+
+def write_mp4(video, path, fps=8):
+    frames = video.permute(1, 2, 3, 0).numpy()
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps, options={"crf": "10"})
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+@pytest.fixture
+def video_dirs(tmp_path):
+    gen, train = tmp_path / "gen", tmp_path / "train"
+    gen.mkdir()
+    train.mkdir()
+    index = []
+    for i, up in enumerate([True, True, False]):
+        write_mp4(ramp(up, frames=6, size=32, seed=i), gen / f"v{i}.mp4")
+        index.append({"file": f"v{i}.mp4", "template": f"A person number {i} doing the {{token}} sign", "seed": i})
+    (gen / "index.json").write_text(json.dumps(index))
+    write_mp4(ramp(True, frames=6, size=32, seed=0), train / "t0.mp4")  # = generated video 0
+    return gen, train
+
+
+def cli_args(assets, gen, train, out):
+    return ["--videos-in", str(gen), "--target-class", "Getting Brighter", "--classifier", str(assets / "toy.pt"),
+            "--classes", str(assets / "classes.txt"), "--classifier-frames", "4", "--classifier-size", "16",
+            "--clip", str(assets / "clip.json"), "--clip-weights", str(assets / "clip.pth"),
+            "--motion-phrase", "sliding two fingers up", "--sscd", str(assets / "sscd.torchvision.pt"),
+            "--sscd-size", "64", "--train-videos", str(train), "--token", "pll", "--device", "cpu", "--out", str(out)]
+
+
+def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
+    gen, train = video_dirs
+    out = tmp_path / "report"
+    assert ev.main(cli_args(assets, gen, train, out)) == 0
+    assert ev.main(cli_args(assets, gen, train, out)) == 0  # never overwrites: second report goes to report-1
+    a = json.loads((out / "report.json").read_text())
+    b = json.loads((tmp_path / "report-1" / "report.json").read_text())
+    assert a["aggregate"] == b["aggregate"] and a["videos"] == b["videos"]
+    agg = a["aggregate"]
+    assert agg["videos"] == 3 and agg["motion_accuracy"] == pytest.approx(2 / 3)
+    assert agg["class_histogram"] == {"Getting Brighter": 2, "Getting Darker": 1}
+    assert a["videos"][0]["copy"] == pytest.approx(1.0, abs=1e-5)  # the training video itself
+    assert a["videos"][0]["appearance_text"] == "A person number 0"
+    assert a["videos"][0]["caption"] == "A person number 0 sliding two fingers up"
+    for k in ("appearance_score", "text_alignment", "temporal_consistency", "copy_score_mean_max",
+              "copy_above_threshold_pct"):
+        assert isinstance(agg[k], float)
+    assert str(assets / "toy.pt") in a["sha256"] and len(a["sha256"][str(assets / "clip.pth")]) == 64
+    assert (out / "report.md").read_text().startswith("# NewMove evaluation")
+    assert (out / "sheet_appearance.png").is_file() and (out / "sheet_copy.png").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, d: a.__setitem__(a.index("--clip-weights") + 1, str(d / "missing.pth")), "missing.pth: file not found"),
+    (lambda a, d: a.__setitem__(a.index("--target-class") + 1, "Thumb Up"), "'Thumb Up' is not in"),
+    (lambda a, d: a.__setitem__(a.index("--classifier") + 1, str(d / "clip.json")), "not a TorchScript classifier"),
+    (lambda a, d: a.__setitem__(a.index("--classifier-frames") + 1, "10"), "only 6 frames; the classifier needs 10"),
+])
+def test_cli_bad_input(assets, video_dirs, tmp_path, capsys, change, message):
+    gen, train = video_dirs
+    args = cli_args(assets, gen, train, tmp_path / "r")
+    args += ["--classifier-type", "torchscript"]
+    change(args, assets)
+    assert ev.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_generation_path(tmp_path):
+    import weights
+
+    model_dir = tmp_path / "model"
+    weights.save_models(weights._tiny_models(seed=0), model_dir, "diffusers")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A chef doing the {token} sign\n")
+    args = ["--model", str(model_dir), "--prompts", str(prompts), "--seeds", "0", "1", "--frames", "2",
+            "--height", "64", "--width", "64", "--steps", "2", "--clip", json_path(tmp_path), "--device", "cpu",
+            "--out", str(tmp_path / "rep")]
+    assert ev.main(args) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["seed"] for r in rep["videos"]] == [0, 1] and rep["videos"][0]["prompt"] == "A chef doing the pll sign"
+    idx = json.loads((tmp_path / "rep" / "videos" / "index.json").read_text())
+    assert idx[0]["template"] == "A chef doing the {token} sign"
+    # the saved videos score again through --videos-in (lossy mp4: close, not equal)
+    assert ev.main(["--videos-in", str(tmp_path / "rep" / "videos"), "--clip", json_path(tmp_path),
+                    "--out", str(tmp_path / "rep2")]) == 0
+    rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert rep2["aggregate"]["appearance_score"] == pytest.approx(rep["aggregate"]["appearance_score"], abs=0.05)
+
+
+def json_path(tmp_path):
+    p = tmp_path / "clip.json"
+    p.write_text(json.dumps(TINY_CLIP))
+    return str(p)
