@@ -50,7 +50,8 @@ def opt(default, help: str):
 @dataclass
 class Config:
     # model and data
-    model: str = opt("", "base model directory, original or diffusers layout (ModelScope 1.7B, zeroscope_v2_576w)")
+    model: str = opt("", "base model directory, original or diffusers layout (ModelScope 1.7B, zeroscope_v2_576w); "
+                     "'' = the toy model in toy/model")
     videos: str = opt("", "folder of example videos of the new motion (official: 10 Jester clips of one class)")
     token: str = opt("pll", "rare word that names the motion in captions (paper: 'pll'; official config: 'sks')")
     caption: str = opt("a person doing the {token} sign", "caption for clips without a sidecar .txt/metadata.jsonl")
@@ -105,6 +106,8 @@ class Config:
     cache: str = opt("", "folder for cached latents/text embeddings ('' = <out>/cache)")
     export_diffusers: bool = opt(False, "also write the full customized UNet in the diffusers layout to <out>/unet/")
 
+
+TOY_MODEL = Path(__file__).resolve().parent / "toy" / "model"  # the committed toy base model (toy/train_base.py)
 
 # Which UNet parameters each preset trains (group names: see param_group). Rows of the paper's Table 2 and baselines.
 PRESETS = {
@@ -464,7 +467,10 @@ def check_config(cfg: Config):
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
     if not cfg.model:
-        raise SystemExit("error: --model is required (a model directory in either release layout)")
+        if not TOY_MODEL.is_dir():
+            raise SystemExit("error: --model is required (a model directory in either release layout)")
+        cfg.model = str(TOY_MODEL)
+        print(f"no --model given: using the CPU-scale toy model in {TOY_MODEL} (see toy/)")
     if not cfg.videos:
         raise SystemExit("error: --videos is required (a folder of example videos of the new motion)")
     if cfg.frozen_dtype != "fp32" and cfg.frozen_dtype != cfg.precision:

@@ -1,0 +1,206 @@
+"""Train the toy base text-to-video model from scratch on the BASE motions of toy/world.py (never the novel ones).
+
+    python toy/train_base.py --out toy/model --minutes 80          # ~80 minutes on 2 CPU cores
+    python toy/train_base.py --out toy/model --minutes 40 --resume # continue a run (same seed: same data)
+
+The same modules as the real model, in tiny configs: a 3-level KL VAE (32x32 frames -> 8x8x4 latents), the `tiny`
+text encoder (trained jointly here; the real one is frozen OpenCLIP) and the `toy` UNet3D. Two stages:
+  1. the VAE, as an autoencoder on single frames (MSE + a small KL term); its latent scale is then measured
+     (scaling_factor = 1 / std of the latents, as LDM chose 0.18215 for SD);
+  2. UNet + text encoder with the standard eps-prediction DDPM loss, uniform t, 10% empty captions for
+     classifier-free guidance, and an EMA of the weights (what gets saved).
+Everything is a function of --seed. The result is written with weights.save_models in the diffusers layout (fp16
+files, which the loaders cast back to float32), so `--model toy/model` works everywhere.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+
+import sample  # noqa: E402
+import text_encoder as te  # noqa: E402
+import unet3d  # noqa: E402
+import vae as vae_lib  # noqa: E402
+import weights  # noqa: E402
+from toy import world  # noqa: E402
+
+VAE_CONFIG = vae_lib.VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1)  # x4 down: 32x32 -> 8x8
+
+
+def log(msg, path=None):
+    print(msg, flush=True)
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(msg) + "\n" if not isinstance(msg, str) else msg + "\n")
+
+
+def clip_pool(n: int, seed: int, frames: int, size: int):
+    """n base-motion clips (balanced over motions, never the held-out appearance pairs): uint8 (n, 3, F, H, W)."""
+    clips = world.make_dataset(n, world.BASE_MOTIONS, seed=seed, exclude_combos=world.HELD_OUT_COMBOS,
+                               frames=frames, height=size)
+    return torch.stack([c.video for c in clips]), [c.caption for c in clips]
+
+
+def train_vae(videos, steps, seed, logfile):
+    """Stage 1: the VAE as a frame autoencoder. Small KL weight: we want a sharp, smooth-enough latent, not a prior."""
+    torch.manual_seed(seed)
+    model = vae_lib.AutoencoderKL(dataclasses.replace(VAE_CONFIG))  # a copy: scaling_factor is set below
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    frames = videos.transpose(1, 2).flatten(0, 1)  # (n*F, 3, H, W) uint8
+    g = torch.Generator().manual_seed(seed)
+    for step in tqdm(range(steps), desc="VAE"):
+        x = frames[torch.randint(len(frames), (32,), generator=g)].float() / 127.5 - 1  # (32, 3, H, W) in [-1, 1]
+        mean, logvar = model.encode_frames(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        rec = model.decode_frames(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log({"stage": "vae", "step": step, "mse": F.mse_loss(rec, x).item(), "kl": kl.item()}, logfile)
+    with torch.no_grad():  # scale so latents have unit std, like LDM's 0.18215 for SD's VAE
+        mean, _ = model.encode_frames(frames[:2048].float() / 127.5 - 1)
+        model.cfg.scaling_factor = float(1.0 / mean.std())
+    return model.eval().requires_grad_(False)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="toy/model", help="model directory to write (must not exist)")
+    p.add_argument("--work", default="toy/runs/base", help="checkpoints and log")
+    p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget for stage 2 in this run")
+    p.add_argument("--clips", type=int, default=12000, help="size of the base-motion training pool")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    logfile = work / "log.jsonl"
+    state_path = work / "state.pt"
+    t0 = time.time()
+
+    videos, captions = clip_pool(args.clips, args.seed, frames=8, size=32)
+    log(f"pool: {len(videos)} clips in {time.time() - t0:.0f} s", logfile)
+    if args.resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        vae_cfg = vae_lib.VAEConfig(**{**vars(VAE_CONFIG), "scaling_factor": state["vae_scale"]})
+        vae = vae_lib.AutoencoderKL(vae_cfg)
+        vae.load_state_dict(state["vae"])
+        vae.eval().requires_grad_(False)
+    else:
+        if state_path.exists():
+            raise SystemExit(f"error: {state_path} exists; pass --resume or choose another --work")
+        vae = train_vae(videos, args.vae_steps, args.seed, logfile)
+        state = None
+
+    # stage 2 inputs: every clip encoded once (posterior mean/std, scaled), every caption tokenized
+    tokenizer = te.Tokenizer()
+    with torch.no_grad():
+        means, stds = [], []
+        for chunk in videos.split(256):
+            x = chunk.float() / 127.5 - 1  # (b, 3, F, H, W)
+            b, c, f, h, w = x.shape
+            m, lv = vae.encode_frames(x.transpose(1, 2).flatten(0, 1))  # (b*F, 4, h', w')
+            s = vae.cfg.scaling_factor
+            means.append((m * s).unflatten(0, (b, f)).transpose(1, 2))  # (b, 4, F, h', w')
+            stds.append((torch.exp(0.5 * lv) * s).unflatten(0, (b, f)).transpose(1, 2))
+        means, stds = torch.cat(means), torch.cat(stds)
+    tokens = tokenizer(captions)  # (n, 77)
+    empty = tokenizer([""])[0]
+    log(f"encoded pool: latents {tuple(means.shape)}, scale {vae.cfg.scaling_factor:.4f}", logfile)
+
+    torch.manual_seed(args.seed + 1)
+    unet = unet3d.UNet3D(unet3d.UNET_PRESETS["toy"])
+    text = te.TextEncoder(te.TEXT_PRESETS["tiny"])
+    with torch.no_grad():  # CLIP-like init of the text tower: small embeddings
+        text.token_embedding.weight.normal_(0, 0.02)
+        text.positional_embedding.normal_(0, 0.01)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    step = 0
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"resumed at step {step}", logfile)
+    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE).float()
+
+    def save_state():
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"vae": vae.state_dict(), "vae_scale": vae.cfg.scaling_factor, "unet": unet.state_dict(),
+                    "text": text.state_dict(), "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(), "step": step}, tmp)
+        tmp.replace(state_path)
+
+    unet.train()
+    text.train()
+    deadline = time.time() + 60 * args.minutes
+    bar = tqdm(desc="base model", initial=step)
+    running = None
+    while time.time() < deadline:
+        g = torch.Generator().manual_seed(hash((args.seed, step)) & 0x7FFFFFFF)  # data of step k: a function of k
+        idx = torch.randint(len(means), (args.batch,), generator=g)
+        x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
+        tok = tokens[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < 0.1  # 10% unconditional, for classifier-free guidance
+        tok[drop] = empty
+        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(unet(xt, t, text(tok)), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, m in ((ema_unet, unet), (ema_text, text)):
+                for pe, pm in zip(e.parameters(), m.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 100 == 0:
+            log({"stage": "unet", "step": step, "loss": running, "minutes": (time.time() - t0) / 60}, logfile)
+        if step % 500 == 0:
+            save_state()
+    bar.close()
+    save_state()
+    log(f"stage 2 stopped at step {step} after {(time.time() - t0) / 60:.1f} min", logfile)
+
+    # the model directory: EMA weights, fp16 files (the loaders cast back to float32)
+    models = weights.Models(ema_unet.eval().half(), vae.half(), ema_text.eval().half(), tokenizer,
+                            dict(weights.RELEASED_SCHEDULE), "memory", Path("."))
+    out = Path(args.out)
+    if out.exists():
+        out = out.with_name(out.name + f"-step{step}")
+    weights.save_models(models, out, "diffusers")
+    log(f"wrote {out}", logfile)
+
+
+if __name__ == "__main__":
+    main()
