@@ -87,9 +87,15 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from --work/state.pt (same machine)")
+    p.add_argument("--init", default="", help="start from a model directory (e.g. the committed toy/model) with a "
+                   "fresh optimizer: how training continues across sessions, since state.pt is not committed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export-only", action="store_true", help="only write --out from the checkpoint in --work")
     args = p.parse_args()
+    if args.export_only:
+        print(f"wrote {export(Path(args.work) / 'state.pt', Path(args.out))}")
+        return
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,13 @@ def main():
 
     videos, captions = clip_pool(args.clips, args.seed, frames=8, size=32)
     log(f"pool: {len(videos)} clips in {time.time() - t0:.0f} s", logfile)
-    if args.resume:
+    init = None
+    if args.init:  # continue from a committed model directory: its (EMA) weights, a fresh optimizer
+        init = weights.load_models(args.init)
+        state = None
+        vae = init.vae.eval().requires_grad_(False)
+        log(f"initialised from {args.init}", logfile)
+    elif args.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         vae_cfg = vae_lib.VAEConfig(**{**vars(VAE_CONFIG), "scaling_factor": state["vae_scale"]})
         vae = vae_lib.AutoencoderKL(vae_cfg)
@@ -135,6 +147,9 @@ def main():
         text.positional_embedding.normal_(0, 0.01)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if init is not None:
+        unet.load_state_dict(init.unet.state_dict())
+        text.load_state_dict(init.text_encoder.state_dict())
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     step = 0
     if state is not None:
@@ -192,14 +207,22 @@ def main():
     save_state()
     log(f"stage 2 stopped at step {step} after {(time.time() - t0) / 60:.1f} min", logfile)
 
-    # the model directory: EMA weights, fp16 files (the loaders cast back to float32)
-    models = weights.Models(ema_unet.eval().half(), vae.half(), ema_text.eval().half(), tokenizer,
-                            dict(weights.RELEASED_SCHEDULE), "memory", Path("."))
-    out = Path(args.out)
+    log(f"wrote {export(state_path, Path(args.out))}", logfile)
+
+
+def export(state_path: Path, out: Path) -> Path:
+    """The model directory from a checkpoint: EMA weights, fp16 files (the loaders cast back to float32)."""
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    vae = vae_lib.AutoencoderKL(dataclasses.replace(VAE_CONFIG, scaling_factor=state["vae_scale"]))
+    vae.load_state_dict(state["vae"])
+    unet, text = unet3d.UNet3D(unet3d.UNET_PRESETS["toy"]), te.TextEncoder(te.TEXT_PRESETS["tiny"])
+    unet.load_state_dict(state["ema_unet"])
+    text.load_state_dict(state["ema_text"])
+    models = weights.Models(unet.half(), vae.half(), text.half(), te.Tokenizer(), dict(weights.RELEASED_SCHEDULE),
+                            "memory", Path("."))
     if out.exists():
-        out = out.with_name(out.name + f"-step{step}")
-    weights.save_models(models, out, "diffusers")
-    log(f"wrote {out}", logfile)
+        out = out.with_name(out.name + f"-step{state['step']}")
+    return weights.save_models(models, out, "diffusers")
 
 
 if __name__ == "__main__":
