@@ -1,0 +1,60 @@
+"""bench.py: the estimator counts what the model has, and the side-by-side harness times the same computation."""
+
+import math
+
+import torch
+
+import bench
+import train
+import unet3d
+
+
+def test_estimator_counts_match_the_model():
+    cfg = unet3d.UNET_PRESETS["tiny"]
+    model = unet3d.UNet3D(cfg)
+    groups = train.PRESETS["newmove"]["groups"]
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for n, p in model.named_parameters() if train.param_group(n) in groups)
+    counts = bench.count_params(cfg, "newmove")
+    assert counts == {"total": total, "trainable": trainable, "frozen": total - trainable,
+                      "tensors": len(bench.trainable_names(model))}
+    e = bench.estimate(cfg, batch=1, frames=2, size=64, precision="fp32", frozen_dtype="fp32")
+    assert e["counts"] == counts
+    assert 0 < e["fwd_flops"] < e["step_flops"] < 4 * e["fwd_flops"]  # subset grads: between 1x and 3x forward
+    assert e["memory"]["grads"] == 4 * trainable  # fp32 gradients of exactly the trainable tensors
+    assert e["memory"]["peak"] >= e["memory"]["end_of_forward"] > 0
+
+
+def test_allocator_peak_sees_a_known_allocation():
+    n = 8 * 2 ** 20
+
+    def fn():
+        a = torch.ones(n // 4)  # n bytes, alive while b is made
+        b = torch.ones(n // 4)
+        return float(a[0] + b[0])
+
+    peak = bench.allocator_peak(fn, torch.device("cpu"))
+    assert 2 * n <= peak < 2 * n + 2 ** 20
+
+
+def test_side_by_side_compares_the_same_computation():
+    """The bench's own cases on the smallest config: identical outputs, gradients and latents; finite timings."""
+    cfg = bench.BENCH_CONFIGS["small"]
+    cpu = torch.device("cpu")
+    models = bench.build_pair(cfg)
+    case = bench.forward_case(models, cfg, frames=2, hw=8, device=cpu)
+    ours, theirs = case["fns"]["ours"](), case["fns"]["diffusers"]()
+    assert ours.shape == theirs.shape == (1, 4, 2, 8, 8)
+    assert (ours - theirs).abs().max().item() < 1e-4 and theirs.abs().mean() > 0.1
+    stats = bench.summarize(bench.race(case["fns"], cpu, warmup=0, reps=2))
+    assert all(math.isfinite(v) and v > 0 for s in ("ours", "diffusers", "ratio") for v in stats[s])
+
+    step = bench.train_case(models, cfg, frames=2, hw=8, device=cpu)
+    assert step["diff"] < 1e-4  # gradients of the trainable tensors, relative to their largest
+    names = bench.trainable_names(models["ours"])
+    assert step["trainable"] == sum(models["ours"].get_parameter(n).numel() for n in names)
+    losses = {s: step["fns"][s]().item() for s in bench.SIDES}  # one real training step each, train() mode
+    assert all(math.isfinite(v) for v in losses.values())
+
+    ddim = bench.sampling_case(models, cfg, frames=2, hw=8, device=cpu, steps=3)
+    assert ddim["diff"] < 1e-4
