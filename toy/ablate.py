@@ -58,9 +58,12 @@ def main():
         lines.append(f"| {name} | {label} | {stat('novel-motion accuracy')} | {stat('copy rate, novel prompts')} | "
                      f"{stat('base-motion accuracy (forgetting)')} |")
         print(lines[-1], flush=True)
-    lines.append(f"\n{args.seeds} seeds per row (mean ± sample std, %); {time.time() - t0:.0f} s; command: "
-                 f"python toy/ablate.py {' '.join(sys.argv[1:])}")
-    out.write_text("\n".join(lines) + "\n")
+        # rewritten after every row (atomically), so a long run that is stopped still leaves its finished rows
+        footer = (f"\n{args.seeds} seeds per row (mean ± sample std, %); {len(lines) - 2} of {len(args.rows)} rows; "
+                  f"{time.time() - t0:.0f} s; command: python toy/ablate.py {' '.join(sys.argv[1:])}")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n" + footer + "\n")
+        tmp.replace(out)
     print(f"wrote {out}")
 
 

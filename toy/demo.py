@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,10 +34,12 @@ from toy import world  # noqa: E402
 from toy.scorer import ToyScorer  # noqa: E402
 
 
-def score(models, prompts, seeds, want_motions, args, scorer, train_looks=()):
+def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), desc="sampling", quiet=False):
     """Sample (prompt, seed) pairs and score them: motion accuracy, colour accuracy, copy rate."""
-    videos = sample.generate(models, prompts, seeds, frames=8, height=32, width=32, steps=args.sample_steps,
-                             guidance=args.guidance, batch_size=16, progress=False)
+    chunks = range(0, len(prompts), 16)
+    videos = torch.cat([sample.generate(models, prompts[i:i + 16], seeds[i:i + 16], frames=8, height=32, width=32,
+                                        steps=args.sample_steps, guidance=args.guidance, batch_size=16, progress=False)
+                        for i in tqdm(chunks, desc=desc, unit="batch", disable=quiet)])  # (N, 3, F, H, W) uint8
     motions = [scorer.class_names[i] for i in scorer.predict(videos).argmax(1).tolist()]
     looks = scorer.appearance(videos)
     asked = [tuple(p.split()[1:3]) for p in prompts]  # "a red triangle ..." -> ("red", "triangle")
@@ -57,7 +60,9 @@ def parser():
     p.add_argument("--steps", type=int, default=300, help="customization steps")
     p.add_argument("--lr", type=float, default=1e-4, help="toy-scale learning rate (the 1.7B model uses 5e-6)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
+    p.add_argument("--seeds", type=int, default=4, help="sampling seeds per novel-motion prompt")
+    p.add_argument("--base-seeds", type=int, default=2, help="sampling seeds per base-motion prompt (0: skip the "
+                   "forgetting check)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -89,16 +94,20 @@ def main(argv=None, overrides=None, quiet=False):
         combos = sorted(world.HELD_OUT_COMBOS)
         seeds = list(range(args.seeds))
         novel = [(f"a {c} {s} doing {args.token}", k) for c, s in combos for k in seeds]
-        base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos for k in seeds[:2]]
+        base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos
+                for k in range(args.base_seeds)]
         base_want = [" ".join(pr.split()[3:]) for pr, _ in base]
         models = weights.load_models(args.model)
         nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
-        before_novel, before_base = nan, nan
-        if not args.no_before:
-            print(f"scoring the base model on {len(novel)} novel-motion and {len(base)} base-motion prompts ...")
-            before_novel = score(models, [p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
-                                 args, scorer, train_looks)
-            before_base = score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer)
+
+        def evaluate(when):  # (novel, base) scores of the current weights on the fixed prompts and seeds
+            n = score(models, [p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel), args, scorer,
+                      train_looks, desc=f"{when}: novel prompts", quiet=quiet)
+            b = score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer,
+                      desc=f"{when}: base prompts", quiet=quiet) if base else nan
+            return n, b
+
+        before_novel, before_base = (nan, nan) if args.no_before else evaluate("base model")
 
         # 3. NewMove customization with train.py's defaults, toy-scale lr/steps
         cfg = train.Config(model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"),
@@ -110,9 +119,7 @@ def main(argv=None, overrides=None, quiet=False):
 
         # 4. the same prompts and seeds, customized
         sample.apply_delta(models, delta)
-        after_novel = score(models, [p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel), args,
-                            scorer, train_looks)
-        after_base = score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer)
+        after_novel, after_base = evaluate("customized")
 
     rows = [("novel-motion accuracy", before_novel["motion"], after_novel["motion"]),
             ("appearance (colour) accuracy, novel prompts", before_novel["colour"], after_novel["colour"]),

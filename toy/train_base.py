@@ -3,12 +3,27 @@
     python toy/train_base.py --out toy/model --minutes 80          # ~80 minutes on 2 CPU cores
     python toy/train_base.py --out toy/model --minutes 40 --resume # continue a run (same seed: same data)
 
+The committed toy/model came from three invocations (each stage continues the previous one's weights; ~2 h 15 min
+in all on 2 shared cores, so longer than one 90-minute budget, split as the calibration notes allow):
+    python toy/train_base.py --text joint --steps 2542 --work runs/b1 --out runs/m1                 # 74 min
+    python toy/train_base.py --init runs/m1 --timesteps coarse --steps 500 --work runs/b2 --out runs/m2
+    python toy/train_base.py --resume --timesteps high --steps 2000 --work runs/b2 --out runs/m2    # 58 min
+
 The same modules as the real model, in tiny configs: a 3-level KL VAE (32x32 frames -> 8x8x4 latents), the `tiny`
-text encoder (trained jointly here; the real one is frozen OpenCLIP) and the `toy` UNet3D. Two stages:
+text encoder and the `toy` UNet3D. Two stages:
   1. the VAE, as an autoencoder on single frames (MSE + a small KL term); its latent scale is then measured
      (scaling_factor = 1 / std of the latents, as LDM chose 0.18215 for SD);
-  2. UNet + text encoder with the standard eps-prediction DDPM loss, uniform t, 10% empty captions for
-     classifier-free guidance, and an EMA of the weights (what gets saved).
+  2. the UNet with the standard eps-prediction DDPM loss, 10% empty captions for classifier-free guidance, and an
+     EMA of the weights (what gets saved). The text encoder is, as in ModelScope, frozen: here a random draw from the
+     seed (`--text frozen`, the default). Training it jointly (`--text joint`, run 1 below) let the colour words grow
+     large embeddings while "left"/"right"/"up"/"down" collapsed onto nearly one (output distance 0.4 against 12 for
+     a colour change). A random frozen encoder keeps every word equally distinct.
+
+What the toy model still cannot do is tell left from right (or up from down) on command: its translations go in
+the direction the initial noise suggests, whatever the prompt says. ModelScope's UNet3D has no frame position
+encoding at all; the arrow of time reaches it only through the zero padding of the temporal convolutions at the
+first and last frame, so a direction has to be inferred from the clip's ends, and the large model learns this
+from far more data than a CPU can show the toy one. Static, growing and colour are learned; see README.
 Everything is a function of --seed. The result is written with weights.save_models in the diffusers layout (fp16
 files, which the loaders cast back to float32), so `--model toy/model` works everywhere.
 """
@@ -30,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import sample  # noqa: E402
 import text_encoder as te  # noqa: E402
+import train  # noqa: E402
 import unet3d  # noqa: E402
 import vae as vae_lib  # noqa: E402
 import weights  # noqa: E402
@@ -82,6 +98,8 @@ def main():
     p.add_argument("--out", default="toy/model", help="model directory to write (must not exist)")
     p.add_argument("--work", default="toy/runs/base", help="checkpoints and log")
     p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget for stage 2 in this run")
+    p.add_argument("--steps", type=int, default=0, help="stop at this UNet step (0: only the time budget); with "
+                   "a step count the result no longer depends on the machine's speed")
     p.add_argument("--clips", type=int, default=12000, help="size of the base-motion training pool")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
@@ -90,6 +108,12 @@ def main():
     p.add_argument("--resume", action="store_true", help="continue from --work/state.pt (same machine)")
     p.add_argument("--init", default="", help="start from a model directory (e.g. the committed toy/model) with a "
                    "fresh optimizer: how training continues across sessions, since state.pt is not committed")
+    p.add_argument("--text", choices=("frozen", "joint"), default="frozen",
+                   help="frozen: a random text encoder drawn from --seed, never trained (replaces --init's); "
+                   "joint: trained with the UNet")
+    p.add_argument("--timesteps", choices=("uniform", "coarse", "high"), default="uniform",
+                   help="t distribution of the DDPM loss; coarse = train.py's 1 - 0.5 cos(pi t / T); high = half "
+                   "coarse, half uniform on t >= 800, where the prompt has to decide the motion (see below)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-only", action="store_true", help="only write --out from the checkpoint in --work")
     args = p.parse_args()
@@ -141,15 +165,19 @@ def main():
 
     torch.manual_seed(args.seed + 1)
     unet = unet3d.UNet3D(unet3d.UNET_PRESETS["toy"])
+    if args.text == "frozen":  # the frozen tower's own draw, the same whether or not the UNet is initialised
+        torch.manual_seed(args.seed + 2)
     text = te.TextEncoder(te.TEXT_PRESETS["tiny"])
-    with torch.no_grad():  # CLIP-like init of the text tower: small embeddings
+    with torch.no_grad():  # CLIP-like init: small token and position embeddings
         text.token_embedding.weight.normal_(0, 0.02)
         text.positional_embedding.normal_(0, 0.01)
-    params = list(unet.parameters()) + list(text.parameters())
+    text.requires_grad_(args.text == "joint")
+    params = list(unet.parameters()) + (list(text.parameters()) if args.text == "joint" else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     if init is not None:
         unet.load_state_dict(init.unet.state_dict())
-        text.load_state_dict(init.text_encoder.state_dict())
+        if args.text == "joint":
+            text.load_state_dict(init.text_encoder.state_dict())
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     step = 0
     if state is not None:
@@ -161,6 +189,14 @@ def main():
         step = state["step"]
         log(f"resumed at step {step}", logfile)
     abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE).float()
+    # Why "high": ModelScope's schedule leaves sqrt(abar) = 0.068 of the clean latent in x_999, and a blob's path over
+    # 8 frames is a strong, low-frequency signal, so even at high t the UNet can mostly read the trajectory off its
+    # input instead of the prompt. At sampling the input is pure noise and the path follows the noise's whim. The
+    # prompt only pays in the first steps (t >= ~800), so those get half of every batch.
+    t_probs = {"uniform": torch.ones(1000, dtype=torch.float64),
+               "coarse": train.timestep_probs("coarse", 0.5, 1000),
+               "high": 0.5 * train.timestep_probs("coarse", 0.5, 1000)
+               + 0.5 * torch.cat([torch.zeros(800), torch.ones(200)]).double() / 200}[args.timesteps].float()
 
     def save_state():
         tmp = state_path.with_suffix(".tmp")
@@ -170,18 +206,21 @@ def main():
         tmp.replace(state_path)
 
     unet.train()
-    text.train()
+    text.train(args.text == "joint")
     deadline = time.time() + 60 * args.minutes
     bar = tqdm(desc="base model", initial=step)
     running = None
-    while time.time() < deadline:
+    while time.time() < deadline and (args.steps == 0 or step < args.steps):
         g = torch.Generator().manual_seed(hash((args.seed, step)) & 0x7FFFFFFF)  # data of step k: a function of k
         idx = torch.randint(len(means), (args.batch,), generator=g)
         x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
         tok = tokens[idx].clone()
         drop = torch.rand(args.batch, generator=g) < 0.1  # 10% unconditional, for classifier-free guidance
         tok[drop] = empty
-        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        if args.timesteps == "uniform":  # (randint, as run 1 of the committed model drew it)
+            t = torch.randint(0, 1000, (args.batch,), generator=g)
+        else:
+            t = torch.multinomial(t_probs, args.batch, replacement=True, generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
