@@ -86,7 +86,8 @@ class Config:
     lr: float = opt(5e-6, "AdamW learning rate, constant (official 5e-6)")
     weight_decay: float = opt(0.01, "AdamW weight decay (official 0.01)")
     grad_clip: float = opt(1.0, "max gradient norm (official 1.0)")
-    precision: str = opt("bf16", "autocast dtype: bf16 | fp16 | fp32 (trainable weights always fp32)")
+    precision: str = opt("auto", "autocast dtype: bf16 | fp16 | fp32 | auto = bf16 on CUDA, fp32 on CPU (CPUs without "
+                         "native bf16 emulate it ~100x slower); trainable weights are always fp32")
     frozen_dtype: str = opt("fp32", "dtype of the frozen UNet weights: fp32 | bf16 | fp16 (must match --precision)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30% slower")
     seed: int = opt(64, "base seed; process r uses seed + r (official 64)")
@@ -233,6 +234,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     unet, vae, text = models.unet.to(device), models.vae.to(device), models.text_encoder.to(device)
     abar = sample.alphas_cumprod(models.schedule).to(device)
     T = models.schedule["num_train_timesteps"]
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+        if cfg.frozen_dtype not in ("fp32", cfg.precision):
+            raise SystemExit(f"error: --frozen-dtype {cfg.frozen_dtype} needs --precision {cfg.frozen_dtype}")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
     unet.requires_grad_(False)
     text.requires_grad_(False)
@@ -461,7 +466,7 @@ def hash_seed(*parts) -> int:
 def check_config(cfg: Config):
     """Clear errors for bad option values before anything heavy happens."""
     choices = {"preset": PRESETS, "prior": ("real", "synthetic", "none"), "timesteps": ("coarse", "uniform", "fine"),
-               "precision": ("bf16", "fp16", "fp32"), "frozen_dtype": ("fp32", "bf16", "fp16"),
+               "precision": ("auto", "bf16", "fp16", "fp32"), "frozen_dtype": ("fp32", "bf16", "fp16"),
                "short": ("repeat", "loop", "skip")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -473,7 +478,7 @@ def check_config(cfg: Config):
         print(f"no --model given: using the CPU-scale toy model in {TOY_MODEL} (see toy/)")
     if not cfg.videos:
         raise SystemExit("error: --videos is required (a folder of example videos of the new motion)")
-    if cfg.frozen_dtype != "fp32" and cfg.frozen_dtype != cfg.precision:
+    if cfg.frozen_dtype != "fp32" and cfg.precision != "auto" and cfg.frozen_dtype != cfg.precision:
         raise SystemExit("error: --frozen-dtype bf16/fp16 needs the same --precision (autocast)")
     if not 0 <= cfg.alpha <= 1:
         raise SystemExit(f"error: --alpha must be in [0, 1], got {cfg.alpha}")
