@@ -1,12 +1,15 @@
 """bench.py: the estimator counts what the model has, and the side-by-side harness times the same computation."""
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-import bench
-import train
-import unet3d
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds the oracle-importing bench
+import bench  # noqa: E402
+import train  # noqa: E402
+import unet3d  # noqa: E402
 
 
 def test_estimator_counts_match_the_model():

@@ -1,12 +1,12 @@
 """Benchmarks: our UNet3D, DDIM sampler and NewMove training step timed against diffusers; memory; a budget estimator.
 
-    python bench.py                 # the side-by-side table, ~5-10 min on 2 CPU cores -> benchmarks/results.md
-    python bench.py --quick         # 1-2 minute smoke run of the same table
-    OMP_WAIT_POLICY=PASSIVE python bench.py    # on a CPU shared with other jobs (see the warning it prints)
-    python bench.py --device cuda --threads 8 --reps 20
-    python bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing
-    python bench.py --full-size     # BY HAND, never in CI: one 1.7B training step on CPU (~15 GB RAM, see below)
-    python bench.py --full-size --precision fp32    # the same with fp32 frozen weights: fast on CPUs without bf16
+    python benchmarks/bench.py                 # the side-by-side table, ~5-10 min on 2 CPU cores -> benchmarks/results.md
+    python benchmarks/bench.py --quick         # 1-2 minute smoke run of the same table
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench.py    # on a CPU shared with other jobs (see the warning it prints)
+    python benchmarks/bench.py --device cuda --threads 8 --reps 20
+    python benchmarks/bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing
+    python benchmarks/bench.py --full-size     # BY HAND, never in CI: one 1.7B training step on CPU (~15 GB RAM, see below)
+    python benchmarks/bench.py --full-size --precision fp32    # the same with fp32 frozen weights: fast on CPUs without bf16
 
 Side by side (the default). ONE process holds our UNet3D and diffusers' UNet3DConditionModel with identical weights (our
 state dict loaded into theirs with strict=True: the key names are the same), gives both identical inputs and settings,
@@ -89,13 +89,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run from anywhere
+
 import sample
 import train
 import unet3d
 import weights
 from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # The released scheduler/scheduler_config.json: RELEASED_SCHEDULE plus DDIM's own settings (as tests/test_sample.py).
 DDIM_CONFIG = dict(weights.RELEASED_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -782,7 +784,7 @@ def side_by_side(args) -> list:
     rows, pairs = [], {}
     for section, config, frames, hw in case_plan(args.quick):
         rows.append(run_case(section, config, frames, hw, device, amp, args, pairs))
-    command = ("python bench.py " + " ".join(sys.argv[1:])).strip()
+    command = ("python benchmarks/bench.py " + " ".join(sys.argv[1:])).strip()
     text = render(rows, info, (load0, os.getloadavg()[0]), command, time.time() - t0)
     print("\n" + text)
     if args.out:
@@ -1037,7 +1039,7 @@ def full_size(args):
     adam = 8 * sum(p.numel() for p in params)
     cache = e["budget"].get("autocast's cached bf16 copies of the trainable weights (2 B each)", 0)
     rows = [("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
-            ("command", "python bench.py " + " ".join(sys.argv[1:])),
+            ("command", "python benchmarks/bench.py " + " ".join(sys.argv[1:])),
             ("torch / threads / CPU", f"{torch.__version__} / {torch.get_num_threads()} / {machine_cpu()} "
                                       f"({torch.backends.cpu.get_cpu_capability()})"),
             ("config", f"{preset}: {sum(p.numel() for p in model.parameters()):,} params, "
@@ -1061,7 +1063,7 @@ def full_size(args):
     print("\n" + text)
     if args.out:
         out = Path(args.out) / "full_size.md"
-        head = ("# Full-size memory check (python bench.py --full-size, run by hand)\n\n"
+        head = ("# Full-size memory check (python benchmarks/bench.py --full-size, run by hand)\n\n"
                 "The allocator peak is the highest running sum of PyTorch CPU-allocator events during the step (the "
                 "profiler's profile_memory log), above the weights already resident; it includes the AdamW state the "
                 "first step creates and the foreach optimizer's temporaries. RSS is the kernel's resident-set "
@@ -1077,7 +1079,7 @@ def full_size(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring for the methods.",
-                                usage="python bench.py [--quick | --estimate ... | --full-size] [options]")
+                                usage="python benchmarks/bench.py [--quick | --estimate ... | --full-size] [options]")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda: timings synchronize around every call")
     p.add_argument("--reps", type=int, default=None,
