@@ -32,7 +32,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
