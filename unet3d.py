@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from weights import assign_state_dict, read_state_dict, save_state_dict
 
@@ -401,10 +401,12 @@ class Level(nn.Module):
         self.gradient_checkpointing = False
 
     def _run(self, fn, *args):
-        """Call one layer, recomputing its activations in the backward pass when checkpointing is on."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        """Call one layer, recomputing (some of) its activations in the backward pass when checkpointing is on."""
+        if not self.gradient_checkpointing or not torch.is_grad_enabled():
+            return fn(*args)
+        if self.gradient_checkpointing == "selective":
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=_keep_matmul_outputs)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def layer(self, j: int, x, emb, context, num_frames: int):
         x = self._run(self.resnets[j], x, emb)
@@ -428,6 +430,24 @@ class Level(nn.Module):
         if self.upsamplers is not None:
             x = self._run(self.upsamplers[0], x)
         return x, produced
+
+
+# Selective recomputation: keep what the matmuls, convolutions and attention kernels produced (the expensive part of a
+# layer) and recompute the cheap element-wise work on top of them in backward (GroupNorm, SiLU, GELU, LayerNorm,
+# dropout, adds, layout copies), whose saved inputs are most of a UNet's activation memory.
+_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.convolution.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_matmul_outputs():
+    return create_selective_checkpoint_contexts(_policy)
 
 
 class MidLevel(Level):
@@ -480,8 +500,11 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(G, c0, eps=1e-5)
         self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
 
-    def set_gradient_checkpointing(self, enabled: bool = True):
-        """Recompute each layer's activations in backward: ~7x less activation memory for ~1.3x the step time."""
+    def set_gradient_checkpointing(self, enabled: bool | str = True):
+        """True: recompute each layer's activations in backward (~7x less activation memory for ~1.3x the step time);
+        "selective": recompute only the element-wise work between the matmuls/convolutions/attention kernels."""
+        if enabled not in (True, False, "selective"):
+            raise ValueError(f"gradient checkpointing must be True, False or 'selective', not {enabled!r}")
         for m in self.modules():
             if isinstance(m, Level):
                 m.gradient_checkpointing = enabled

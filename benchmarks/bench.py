@@ -308,7 +308,11 @@ def train_step_fn(model, side: str, names: list, inputs: dict, device, amp=None,
     return step, params
 
 
-def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, amp=None, seed: int = 0) -> dict:
+def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, amp=None, seed: int = 0,
+               ours_checkpointing=False) -> dict:
+    """(2) and (4). ours_checkpointing="selective" runs ours as train.py does by default (diffusers' UNet3D has no
+    recomputation of any kind: its `gradient_checkpointing` flag is never read by its 3-D blocks' forward)."""
+    models["ours"].set_gradient_checkpointing(ours_checkpointing)
     names = trainable_names(models["ours"])
     assert set(names) == set(trainable_names(models["diffusers"])), "the trainable sets must be the same tensors"
     inputs = train_inputs(cfg, frames, hw, device, seed)
@@ -593,9 +597,10 @@ def case_plan(quick: bool) -> list:
     """(section, config, frames, latent size). --quick keeps the small config and one mid forward."""
     if quick:
         return [("forward", "small", 1, 16), ("forward", "small", 8, 16), ("forward", "mid", 1, 16),
-                ("train", "small", 8, 16), ("sample", "small", 8, 16)]
+                ("train", "small", 8, 16), ("train-selective", "small", 8, 16), ("sample", "small", 8, 16)]
     return ([("forward", "small", f, 16) for f in (1, 8, 16)] + [("forward", "mid", f, 16) for f in (1, 8, 16)]
-            + [("train", "small", 8, 16), ("train", "mid", 4, 16), ("sample", "small", 8, 16)])
+            + [("train", "small", 8, 16), ("train-selective", "small", 8, 16), ("train", "mid", 4, 16),
+               ("train-selective", "mid", 4, 16), ("sample", "small", 8, 16)])
 
 
 def rss_child(args):
@@ -605,6 +610,8 @@ def rss_child(args):
     side = args.rss_child
     models = build_pair(cfg, device=device, sides=(side,))  # diffusers' weights come from ours either way
     model = models.pop(side).train()
+    if side == "ours":
+        model.set_gradient_checkpointing("selective" if args.rss_checkpointing == "selective" else False)
     names = trainable_names(model)
     inputs = train_inputs(cfg, args.rss_frames, args.rss_hw, device)
     step, params = train_step_fn(model, side, names, inputs, device, amp_dtype(args.precision))
@@ -616,10 +623,10 @@ def rss_child(args):
                       "adam_state": 8 * sum(p.numel() for p in params)}))
 
 
-def measure_rss(side: str, config: str, frames: int, hw: int, args) -> dict | None:
+def measure_rss(side: str, config: str, frames: int, hw: int, args, checkpointing: str = "none") -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", side, "--rss-config", config,
            "--rss-frames", str(frames), "--rss-hw", str(hw), "--threads", str(args.threads), "--device", args.device,
-           "--precision", args.precision]
+           "--precision", args.precision, "--rss-checkpointing", checkpointing]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         print(f"warning: RSS subprocess for {side} failed:\n{run.stderr[-2000:]}", file=sys.stderr)
@@ -627,7 +634,7 @@ def measure_rss(side: str, config: str, frames: int, hw: int, args) -> dict | No
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def step_memory(fns: dict, config: str, frames: int, hw: int, device, args) -> dict:
+def step_memory(fns: dict, config: str, frames: int, hw: int, device, args, checkpointing: str = "none") -> dict:
     """(4) for a train case that has just been timed (so AdamW state is resident and gradients are None): allocator
     peak of one more step per side, here; then, on CPU, the RSS growth of a first step, each side in a fresh process."""
     out = {}
@@ -636,7 +643,7 @@ def step_memory(fns: dict, config: str, frames: int, hw: int, device, args) -> d
         out[f"alloc_{s}"] = allocator_peak(fns[s], device)
     if device.type == "cpu" and not args.no_rss:
         for s in SIDES:
-            r = measure_rss(s, config, frames, hw, args)
+            r = measure_rss(s, config, frames, hw, args, checkpointing)
             out[f"rss_{s}"] = None if r is None else r["rss_delta"]
             if r is not None:
                 out["hwm_reset"], out["adam_state"] = r["hwm_reset"], r["adam_state"]
@@ -649,22 +656,25 @@ def run_case(section: str, config: str, frames: int, hw: int, device, amp, args,
         pairs.clear()  # one config's models at a time
         gc.collect()
         pairs[config] = build_pair(cfg, device=device)
-    make = {"forward": forward_case, "train": train_case, "sample": sampling_case}[section]
+    make = {"forward": forward_case, "train": train_case, "sample": sampling_case,
+            "train-selective": functools.partial(train_case, ours_checkpointing="selective")}[section]
     t0 = time.perf_counter()
     case = make(pairs[config], cfg, frames, hw, device, amp)
     parity_s = time.perf_counter() - t0
     print(f"{section} {config} {frames} frames: parity {case['diff']:.1e}; timing...", flush=True)
     # the parity check ran each side's timed call once (forward, sample): for calls of seconds that is the warm-up
-    warm = section != "train" and parity_s > 4.0
+    warm = not section.startswith("train") and parity_s > 4.0
     times = race(case["fns"], device, warmup=0 if warm else args.warmup, reps=args.reps, budget=args.budget,
                  per_rep=parity_s if warm else None)
     row = {"section": section, "config": config, "shape": case["shape"], "diff": case["diff"],
-           "flops": {s: meta_flops(cfg, s, case["shape"], section) for s in SIDES}, **summarize(times)}
+           "flops": {s: meta_flops(cfg, s, case["shape"], section.split("-")[0]) for s in SIDES}, **summarize(times)}
     print(f"  ours {1e3 * row['ours'][1]:.1f} ms, diffusers {1e3 * row['diffusers'][1]:.1f} ms, "
           f"ratio {row['ratio'][1]:.3f} ({row['reps']} reps)", flush=True)
-    if section == "train":
+    if section.startswith("train"):
         print("  peak memory of one step...", flush=True)
-        row["memory"] = {"trainable": case["trainable"], **step_memory(case["fns"], config, frames, hw, device, args)}
+        ckpt = "selective" if section == "train-selective" else "none"
+        row["memory"] = {"trainable": case["trainable"], "ours": "selective recompute" if ckpt == "selective" else
+                         "no recompute", **step_memory(case["fns"], config, frames, hw, device, args, ckpt)}
     return row
 
 
@@ -696,6 +706,7 @@ def _mib(n) -> str:
 
 
 WHAT = {"forward": "UNet forward (eval, no_grad)", "train": "NewMove train step (fwd+loss+bwd+clip+AdamW)",
+        "train-selective": "same step, ours with selective recompute (train.py's default)",
         "sample": "25-step DDIM, CFG 9 (latents)"}
 
 
@@ -729,12 +740,12 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
     mem = [r for r in rows if "memory" in r]
     if mem:
         lines += ["", "Peak memory of one NewMove training step, MiB (methods below).", "",
-                  "| config | B×F×H×W | trainable params | allocator peak: ours | diffusers | ratio | "
-                  "RSS growth of a first step: ours | diffusers |", "|---|---|---|---|---|---|---|---|"]
+                  "| config | B×F×H×W | ours | trainable params | allocator peak: ours | diffusers | ratio | "
+                  "RSS growth of a first step: ours | diffusers |", "|---|---|---|---|---|---|---|---|---|"]
         for r in mem:
             m = r["memory"]
             ratio = m["alloc_ours"] / m["alloc_diffusers"] if m["alloc_diffusers"] else float("nan")
-            lines.append(f"| {r['config']} | {'×'.join(map(str, r['shape']))} | {m['trainable']:,} | "
+            lines.append(f"| {r['config']} | {'×'.join(map(str, r['shape']))} | {m['ours']} | {m['trainable']:,} | "
                          f"{_mib(m['alloc_ours'])} | {_mib(m['alloc_diffusers'])} | **{ratio:.3f}** | "
                          f"{_mib(m.get('rss_ours'))} | {_mib(m.get('rss_diffusers'))} |")
     cfgs = "; ".join(f"**{k}**: block_out_channels {c.block_out_channels}, transformers at levels "
@@ -750,6 +761,11 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "both models (`requires_grad_(False)` on the rest); batch 2 = 1 instance + 1 reg clip; "
               "`train.regularized_loss`; clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
+              "* Selective recompute (`UNet3D.set_gradient_checkpointing('selective')`, train.py "
+              "`--checkpointing selective`, its default): each layer runs under torch's selective activation "
+              "checkpointing; outputs of matmuls, convolutions and attention kernels are kept, the element-wise work "
+              "between them (norms, activations, dropout, adds, copies) is recomputed in backward. Same gradients "
+              "(tests/test_unet3d.py). diffusers' UNet3D has nothing comparable to turn on.",
               "* Sampling: ours = `sample.sample_ddim` with batched guidance as `sample.generate` runs it; diffusers = "
               "`DDIMScheduler` with the released scheduler config, `set_timesteps(25)`, `step()` per step.",
               "* Allocator peak: one steady-state step (AdamW state resident, gradients None at its start) under the "
@@ -1117,6 +1133,7 @@ def parse_args(argv=None):
     p.add_argument("--rss-config", default="small", help=argparse.SUPPRESS)
     p.add_argument("--rss-frames", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--rss-hw", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--rss-checkpointing", default="none", choices=("none", "selective"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2

@@ -61,3 +61,22 @@ def test_side_by_side_compares_the_same_computation():
 
     ddim = bench.sampling_case(models, cfg, frames=2, hw=8, device=cpu, steps=3)
     assert ddim["diff"] < 1e-4
+
+
+def test_selective_recompute_keeps_gradients_and_saves_memory():
+    """train.py's default: the same gradients as diffusers, with a smaller step peak (measured by the allocator)."""
+    cfg = bench.BENCH_CONFIGS["small"]
+    cpu = torch.device("cpu")
+    models = bench.build_pair(cfg)
+    plain = bench.train_case(models, cfg, frames=4, hw=8, device=cpu)
+    plain["fns"]["ours"]()  # warm-up: AdamW state resident, as in every later step
+    plain_peak = bench.allocator_peak(plain["fns"]["ours"], cpu)
+    models = bench.build_pair(cfg)  # (the steps above moved ours' weights away from diffusers')
+    sel = bench.train_case(models, cfg, frames=4, hw=8, device=cpu, ours_checkpointing="selective")
+    assert sel["diff"] < 1e-4
+    peaks = {}
+    for s in bench.SIDES:
+        sel["fns"][s]()
+        peaks[s] = bench.allocator_peak(sel["fns"][s], cpu)
+    assert abs(plain_peak - peaks["diffusers"]) < 0.05 * peaks["diffusers"]  # without recompute: the same tensors
+    assert peaks["ours"] < 0.85 * peaks["diffusers"], peaks

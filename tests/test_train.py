@@ -230,7 +230,7 @@ def test_torchrun_two_processes(world, tmp_path):
 def test_bad_options_are_clear_errors(world, tmp_path):
     root, model = world
     for kw, msg in [(dict(preset="nope"), "--preset must be one of"), (dict(alpha=2.0), "--alpha must be in"),
-                    (dict(frozen_dtype="bf16"), "--frozen-dtype"),
+                    (dict(frozen_dtype="bf16"), "--frozen-dtype"), (dict(checkpointing="yes"), "--checkpointing"),
                     (dict(prior="real", reg_videos=""), "needs --reg-videos")]:
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(_cfg(root, model, tmp_path / "x"), **kw))

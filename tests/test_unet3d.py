@@ -103,19 +103,22 @@ def test_round_trip_both_layouts(tmp_path):
         unet3d.save_unet(model, tmp_path / "unet.pth", layout="original")
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
+def test_gradient_checkpointing_gives_identical_gradients():  # full and selective recomputation
     cfg = unet3d.UNET_PRESETS["tiny"]
     model = randomize_(unet3d.UNet3D(cfg), seed=4).train()
     x, ctx = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, cfg.cross_attention_dim)
     t = torch.tensor([10, 900])
     grads = []
-    for ckpt in (False, True):
+    for ckpt in (False, True, "selective"):
         model.zero_grad()
         model.set_gradient_checkpointing(ckpt)
         torch.manual_seed(0)  # same dropout masks in both runs (checkpointing replays the RNG state)
         model(x, t, ctx).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    for other in grads[1:]:
+        assert all(torch.allclose(grads[0][n], other[n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    with pytest.raises(ValueError, match="selective"):
+        model.set_gradient_checkpointing("partial")
     assert any(g.abs().sum() > 0 for g in grads[0].values())
 
 
