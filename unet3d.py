@@ -26,7 +26,8 @@ Notable differences from upstream (none changes the released model's outputs):
     everywhere, which only matters for non-released configs.
   * Temporal transformer projections are Linear (as in diffusers); the original file stores them as Conv1d(k=1), so
     `from_original` squeezes their last dim (34 tensors in the released model).
-  * Optional gradient checkpointing of every layer (upstream has none).
+  * Optional gradient checkpointing of every layer, full or selective (recompute only the element-wise work);
+    upstream has none.
   * No fps conditioning, image-dataset mode or masks: unused by the released config.
 """
 
@@ -211,8 +212,9 @@ class ResBlock(nn.Module):
 class TemporalConv(nn.Module):
     """Four (GroupNorm, SiLU, [Dropout], Conv3d 3x1x1) layers over the frame axis, added to the input.
 
-    Upstream `TemporalConvBlock_v2`, stored in the original file under the misspelt name `temopral_conv`. Zero padding
-    in time is the only place where the UNet knows frame order (the temporal transformers have no position encoding).
+    Upstream `TemporalConvBlock_v2`, stored in the original file under the misspelt name `temopral_conv`. These are the
+    only layers that tell an earlier frame from a later one (their three taps have separate weights; the temporal
+    transformers have no position encoding), and their zero padding is the only hint of where a clip starts and ends.
     The Sequential indices (conv1.0 / conv1.2, convN.0 / convN.3) are kept because they are the checkpoint's key names.
     """
 
