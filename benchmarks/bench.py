@@ -72,6 +72,7 @@ run and the estimator's cross-check, never by our modules.
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
