@@ -707,7 +707,7 @@ def _mib(n) -> str:
 
 
 WHAT = {"forward": "UNet forward (eval, no_grad)", "train": "NewMove train step (fwd+loss+bwd+clip+AdamW)",
-        "train-selective": "same step, ours with selective recompute (train.py's default)",
+        "train-selective": "same step, ours with selective recompute (train.py --checkpointing selective)",
         "sample": "25-step DDIM, CFG 9 (latents)"}
 
 
@@ -763,7 +763,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "`train.regularized_loss`; clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
               "* Selective recompute (`UNet3D.set_gradient_checkpointing('selective')`, train.py "
-              "`--checkpointing selective`, its default): each layer runs under torch's selective activation "
+              "`--checkpointing selective`): each layer runs under torch's selective activation "
               "checkpointing; outputs of matmuls, convolutions and attention kernels are kept, the element-wise work "
               "between them (norms, activations, dropout, adds, copies) is recomputed in backward. Same gradients "
               "(tests/test_unet3d.py). diffusers' UNet3D has nothing comparable to turn on.",

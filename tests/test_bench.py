@@ -64,7 +64,7 @@ def test_side_by_side_compares_the_same_computation():
 
 
 def test_selective_recompute_keeps_gradients_and_saves_memory():
-    """train.py's default: the same gradients as diffusers, with a smaller step peak (measured by the allocator)."""
+    """train.py --checkpointing selective: the same gradients as diffusers, with a smaller step peak (allocator)."""
     cfg = bench.BENCH_CONFIGS["small"]
     cpu = torch.device("cpu")
     models = bench.build_pair(cfg)
