@@ -135,3 +135,17 @@ def test_mp4_folder_round_trips_through_video_dataset(tmp_path, pix_fmt, crf):
     assert err < (2 if pix_fmt == "yuv444p" else 8), err  # lossless up to the RGB <-> YUV conversion
     motion, colour, shape = accuracies(clips, videos)
     assert motion == 1.0 and colour == 1.0 and shape >= 0.9, (motion, colour, shape)
+
+
+def test_trail_option_draws_behind_moving_shapes_only():
+    scorer = ToyScorer()
+    for motion in ("moving left", "moving down", "static"):
+        plain, trail = make_clip(11, motion=motion), make_clip(11, motion=motion, trail=True)
+        assert np.array_equal(plain.centres, trail.centres)  # same draws: only the drawing differs
+        assert torch.equal(plain.video, trail.video) == (motion == "static")
+        assert scorer.analyse(trail.video)["motion"] == motion
+    # the trail lies behind the shape: for a shape moving left, extra colour appears to the right of it
+    plain, trail = make_clip(11, motion="moving left"), make_clip(11, motion="moving left", trail=True)
+    diff = (trail.video.float() - plain.video.float()).abs().sum(0)  # (F, H, W)
+    ys, xs = torch.nonzero(diff[4] > 30, as_tuple=True)
+    assert len(xs) > 0 and xs.float().mean() > plain.centres[4, 0]

@@ -60,10 +60,10 @@ def log(msg, path=None):
             f.write(json.dumps(msg) + "\n" if not isinstance(msg, str) else msg + "\n")
 
 
-def clip_pool(n: int, seed: int, frames: int, size: int):
+def clip_pool(n: int, seed: int, frames: int, size: int, trail: bool = False):
     """n base-motion clips (balanced over motions, never the held-out appearance pairs): uint8 (n, 3, F, H, W)."""
     clips = world.make_dataset(n, world.BASE_MOTIONS, seed=seed, exclude_combos=world.HELD_OUT_COMBOS,
-                               frames=frames, height=size)
+                               frames=frames, height=size, trail=trail)
     return torch.stack([c.video for c in clips]), [c.caption for c in clips]
 
 
@@ -113,6 +113,8 @@ def main():
     p.add_argument("--timesteps", choices=("uniform", "coarse", "high"), default="uniform",
                    help="t distribution of the DDPM loss; coarse = train.py's 1 - 0.5 cos(pi t / T); high = half "
                    "coarse, half uniform on t >= 800, where the prompt has to decide the motion (see below)")
+    p.add_argument("--trail", action="store_true", help="train on clips whose moving shapes leave a fading trail "
+                   "(world.TRAIL; an experiment that did not help, see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-only", action="store_true", help="only write --out from the checkpoint in --work")
     args = p.parse_args()
@@ -126,7 +128,7 @@ def main():
     state_path = work / "state.pt"
     t0 = time.time()
 
-    videos, captions = clip_pool(args.clips, args.seed, frames=8, size=32)
+    videos, captions = clip_pool(args.clips, args.seed, frames=8, size=32, trail=args.trail)
     log(f"pool: {len(videos)} clips in {time.time() - t0:.0f} s", logfile)
     init = None
     if args.init:  # continue from a committed model directory: its (EMA) weights, a fresh optimizer

@@ -53,6 +53,16 @@ MOTIONS = BASE_MOTIONS + NOVEL_MOTIONS
 HELD_OUT_COMBOS = frozenset({("red", "triangle"), ("blue", "cross"), ("yellow", "circle"), ("green", "diamond"),
                              ("magenta", "square")})
 
+# A moving shape leaves a fading trail: ghosts of itself where it was TRAIL[k][0] frames ago, at TRAIL[k][1] opacity
+# (like a long-exposure streak, but one-sided). Why: ModelScope's UNet3D reads the prompt per frame (spatial
+# cross-attention) and has no frame position encoding, and one frame of a plain clip looks the same moving left or
+# right, up or down. A tiny CPU-trained model measurably failed to bind the direction words to the motion (the
+# base model's samples for "moving left" and "moving right" were scored identically). With a trail the direction is
+# visible in every frame, as the colour is. Measured: it did not help. A model trained from scratch on trail clips
+# (2,000 UNet steps from scratch, frozen text encoder, high-noise timesteps) still ignored the direction words (motion 38%,
+# the same confusion between left/right/up/down), so the committed model and the default world have no trail. With
+# trails the scorer still reads motion and colour (100% on clean and degraded clips) but shape worse (86% clean).
+TRAIL = ((0.5, 0.4), (1.0, 0.25), (1.5, 0.12))
 SPEED = (2.0, 3.0)  # translation speed range in px/frame at a 32-pixel frame (scaled with the frame size)
 EXTENT = 1.3  # every shape fits in a box of +-EXTENT radii around its centre (the triangle's apex is the widest)
 
@@ -209,10 +219,22 @@ def _choose_appearance(rng, colour, shape, exclude_combos) -> tuple:
     return pairs[rng.integers(len(pairs))]
 
 
+def past_positions(x: np.ndarray, lag: float) -> np.ndarray:
+    """Where a per-frame quantity x (F, D) was `lag` frames earlier, by linear interpolation between frames; before
+    frame 0 the first step is extrapolated (the motion started before the clip did)."""
+    t = np.arange(len(x)) - lag
+    if len(x) < 2:
+        return x.copy()
+    i = np.clip(np.floor(t).astype(int), 0, len(x) - 2)  # the segment [i, i+1] used for each frame
+    w = (t - i)[:, None]  # < 0 before frame 0: extrapolation along the first segment
+    return x[i] * (1 - w) + x[i + 1] * w
+
+
 def make_clip(seed=0, colour: str = None, shape: str = None, size: str = None, motion: str = None, frames: int = 8,
-              height: int = 32, width: int = None, exclude_combos=()) -> Clip:
+              height: int = 32, width: int = None, exclude_combos=(), trail: bool = False) -> Clip:
     """One clip, deterministic from `seed` (int, SeedSequence or a np.random.Generator, which is advanced).
-    Attributes left as None are drawn: the appearance among pairs not in `exclude_combos`, motion among MOTIONS."""
+    Attributes left as None are drawn: the appearance among pairs not in `exclude_combos`, motion among MOTIONS.
+    trail=True adds a fading trail behind a moving shape (see TRAIL); the committed toy model was trained without."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     width = width or height
     # size and motion are drawn even when given, so fixing one of them does not shift the draws that follow
@@ -227,9 +249,23 @@ def make_clip(seed=0, colour: str = None, shape: str = None, size: str = None, m
     bg, bg_params = make_background(rng, height, width)
     rgb = np.array(COLOURS[colour], dtype=np.float64)
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    ghosts = []
+    for lag, opacity in TRAIL if trail else ():
+        gr = past_positions(radii[:, None], lag)[:, 0]  # (F,)
+        # kept inside the frame like the shape (1 pixel margin): the scorer reads the background off the border
+        lo = EXTENT * gr[:, None] + 1.0
+        gc = np.clip(past_positions(centres, lag), lo, np.array([width, height]) - lo)  # (F, 2)
+        ghosts.append((gc, gr, opacity))
     for f in range(frames):
-        alpha = shape_coverage(shape, centres[f, 0], centres[f, 1], radii[f], height, width)[..., None]  # (H, W, 1)
-        video[f] = np.round(bg * (1 - alpha) + rgb * alpha).astype(np.uint8)  # "over" compositing, flat colour
+        img = bg
+        # "over" compositing, flat colour: the oldest ghost first, the shape itself last
+        for gc, gr, opacity in reversed(ghosts):
+            if np.allclose(gc[f], centres[f]) and np.isclose(gr[f], radii[f]):
+                continue  # no motion, no trail (drawn under the shape it would still tint its anti-aliased edge)
+            alpha = opacity * shape_coverage(shape, gc[f, 0], gc[f, 1], gr[f], height, width)[..., None]  # (H, W, 1)
+            img = img * (1 - alpha) + rgb * alpha
+        alpha = shape_coverage(shape, centres[f, 0], centres[f, 1], radii[f], height, width)[..., None]
+        video[f] = np.round(img * (1 - alpha) + rgb * alpha).astype(np.uint8)
     return Clip(video=torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(),  # (F, H, W, 3) -> (3, F, H, W)
                 caption=caption_for(colour, shape, motion), colour=colour, shape=shape, size=size, motion=motion,
                 centres=centres, radii=radii, seed=seed if not isinstance(seed, np.random.Generator) else None,
