@@ -1,7 +1,7 @@
 """The toy-world demo: teach the toy text-to-video model a motion it has never seen, with NewMove, on a CPU.
 
     python toy/demo.py                                   # novel motion "moving in a circle", token "pll"
-    python toy/demo.py --motion zigzagging --steps 400 --seeds 4
+    python toy/demo.py --motion zigzagging --steps 800 --seeds 4
 
 1. 8 example clips of the novel motion, each a random (colour, shape), captioned "a <colour> <shape> doing pll",
    plus a regularization set of base-motion clips with their own captions (toy/world.py);
@@ -57,8 +57,8 @@ def parser():
     p.add_argument("--token", default="pll")
     p.add_argument("--examples", type=int, default=8, help="example clips of the new motion")
     p.add_argument("--reg", type=int, default=24, help="regularization clips of base motions")
-    p.add_argument("--steps", type=int, default=300, help="customization steps")
-    p.add_argument("--lr", type=float, default=1e-4, help="toy-scale learning rate (the 1.7B model uses 5e-6)")
+    p.add_argument("--steps", type=int, default=600, help="customization steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="toy-scale learning rate (the 1.7B model uses 5e-6)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per novel-motion prompt")
     p.add_argument("--base-seeds", type=int, default=2, help="sampling seeds per base-motion prompt (0: skip the "
