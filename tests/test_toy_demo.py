@@ -35,3 +35,11 @@ def test_short_customization_teaches_the_novel_motion():
                      quiet=True)
     before, after = rows["novel-motion accuracy"]
     assert after >= before + CI_GAIN, f"novel-motion accuracy {before:.2f} -> {after:.2f} after {CI_STEPS} steps"
+
+
+def test_probe_measures_prompt_sensitivity():
+    from toy import probe
+
+    rows = probe.main(["--timesteps", "999", "500", "--batch", "2"])
+    assert list(rows) == [999, 500] and all(len(v) == len(probe.VARIANTS) for v in rows.values())
+    assert all(0 < x < 1 for v in rows.values() for x in v)  # every changed word moves the prediction, a little

@@ -24,7 +24,8 @@ initial noise suggests. Measured: its noise prediction moves 10x less when "left
 changes. The prompt enters per frame, ModelScope's temporal layers have no position encoding, and a direction has no
 per-frame appearance, so its pay-off in the loss is small; `--trail` (moving shapes leave a fading trail, making the
 direction visible per frame) did not help within 2,000 steps from scratch. Static, growing and colour are learned;
-see README.
+see README (`python toy/probe.py` measures the prompt sensitivity).
+
 Everything is a function of --seed. The result is written with weights.save_models in the diffusers layout (fp16
 files, which the loaders cast back to float32), so `--model toy/model` works everywhere.
 """
