@@ -95,6 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import sample
 import train
 import unet3d
+import vae as vae_lib
 import weights
 from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 
@@ -335,9 +336,24 @@ def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, am
             "trainable": sum(models["ours"].get_parameter(n).numel() for n in names)}
 
 
+def vae_pair(device, seed: int = 0) -> dict:
+    """vae.py's AutoencoderKL and diffusers' on identical random weights (the tiny preset: 2 levels, latents at 1/2 of
+    the frame size), ours loaded from diffusers' own save_pretrained files as a user's would be."""
+    import tempfile
+
+    cfg = vae_lib.VAE_PRESETS["tiny"]
+    kwargs = {k: v for k, v in vae_lib.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    theirs = randomize_(diffusers_module().AutoencoderKL(**kwargs), seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp, safe_serialization=True)
+        ours = vae_lib.load_vae(tmp)
+    return {"ours": ours.to(device).eval(), "diffusers": theirs.to(device).eval(), "scale": cfg.scaling_factor}
+
+
 def sampling_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, amp=None, steps: int = 25,
                   guidance: float = 9.0, seed: int = 0) -> dict:
-    """Batched classifier-free guidance, [cond; uncond] in one UNet call, as sample.generate and diffusers' pipeline."""
+    """Batched classifier-free guidance, [cond; uncond] in one UNet call, as sample.generate and diffusers' pipeline,
+    then the VAE decode of every frame (vae.py against diffusers' AutoencoderKL, tiny preset)."""
     from diffusers import DDIMScheduler
 
     g = torch.Generator().manual_seed(seed)
@@ -354,10 +370,13 @@ def sampling_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device,
         eps_c, eps_u = e.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
+    vaes = vae_pair(device, seed)
+
     @torch.no_grad()
     def ours():
-        return sample.sample_ddim(lambda lat, t: guided("ours", lat, torch.full((2,), t, device=device)), x, abar,
-                                  steps, progress=False)
+        lat = sample.sample_ddim(lambda lat, t: guided("ours", lat, torch.full((2,), t, device=device)), x, abar,
+                                 steps, progress=False)
+        return vaes["ours"].decode(lat)  # (1, 3, F, H, W)
 
     @torch.no_grad()
     def theirs():
@@ -365,7 +384,9 @@ def sampling_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device,
         lat = x
         for t in scheduler.timesteps:
             lat = scheduler.step(guided("diffusers", lat, t), t, lat).prev_sample
-        return lat
+        frames_ = lat.permute(0, 2, 1, 3, 4).flatten(0, 1) / vaes["scale"]  # (B*F, C, h, w), as diffusers' pipeline
+        video = vaes["diffusers"].decode(frames_).sample  # (B*F, 3, H, W)
+        return video.unflatten(0, (lat.shape[0], frames)).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
 
     fns = {"ours": ours, "diffusers": theirs}
     return {"fns": fns, "diff": max_rel_diff(ours(), theirs()), "shape": (2, frames, hw, hw)}
@@ -708,7 +729,7 @@ def _mib(n) -> str:
 
 WHAT = {"forward": "UNet forward (eval, no_grad)", "train": "NewMove train step (fwd+loss+bwd+clip+AdamW)",
         "train-selective": "same step, ours with selective recompute (train.py --checkpointing selective)",
-        "sample": "25-step DDIM, CFG 9 (latents)"}
+        "sample": "25-step DDIM, CFG 9, + VAE decode (tiny VAE)"}
 
 
 def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) -> str:
@@ -728,7 +749,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
         "Ratio = ours / diffusers per interleaved repetition (median, p25–p75); < 1 means ours is faster. Times in ms "
         "(or s): median (p25–p75). GFLOP = matmul + conv FLOPs per call (FlopCounterMode on the meta device, "
         "attention counted as its bmm's). Max rel diff = max |ours − diffusers| / max |diffusers| of the outputs "
-        "(train: of the trainable tensors' gradients, dropout off; sample: of the final latents) on the identical "
+        "(train: of the trainable tensors' gradients, dropout off; sample: of the decoded videos) on the identical "
         "weights and inputs.", "",
         "| case | config | B×F×H×W | GFLOP ours / diffusers | ours | diffusers | ratio | reps | max rel diff |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -768,7 +789,8 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "between them (norms, activations, dropout, adds, copies) is recomputed in backward. Same gradients "
               "(tests/test_unet3d.py). diffusers' UNet3D has nothing comparable to turn on.",
               "* Sampling: ours = `sample.sample_ddim` with batched guidance as `sample.generate` runs it; diffusers = "
-              "`DDIMScheduler` with the released scheduler config, `set_timesteps(25)`, `step()` per step.",
+              "`DDIMScheduler` with the released scheduler config, `set_timesteps(25)`, `step()` per step; then every frame "
+              "decoded by vae.py / diffusers' `AutoencoderKL` (tiny preset, identical weights via save_pretrained).",
               "* Allocator peak: one steady-state step (AdamW state resident, gradients None at its start) under the "
               "torch profiler with `profile_memory=True`; the running sum of its CPU-allocator events peaks at the "
               "step's extra memory: activations, gradients, optimizer temporaries (CUDA: `max_memory_allocated`). "
