@@ -26,11 +26,14 @@ Notable differences from upstream (none changes the released model's outputs):
     everywhere, which only matters for non-released configs.
   * Temporal transformer projections are Linear (as in diffusers); the original file stores them as Conv1d(k=1), so
     `from_original` squeezes their last dim (34 tensors in the released model).
-  * Optional gradient checkpointing of every layer, full or selective (recompute only the element-wise work);
+  * Training keeps fewer activations, at the same gradients: frozen 2-D convs keep no input for backward (only a
+    weight gradient would need it), GroupNorm+SiLU and GEGLU keep only their input and recompute the rest in backward.
+    Optional gradient checkpointing of every layer, full or selective (recompute only the element-wise work);
     upstream has none.
   * No fps conditioning, image-dataset mode or masks: unused by the released config.
 """
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -187,24 +190,88 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))  # (B, embed_dim)
 
 
+class _FrozenConv2dFn(torch.autograd.Function):
+    """conv2d whose backward keeps only the weight. torch's conv node also keeps the input, which only the weight
+    gradient needs; with the weight frozen (the spatial convs under NewMove) that is a whole activation per conv kept
+    for nothing. The input gradient is the same convolution_backward call torch makes (torch.nn.grad.conv2d_input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        out = F.conv2d(x, weight, bias, stride, padding)
+        ctx.save_for_backward(weight.to(out.dtype))  # under autocast the product ran in out.dtype; backward matches it
+        ctx.x_shape, ctx.stride, ctx.padding = x.shape, stride, padding
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out.to(weight.dtype), ctx.stride, ctx.padding)
+        return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype
+
+
+class _Recomputed(torch.autograd.Function):
+    """y = fn(*tensors) that keeps only its inputs for backward and re-runs fn under autograd there.
+
+    For element-wise chains whose intermediates would otherwise each be kept: GroupNorm -> SiLU keeps the norm's input
+    AND output, GEGLU keeps the gate AND gelu(gate). Recomputing them costs one cheap element-wise pass in backward and
+    gives the very same gradients (same ops, same order). Autocast is replayed as it was in forward."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn, ctx.device = fn, tensors[0].device.type
+        ctx.autocast = ((torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
+                        if torch.amp.is_autocast_available(ctx.device) else (False, None))  # e.g. the meta device
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), (torch.autocast(ctx.device, dtype=dtype) if enabled else contextlib.nullcontext()):
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def group_norm_silu(norm: nn.GroupNorm, x):
+    """silu(norm(x)); in training only x is kept for backward (see _Recomputed)."""
+    def fn(x, w, b):
+        return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
+    if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+        return fn(x, norm.weight, norm.bias)
+    return _Recomputed.apply(fn, x, norm.weight, norm.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and key names) that saves no input for backward while its parameters are frozen."""
+
+    def forward(self, x):
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _FrozenConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding)
+
+
 class ResBlock(nn.Module):
     """The SD ResBlock on per-frame images; the time embedding is added (upstream use_scale_shift_norm is unused)."""
 
     def __init__(self, in_ch: int, out_ch: int, embed_dim: int, groups: int, dropout: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         # 1x1 projection of the skip only where the channel count changes (upstream `skip_connection`)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, emb):  # x (B*F, C, H, W), emb (B*F, E)
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(group_norm_silu(self.norm1, x))
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]  # broadcast over H, W
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -229,7 +296,11 @@ class TemporalConv(nn.Module):
     def forward(self, x, num_frames: int):  # x (B*F, C, H, W)
         BF, C, H, W = x.shape
         v = x.reshape(BF // num_frames, num_frames, C, H, W).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
-        h = self.conv4(self.conv3(self.conv2(self.conv1(v))))
+        h = v
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):  # [GroupNorm, SiLU, (Dropout,) Conv3d]
+            h = group_norm_silu(layer[0], h)
+            for m in layer[2:]:
+                h = m(h)
         h = h.permute(0, 2, 1, 3, 4).reshape(BF, C, H, W)  # back to (B*F, C, H, W)
         return x + h
 
@@ -274,8 +345,15 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        h = self.proj(x)  # (..., 2 * hidden)
+        if not (torch.is_grad_enabled() and h.requires_grad):
+            return _geglu(h)
+        return _Recomputed.apply(_geglu, h)  # keeps h only, not also gelu(gate) (see _Recomputed)
+
+
+def _geglu(h):
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -356,7 +434,7 @@ class Downsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -367,7 +445,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -476,7 +554,7 @@ class UNet3D(nn.Module):
         chs, n = cfg.block_out_channels, cfg.layers_per_block
         c0, G = chs[0], cfg.norm_num_groups
         self.time_embedding = TimestepEmbedding(c0, 4 * c0)
-        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1)
         self.transformer_in = TemporalTransformer(c0, cfg.first_temporal_heads, cfg.head_dim, G)
 
         # encoder: level i maps chs[i-1] -> chs[i]; every layer output (and every downsample output) is a skip
@@ -500,7 +578,7 @@ class UNet3D(nn.Module):
                 prev = ch
             self.up_blocks.append(Level(in_chs, ch, cfg, cfg.cross_attn_levels[::-1][i], None if last else "up"))
         self.conv_norm_out = nn.GroupNorm(G, c0, eps=1e-5)
-        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1)
 
     def set_gradient_checkpointing(self, enabled: bool | str = True):
         """True: recompute each layer's activations in backward (~7x less activation memory for ~1.3x the step time);
@@ -532,7 +610,7 @@ class UNet3D(nn.Module):
             h, _ = level(h, emb, context, num_frames, skips=skips)
         assert not skips, "every encoder skip must be consumed by the decoder"
 
-        h = self.conv_out(F.silu(self.conv_norm_out(h)))  # (B*F, C_out, H, W)
+        h = self.conv_out(group_norm_silu(self.conv_norm_out, h))  # (B*F, C_out, H, W)
         return h.reshape(B, num_frames, -1, H, W).permute(0, 2, 1, 3, 4)  # (B, C_out, F, H, W)
 
 

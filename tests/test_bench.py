@@ -65,7 +65,8 @@ def test_side_by_side_compares_the_same_computation():
 
 
 def test_selective_recompute_keeps_gradients_and_saves_memory():
-    """train.py --checkpointing selective: the same gradients as diffusers, with a smaller step peak (allocator)."""
+    """Ours, with and without train.py --checkpointing selective: the same gradients as diffusers, a smaller step peak
+    (allocator)."""
     cfg = bench.BENCH_CONFIGS["small"]
     cpu = torch.device("cpu")
     models = bench.build_pair(cfg)
@@ -79,5 +80,7 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
     for s in bench.SIDES:
         sel["fns"][s]()
         peaks[s] = bench.allocator_peak(sel["fns"][s], cpu)
-    assert abs(plain_peak - peaks["diffusers"]) < 0.05 * peaks["diffusers"]  # without recompute: the same tensors
-    assert peaks["ours"] < 0.85 * peaks["diffusers"], peaks
+    # without recompute ours keeps fewer tensors already (frozen convs keep no input; GroupNorm+SiLU and GEGLU keep
+    # only their inputs); selective recompute drops most of the rest
+    assert plain_peak < 0.9 * peaks["diffusers"], (plain_peak, peaks)
+    assert peaks["ours"] < min(0.95 * plain_peak, 0.8 * peaks["diffusers"]), (plain_peak, peaks)

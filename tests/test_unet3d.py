@@ -164,3 +164,38 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         unet3d.load_unet(tmp_path / "shape.pth", cfg)
     with pytest.raises(ValueError, match="divisible"):
         unet3d.UNet3D(cfg)(torch.randn(1, 4, 2, 5, 6), 1, torch.randn(1, 5, 64))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_memory_saving_layers_give_torchs_gradients(autocast):
+    """Frozen Conv2d (keeps no input), GroupNorm+SiLU and GEGLU (keep only their input, recompute in backward): the
+    same outputs and gradients as the plain torch ops, in fp32 and under bf16 autocast, and fewer tensors kept."""
+    torch.manual_seed(0)
+    norm, conv = torch.nn.GroupNorm(4, 8), unet3d.Conv2d(8, 6, 3, stride=2, padding=1).requires_grad_(False)
+    geglu = unet3d.GEGLU(6, 12)
+    randomize_(norm)
+
+    def ours(x):
+        h = conv(unet3d.group_norm_silu(norm, x))  # (2, 6, 4, 4)
+        return geglu(h.permute(0, 2, 3, 1))  # (2, 4, 4, 12)
+
+    def plain(x):
+        h = torch.nn.functional.conv2d(torch.nn.functional.silu(norm(x)), conv.weight, conv.bias, 2, 1)
+        value, gate = geglu.proj(h.permute(0, 2, 3, 1)).chunk(2, dim=-1)
+        return value * torch.nn.functional.gelu(gate)
+
+    x = torch.randn(2, 8, 7, 8, requires_grad=True)
+    params = [x, norm.weight, norm.bias, *geglu.parameters()]
+    results, kept = [], []
+    for fn in (ours, plain):
+        saved = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = fn(x)
+        results.append((y, torch.autograd.grad(y.float().square().sum(), params)))
+        kept.append(sum(n for n in saved if n >= x.numel() // 2))  # activations, not weights
+    (y1, g1), (y2, g2) = results
+    assert y1.dtype == y2.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert kept[0] < 0.7 * kept[1], kept
