@@ -4,7 +4,7 @@
     python benchmarks/bench.py --quick         # 1-2 minute smoke run of the same table
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench.py    # on a CPU shared with other jobs (see the warning it prints)
     python benchmarks/bench.py --device cuda --threads 8 --reps 20
-    python benchmarks/bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing
+    python benchmarks/bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing selective
     python benchmarks/bench.py --full-size     # BY HAND, never in CI: one 1.7B training step on CPU (~15 GB RAM, see below)
     python benchmarks/bench.py --full-size --precision fp32    # the same with fp32 frozen weights: fast on CPUs without bf16
 
@@ -49,7 +49,8 @@ budget for one configuration, all on the meta device (no weights, seconds even f
     flash attention on a GPU). The meta run is float32; for bf16 autocast, float32 activations count half (real
     autocast keeps norm outputs in float32, so expect somewhat more) and gradients stay float32. Not included: one
     op's internal workspace, allocator fragmentation, the CUDA context. Checked against real CPU runs (the
-    cross-check below): toy preset, fp32, with and without checkpointing, within 0.5 % of the allocator's peak.
+    cross-check below): toy preset, fp32, with no, selective and full checkpointing, within 0.5 % of the allocator's
+    peak (tests/test_bench.py asserts 2 %).
   * static: trainable weights fp32 (master), frozen weights in --frozen-dtype, AdamW m and v fp32; with bf16 autocast
     also its cached bf16 copies of the trainable weights (2 bytes each).
   For the small presets it also runs the real step on this CPU and prints predicted vs measured (allocator) peak (in
@@ -914,6 +915,10 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     return {"peak": allocator_peak(timed_step, torch.device("cpu")), "seconds": seen["seconds"]}
 
 
+# --checkpointing / train.py --checkpointing -> UNet3D.set_gradient_checkpointing's argument
+CHECKPOINTING = {"none": False, "selective": "selective", "full": True}
+
+
 def print_estimate(args):
     cfg = UNET_PRESETS[args.preset]
     frames, precision = args.frames or 16, args.precision if args.precision != "auto" else "bf16"
@@ -924,7 +929,7 @@ def print_estimate(args):
     c = e["counts"]
     print(f"UNet3D preset {args.preset}, train preset {args.train_preset}; batch {args.batch}, {frames} frames, "
           f"{args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents); checkpointing "
-          f"{'on' if args.checkpointing else 'off'}; precision {precision}, frozen weights {frozen}")
+          f"{args.checkpointing_name}; precision {precision}, frozen weights {frozen}")
     share = 100 * c["trainable"] / c["total"]
     print(f"\nparameters: total {c['total']:,}; trainable {c['trainable']:,} ({share:.1f} %, {c['tensors']} tensors); "
           f"frozen {c['frozen']:,}")
@@ -990,7 +995,7 @@ def check_against_performance_md(cfg, args, e, precision):
     if ref is not None and precision == "bf16":
         print(f"  alive at the end of forward {e['memory']['end_of_forward'] / 2 ** 30:.2f} GiB vs performance.md's "
               f"{ref:.2f} GiB of saved activations (diffusers cast to bf16, attention probabilities subtracted; "
-              f"{'per-sublayer checkpointing; ' if args.checkpointing else ''}it counts saved tensors only, this "
+              f"{'per-sublayer checkpointing; ' if args.checkpointing is True else ''}it counts saved tensors only, this "
               f"counts every live one, output and dropout masks included)")
 
 
@@ -1143,8 +1148,9 @@ def parse_args(argv=None):
     g.add_argument("--train-preset", default="newmove", choices=sorted(k for k, v in train.PRESETS.items()
                                                                         if v["groups"]),
                    help="which weights train, from train.py's PRESETS (default newmove)")
-    g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="gradient checkpointing (default off)")
+    g.add_argument("--checkpointing", nargs="?", const="full", default="none", choices=tuple(CHECKPOINTING),
+                   help="activations recomputed in backward, as train.py --checkpointing: none (default) | selective "
+                   "| full (the bare flag)")
     g.add_argument("--frozen-dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="dtype of the frozen weights (default: bf16 with bf16 precision, else fp32)")
     g = p.add_argument_group("--full-size: by hand, never in CI")
@@ -1158,6 +1164,7 @@ def parse_args(argv=None):
     p.add_argument("--rss-hw", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--rss-checkpointing", default="none", choices=("none", "selective"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.checkpointing_name, args.checkpointing = args.checkpointing, CHECKPOINTING[args.checkpointing]
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
     if args.quick and args.reps is None:

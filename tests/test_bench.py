@@ -4,6 +4,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds the oracle-importing bench
@@ -84,3 +85,13 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
     # only their inputs); selective recompute drops most of the rest
     assert plain_peak < 0.9 * peaks["diffusers"], (plain_peak, peaks)
     assert peaks["ours"] < min(0.95 * plain_peak, 0.8 * peaks["diffusers"]), (plain_peak, peaks)
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_estimator_predicts_the_measured_step_peak(mode):
+    """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode."""
+    cfg, ck = unet3d.UNET_PRESETS["toy"], bench.CHECKPOINTING[mode]
+    pred = bench.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["memory"]["peak"]
+    real = bench.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
+    assert abs(real / pred - 1) < 0.02, (mode, real, pred)
+    assert bench.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
