@@ -197,15 +197,15 @@ class _FrozenConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
-        out = F.conv2d(x, weight, bias, stride, padding)
-        ctx.save_for_backward(weight.to(out.dtype))  # under autocast the product ran in out.dtype; backward matches it
-        ctx.x_shape, ctx.stride, ctx.padding = x.shape, stride, padding
-        return out
+        # The (frozen, leaf) weight is held on ctx, not saved: then a checkpointed layer need not re-run this conv's
+        # forward just to re-save it (non-reentrant checkpointing stops recomputing once every saved tensor is back).
+        ctx.weight, ctx.x_shape, ctx.stride, ctx.padding = weight, x.shape, stride, padding
+        return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (weight,) = ctx.saved_tensors
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out.to(weight.dtype), ctx.stride, ctx.padding)
+        weight = ctx.weight.to(grad_out.dtype)  # under autocast the product ran in the output's dtype
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out, ctx.stride, ctx.padding)
         return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype
 
 
