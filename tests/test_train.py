@@ -332,3 +332,12 @@ def test_cli_stopping_rule_with_a_clip_model(world, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "train.py"), *args[:-2], "--val-every", "0", "--out",
                           str(tmp_path / "run2")], capture_output=True, text=True)
     assert bad.returncode != 0 and "--stop-clip needs --val-every" in bad.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "benchmarks/bench.py", "toy/demo.py",
+                                    "toy/train_base.py", "toy/ablate.py", "toy/probe.py"])
+def test_every_command_line_help_works(script):
+    """`--help` of each script prints its usage (argparse %-formats help texts: a bare % breaks it)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
