@@ -235,13 +235,18 @@ class _Recomputed(torch.autograd.Function):
         return (None, *(next(grads) if t.requires_grad else None for t in inputs))
 
 
+def recomputed(fn, *tensors):
+    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _Recomputed.apply(fn, *tensors)
+    return fn(*tensors)
+
+
 def group_norm_silu(norm: nn.GroupNorm, x):
-    """silu(norm(x)); in training only x is kept for backward (see _Recomputed)."""
+    """silu(norm(x)); in training only x is kept for backward."""
     def fn(x, w, b):
         return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
-    if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
-        return fn(x, norm.weight, norm.bias)
-    return _Recomputed.apply(fn, x, norm.weight, norm.bias)
+    return recomputed(fn, x, norm.weight, norm.bias)
 
 
 class Conv2d(nn.Conv2d):
@@ -345,10 +350,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x):
-        h = self.proj(x)  # (..., 2 * hidden)
-        if not (torch.is_grad_enabled() and h.requires_grad):
-            return _geglu(h)
-        return _Recomputed.apply(_geglu, h)  # keeps h only, not also gelu(gate) (see _Recomputed)
+        return recomputed(_geglu, self.proj(x))  # keeps proj's output (..., 2 * hidden) only, not also gelu(gate)
 
 
 def _geglu(h):

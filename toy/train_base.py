@@ -4,7 +4,7 @@
     python toy/train_base.py --out toy/model --minutes 40 --resume # continue a run (same seed: same data)
 
 The committed toy/model came from six invocations over three sessions (each continues the previous one's weights;
-about 3 h 30 min in all on 2 shared cores, so longer than one 90-minute budget, split as the calibration notes allow):
+about 3 h 45 min in all on 2 shared cores, so longer than one 90-minute budget, split as the calibration notes allow):
     python toy/train_base.py --text joint --steps 2542 --work runs/b1 --out runs/m1                 # 74 min
     python toy/train_base.py --init runs/m1 --timesteps coarse --steps 500 --work runs/b2 --out runs/m2
     python toy/train_base.py --resume --timesteps high --steps 2000 --work runs/b2 --out runs/m2    # 58 min
