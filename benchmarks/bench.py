@@ -482,6 +482,38 @@ def allocator_peak(fn, device) -> int:
     return peak
 
 
+# The ops that do the FLOPs FlopCounterMode counts: matmuls, convolutions (forward and backward) and attention kernels.
+# On CPU and CUDA their run time is set by the FLOPs and the BLAS/oneDNN/cuDNN kernels, which both sides share.
+KERNEL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution_backward",
+              "aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::slow_conv3d", "aten::_slow_conv2d",
+              "aten::slow_conv_dilated", "aten::_scaled_dot_product", "aten::_flash_attention",
+              "aten::_efficient_attention")
+
+
+def is_kernel_op(name: str) -> bool:
+    return name.startswith(KERNEL_OPS)
+
+
+def time_breakdown(fn, device, calls: int = 2) -> dict:
+    """Where fn's time goes, from the torch profiler over `calls` calls: seconds per call in the matmul / convolution /
+    attention kernels (KERNEL_OPS) and in everything else (element-wise ops, norms, copies, the optimizer, Python).
+    Self times of the profiled ops (CPU), or of the kernels they launch (CUDA); 'total' is their sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    kernel = total = 0.0
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        total += us
+        kernel += us if is_kernel_op(e.key) else 0.0
+    return {"kernel": kernel / 1e6 / calls, "total": total / 1e6 / calls}
+
+
 def _proc_status_kb(field: str) -> int | None:
     try:
         return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
@@ -698,6 +730,9 @@ def run_case(section: str, config: str, frames: int, hw: int, device, amp, args,
         ckpt = "selective" if section == "train-selective" else "none"
         row["memory"] = {"trainable": case["trainable"], "ours": "selective recompute" if ckpt == "selective" else
                          "no recompute", **step_memory(case["fns"], config, frames, hw, device, args, ckpt)}
+        if ckpt == "none":
+            print("  where the time goes (profiler)...", flush=True)
+            row["breakdown"] = {s: time_breakdown(case["fns"][s], device) for s in SIDES}
     return row
 
 
@@ -771,6 +806,20 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
             lines.append(f"| {r['config']} | {'×'.join(map(str, r['shape']))} | {m['ours']} | {m['trainable']:,} | "
                          f"{_mib(m['alloc_ours'])} | {_mib(m['alloc_diffusers'])} | **{ratio:.3f}** | "
                          f"{_mib(m.get('rss_ours'))} | {_mib(m.get('rss_diffusers'))} |")
+    prof = [r for r in rows if "breakdown" in r]
+    if prof:
+        lines += ["", "Where a NewMove training step's time goes: seconds per step under the torch profiler (self times of "
+                  "the ops, 2 steps per side; the profiler's own overhead inflates the many small ops somewhat). "
+                  "Kernels = matmuls, convolutions and attention (`bench.KERNEL_OPS`): the ops that do the counted "
+                  "FLOPs, the same library calls on both sides. Floor = ours' kernel time / diffusers' total: the ratio "
+                  "ours would reach if everything outside those kernels cost nothing.", "",
+                  "| config | B×F×H×W | ours: kernels | rest | diffusers: kernels | rest | kernel share (diffusers) | "
+                  "floor |", "|---|---|---|---|---|---|---|---|"]
+        for r in prof:
+            o, d = r["breakdown"]["ours"], r["breakdown"]["diffusers"]
+            lines.append(f"| {r['config']} | {'×'.join(map(str, r['shape']))} | {o['kernel']:.3f} | "
+                         f"{o['total'] - o['kernel']:.3f} | {d['kernel']:.3f} | {d['total'] - d['kernel']:.3f} | "
+                         f"{d['kernel'] / d['total']:.0%} | **{o['kernel'] / d['total']:.3f}** |")
     cfgs = "; ".join(f"**{k}**: block_out_channels {c.block_out_channels}, transformers at levels "
                      f"{c.cross_attn_levels} (+ middle), layers_per_block {c.layers_per_block}, head dim {c.head_dim}, "
                      f"text dim {c.cross_attention_dim}, {c.norm_num_groups} groups, "

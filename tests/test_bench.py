@@ -95,3 +95,18 @@ def test_estimator_predicts_the_measured_step_peak(mode):
     real = bench.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
     assert abs(real / pred - 1) < 0.02, (mode, real, pred)
     assert bench.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
+
+
+def test_time_breakdown_separates_kernels_from_the_rest():
+    """The benchmark's 'where the time goes' table: matmul/conv/attention ops count as kernels, element-wise ops not."""
+    cpu, a = torch.device("cpu"), torch.randn(384, 384)
+    mm = bench.time_breakdown(lambda: a @ a, cpu, calls=3)
+    assert mm["kernel"] / mm["total"] > 0.9, mm
+    ew = bench.time_breakdown(lambda: (a * 2 + 1).relu_(), cpu)
+    assert ew["kernel"] == 0 and ew["total"] > 0, ew
+    x, w = torch.randn(1, 16, 4, 8, 8), torch.randn(16, 16, 3, 1, 1, requires_grad=True)
+    q = torch.randn(1, 2, 64, 8, requires_grad=True)
+    conv_attn = bench.time_breakdown(lambda: (torch.nn.functional.conv3d(x, w, padding=(1, 0, 0)).sum()
+                                              + torch.nn.functional.scaled_dot_product_attention(q, q, q).sum()
+                                              ).backward(), cpu)
+    assert conv_attn["kernel"] > 0.3 * conv_attn["total"], conv_attn
