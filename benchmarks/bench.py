@@ -36,9 +36,9 @@ meta device as --estimate does, below).
        step through /proc/self/clear_refs, else ru_maxrss) minus the resident set just before it. Sees everything the
        process touches, but at page granularity, through malloc's caching, and including the first AdamW state
        allocation (8 bytes per trainable parameter).
-  5. Where the time of (2) goes: two more steps per side under the torch profiler, split into the matmul / convolution / attention
-     kernels (the ops that do the FLOPs, the same library calls on both sides) and everything else; ours' kernel time
-     over diffusers' total is the floor of the ratio, what it would be if nothing else cost any time.
+  5. Where the time of (2) goes: two more steps per side under the torch profiler, split into the matmul /
+     convolution / attention kernels (the ops that do the FLOPs, the same library calls on both sides) and everything
+     else; ours' kernel time over diffusers' total is the floor of the ratio: its value if nothing else cost any time.
 
 --estimate: parameter counts (total / trainable / frozen), FLOPs per forward and per training step, and a GPU memory
 budget for one configuration, all on the meta device (no weights, seconds even for 1.7B):
