@@ -259,6 +259,17 @@ class Conv2d(nn.Conv2d):
         return _FrozenConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that keeps a 1-byte mask for backward on every device: torch's fused dropout (native_dropout, a bool
+    mask), which F.dropout already runs on CUDA; on the CPU F.dropout multiplies by a float mask and keeps that, 4 bytes
+    per element. Same random stream as F.dropout for the same seed."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
 class ResBlock(nn.Module):
     """The SD ResBlock on per-frame images; the time embedding is added (upstream use_scale_shift_norm is unused)."""
 
@@ -268,7 +279,7 @@ class ResBlock(nn.Module):
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         # 1x1 projection of the skip only where the channel count changes (upstream `skip_connection`)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -294,9 +305,9 @@ class TemporalConv(nn.Module):
         super().__init__()
         k, p = (3, 1, 1), (1, 0, 0)
         self.conv1 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv2 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv3 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv4 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
+        self.conv2 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
+        self.conv3 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
+        self.conv4 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
 
     def forward(self, x, num_frames: int):  # x (B*F, C, H, W)
         BF, C, H, W = x.shape

@@ -168,19 +168,21 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_memory_saving_layers_give_torchs_gradients(autocast):
-    """Frozen Conv2d (keeps no input), GroupNorm+SiLU and GEGLU (keep only their input, recompute in backward): the
-    same outputs and gradients as the plain torch ops, in fp32 and under bf16 autocast, and fewer tensors kept."""
+    """Frozen Conv2d (keeps no input), GroupNorm+SiLU and GEGLU (keep only their input, recompute in backward),
+    Dropout (keeps a 1-byte mask): the same outputs and gradients as the plain torch ops (the same dropout mask for the
+    same seed), in fp32 and under bf16 autocast, and fewer bytes kept."""
     torch.manual_seed(0)
     norm, conv = torch.nn.GroupNorm(4, 8), unet3d.Conv2d(8, 6, 3, stride=2, padding=1).requires_grad_(False)
-    geglu = unet3d.GEGLU(6, 12)
+    geglu, drop = unet3d.GEGLU(6, 12), unet3d.Dropout(0.3).train()
     randomize_(norm)
 
     def ours(x):
-        h = conv(unet3d.group_norm_silu(norm, x))  # (2, 6, 4, 4)
+        h = conv(drop(unet3d.group_norm_silu(norm, x)))  # (2, 6, 4, 4)
         return geglu(h.permute(0, 2, 3, 1))  # (2, 4, 4, 12)
 
     def plain(x):
-        h = torch.nn.functional.conv2d(torch.nn.functional.silu(norm(x)), conv.weight, conv.bias, 2, 1)
+        h = torch.nn.functional.dropout(torch.nn.functional.silu(norm(x)), 0.3, training=True)
+        h = torch.nn.functional.conv2d(h, conv.weight, conv.bias, 2, 1)
         value, gate = geglu.proj(h.permute(0, 2, 3, 1)).chunk(2, dim=-1)
         return value * torch.nn.functional.gelu(gate)
 
@@ -189,13 +191,19 @@ def test_memory_saving_layers_give_torchs_gradients(autocast):
     results, kept = [], []
     for fn in (ours, plain):
         saved = []
+        torch.manual_seed(1)  # the same dropout mask
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = fn(x)
         results.append((y, torch.autograd.grad(y.float().square().sum(), params)))
-        kept.append(sum(n for n in saved if n >= x.numel() // 2))  # activations, not weights
+        # bytes of the activations kept (not the weights)
+        kept.append(sum(t.numel() * t.element_size() for t in saved if t.numel() >= x.numel() // 2))
     (y1, g1), (y2, g2) = results
     assert y1.dtype == y2.dtype == (torch.bfloat16 if autocast else torch.float32)
     assert torch.equal(y1, y2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert kept[0] < 0.7 * kept[1], kept
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved = []
+        drop(x)
+    assert [t.dtype for t in saved] == [torch.bool]  # torch's CPU dropout keeps a float32 mask
