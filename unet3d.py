@@ -27,7 +27,8 @@ Notable differences from upstream (none changes the released model's outputs):
   * Temporal transformer projections are Linear (as in diffusers); the original file stores them as Conv1d(k=1), so
     `from_original` squeezes their last dim (34 tensors in the released model).
   * Training keeps fewer activations, at the same gradients: frozen 2-D convs keep no input for backward (only a
-    weight gradient would need it), GroupNorm+SiLU and GEGLU keep only their input and recompute the rest in backward.
+    weight gradient would need it), GroupNorm+SiLU and GEGLU keep only their input and recompute the rest in backward,
+    dropout keeps a 1-byte mask on the CPU too (as torch does on CUDA).
     Optional gradient checkpointing of every layer, full or selective (recompute only the element-wise work);
     upstream has none.
   * No fps conditioning, image-dataset mode or masks: unused by the released config.
