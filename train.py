@@ -89,8 +89,8 @@ class Config:
     precision: str = opt("auto", "autocast dtype: bf16 | fp16 | fp32 | auto = bf16 on CUDA, fp32 on CPU (CPUs without "
                          "native bf16 emulate it ~100x slower); trainable weights are always fp32")
     frozen_dtype: str = opt("fp32", "dtype of the frozen UNet weights: fp32 | bf16 | fp16 (must match --precision)")
-    checkpointing: str = opt("none", "activations recomputed in backward: none (step peak already 0.8x diffusers') | "
-                             "selective = all element-wise work between matmuls/convs/attention (a further -11%, "
+    checkpointing: str = opt("none", "activations recomputed in backward: none (step peak already 0.77x diffusers') | "
+                             "selective = all element-wise work between matmuls/convs/attention (a further -8%, "
                              "+0-40% time in CPU benchmarks) | full = every layer (~7x less activation memory, "
                              "~1.2-1.3x the step time)")
     seed: int = opt(64, "base seed; process r uses seed + r (official 64)")
