@@ -29,7 +29,10 @@ caption, or an empty one, is an error naming the file: captions are never silent
 Clip sampling (`ClipSpec`): frames `start, start + stride, ...` (0-based frame indices), with the stride either given or
 derived from a target fps as max(1, round(native_fps / fps)) like the official code (Jester at 12 fps with fps=24 gives
 consecutive frames). Clips shorter than needed are padded by repeating the last frame (official), looped, or skipped;
-each is counted in the report. Frames are resized (bilinear, antialiased) so they cover the target and center-cropped.
+each is counted in the report. With `max_frames`, a clip keeps every strided frame that fits (up to max_frames), and
+train.py draws a window of `frames` consecutive ones from them at every step, as the official loader does. Frames are
+resized (bilinear, antialiased) to an aspect bucket of about size x size pixels without cropping (official), or with
+resize="crop" to cover size x size and center-cropped.
 
 Bad input never surfaces as a bare decoder traceback. Every clip is probed at construction by decoding exactly the
 frames __getitem__ will use, so a zero-byte, non-video, truncated or corrupt file, or a frame folder with missing
@@ -38,14 +41,15 @@ numbers, is found before training starts and the clip count is exact. Default: s
 frames): train.py reads every clip once to cache VAE latents, so memory matters more than speed here.
 
 Notable differences from upstream (ExponentialML/Text-To-Video-Finetuning, used by the official code):
-  * bucketing keeps the aspect ratio with short side = size and the long side snapped to a multiple of `multiple`;
-    upstream snaps in +-64/128 steps with a 192-pixel minimum;
+  * buckets keep the pixel count of size x size (upstream snaps the short side in 64/128 steps, and the official
+    code swaps h and w when it asks for a bucket, so landscape clips are squeezed into portrait ones);
   * `start` defaults to 0; upstream's `sample_start_idx: 1` skips the first frame;
   * no `text.json` random-caption files and no file-name or random fallback captions: a missing caption is an error.
 """
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -62,7 +66,7 @@ from PIL import Image
 
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
-KEY_VERSION = "data.py/1"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
+KEY_VERSION = "data.py/2"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
 
 
 class DataError(ValueError):
@@ -72,13 +76,14 @@ class DataError(ValueError):
 @dataclass
 class ClipSpec:
     frames: int = 16  # frames per clip (official: 16)
-    size: int = 256  # output short side; the square output is size x size (official: 384)
+    size: int = 256  # buckets hold about size x size pixels; crop gives exactly size x size (official: 384)
     stride: int = 1  # take every stride-th frame (official `frame_step`); leave at 1 when fps is set
     fps: float = None  # target fps: stride = max(1, round(native_fps / fps)) per clip (official: 24)
     native_fps: float = 12.0  # frame rate assumed for frame folders (Jester: 12) and videos that do not state one
     start: int = 0  # index of the first frame taken (official `sample_start_idx`: 1)
     short: str = "repeat"  # too few frames: "repeat" the last one (official), "loop" the video, or "skip" the clip
-    bucket: bool = False  # keep the aspect ratio: short side = size, long side snapped to a multiple of `multiple`
+    resize: str = "bucket"  # "bucket": keep the aspect ratio, no crop (official); "crop": a size x size centre crop
+    max_frames: int = 0  # 0: exactly `frames`; N: every strided frame from `start`, up to N (windows drawn later)
     multiple: int = 64  # H and W must divide by 64 = VAE x8 times UNet x8; tests and the toy world use smaller ones
 
     def __post_init__(self):
@@ -93,6 +98,10 @@ class ClipSpec:
                              f"(fps={self.fps}, stride={self.stride})")
         if self.short not in ("repeat", "loop", "skip"):
             raise ValueError(f"ClipSpec: short must be 'repeat', 'loop' or 'skip', not {self.short!r}")
+        if self.resize not in ("bucket", "crop"):
+            raise ValueError(f"ClipSpec: resize must be 'bucket' or 'crop', not {self.resize!r}")
+        if self.max_frames and self.max_frames < self.frames:
+            raise ValueError(f"ClipSpec: max_frames {self.max_frames} is below frames {self.frames} (0 = no windows)")
 
     def stride_for(self, native_fps) -> int:
         """Frame step for a source of `native_fps` (None: a frame folder, or a video that does not say)."""
@@ -101,12 +110,19 @@ class ClipSpec:
         return max(1, round((native_fps or self.native_fps) / self.fps))  # upstream's formula (method.md §2)
 
     def out_size(self, h: int, w: int) -> tuple:
-        """(H, W) of the output for a source of h x w pixels."""
-        if not self.bucket:
+        """(H, W) of the output for a source of h x w pixels. Buckets: of all (H, W) that are multiples of `multiple`
+        with H*W within 10% of size^2 (so memory stays that of a size x size clip), the one whose aspect ratio is
+        closest to the source's (e.g. 176x100 Jester frames -> 448x320 at size 384). Upstream's `sensible_buckets` snaps
+        the short side instead, and the official code passes it h and w swapped (method.md §2); neither is copied."""
+        if self.resize == "crop":
             return self.size, self.size
-        long = max(h, w) * self.size / min(h, w)  # the long side at the source's aspect ratio
-        long = max(self.size, round(long / self.multiple) * self.multiple)
-        return (self.size, long) if h <= w else (long, self.size)
+        area, m, best = self.size ** 2, self.multiple, None
+        for H in range(m, 4 * self.size + 1, m):
+            for W in range(m, 4 * self.size + 1, m):
+                if abs(H * W / area - 1) <= 0.1:  # the square size x size always qualifies
+                    score = (abs(math.log(W * h / (H * w))), abs(H * W - area))  # aspect error, then area error
+                    best = min(best or (score, H, W), (score, H, W))
+        return best[1], best[2]
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -187,11 +203,16 @@ def list_frames(folder: Path) -> list:
 
 def _clip_indices(n: int, spec: ClipSpec, stride: int) -> tuple:
     """Frame indices into a source of n frames, what was done if it is too short (None, "padded", "looped",
-    "skipped"), and the frame count a full clip needs."""
-    idx = [spec.start + k * stride for k in range(spec.frames)]  # 16 frames, stride 2, start 1: 1, 3, ..., 31
-    needed = idx[-1] + 1  # ... so a full clip needs 32 frames
-    if needed <= n:
+    "skipped"), and the frame count a full window of `spec.frames` needs. With `max_frames`, every strided frame
+    that fits (official: `len(video) // stride` of them), up to max_frames, so that windows can be drawn from them."""
+    count = spec.frames
+    if spec.max_frames:
+        count = max(spec.frames, min(spec.max_frames, (n - spec.start) // stride))
+    idx = [spec.start + k * stride for k in range(count)]  # 16 frames, stride 2, start 1: 1, 3, ..., 31
+    needed = spec.start + (spec.frames - 1) * stride + 1  # ... so a full window needs 32 frames
+    if idx[-1] < n:
         return idx, None, needed
+    idx = idx[:spec.frames]  # too short for one window: pad, loop or skip as one window
     if spec.short == "loop":
         return [i % n for i in idx], "looped", needed  # as if the video played again from its first frame
     if spec.short == "repeat" and spec.start < n:
@@ -227,6 +248,8 @@ def decode_video(path: Path, spec: ClipSpec) -> tuple:
             fps = float(stream.average_rate or stream.guessed_rate or 0) or None
             stride = spec.stride_for(fps)
             needed = spec.start + (spec.frames - 1) * stride + 1
+            if spec.max_frames:  # enough for (n - start) // stride to reach max_frames (see _clip_indices)
+                needed = max(needed, spec.start + spec.max_frames * stride)
             frames = []
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) whatever the pixel format
@@ -284,17 +307,18 @@ def read_clip(path: Path, spec: ClipSpec) -> tuple:
 
 
 def to_tensor(frames: np.ndarray, spec: ClipSpec) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float32 (C, F, H', W') in [-1, 1]: resize to cover the output size, then center-crop."""
+    """uint8 (F, H, W, 3) -> float32 (C, F, H', W') in [-1, 1]: resized to the aspect bucket (no crop), or for
+    resize="crop" resized to cover size x size and center-cropped."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W): frames as an image batch
     h, w = x.shape[-2:]
     oh, ow = spec.out_size(h, w)
-    scale = max(oh / h, ow / w)  # the smallest resize that covers (oh, ow)
-    rh, rw = max(oh, round(h * scale)), max(ow, round(w * scale))
+    scale = max(oh / h, ow / w)  # crop: the smallest resize that covers (oh, ow)
+    rh, rw = (oh, ow) if spec.resize == "bucket" else (max(oh, round(h * scale)), max(ow, round(w * scale)))
     if (rh, rw) != (h, w):
         # antialias matters when shrinking (e.g. 576p sources to 256): plain bilinear would alias fine detail
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (rh - oh) // 2, (rw - ow) // 2
-    x = x[:, :, top:top + oh, left:left + ow]  # (F, 3, oh, ow)
+    x = x[:, :, top:top + oh, left:left + ow]  # (F, 3, oh, ow); a no-op for buckets
     x = (x / 127.5 - 1.0).clamp(-1.0, 1.0)  # [0, 255] -> [-1, 1], the VAE's input range
     return x.permute(1, 0, 2, 3).contiguous()  # (C, F, H, W)
 

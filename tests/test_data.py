@@ -143,7 +143,7 @@ def columns(video):
 
 def test_resize_keeps_the_aspect_and_center_crops(tmp_path):
     write_frames(tmp_path / "wide", gradient(48, 64), numbers=[1, 2])
-    v = load(tmp_path / "wide", spec=dict(frames=2))[0]["video"]
+    v = load(tmp_path / "wide", spec=dict(frames=2, resize="crop"))[0]["video"]
     assert v.shape == (3, 2, 32, 32)
     # 64x48 -> 43x32 (scale 2/3), crop columns 5..36: output column c shows source column (c + 5.5) * 1.5 - 0.5
     expected = 4 * ((np.arange(32) + 5.5) * 1.5 - 0.5)
@@ -151,13 +151,39 @@ def test_resize_keeps_the_aspect_and_center_crops(tmp_path):
     assert np.allclose(v[:, :, :, 0], v[:, :, :1, 0], atol=1e-6)  # rows are untouched: the gradient is horizontal
 
 
-@pytest.mark.parametrize("h, w, out", [(48, 64, (32, 48)), (64, 48, (48, 32)), (40, 120, (32, 96)), (40, 56, (32, 48))])
-def test_bucket_keeps_the_aspect_with_long_side_snapped(tmp_path, h, w, out):
+@pytest.mark.parametrize("h, w, out", [(48, 64, (48, 80)), (64, 48, (80, 48)), (16, 64, (32, 128)), (40, 40, (64, 64))])
+def test_bucket_keeps_the_aspect_without_crop(tmp_path, h, w, out):
+    # size 64 in steps of 16: (48, 80) is the 16-multiple pair within 10% of 64^2 pixels closest to 4:3 (64 x 64 and
+    # (32, 128) are the next candidates); resize="bucket" is the default
     write_frames(tmp_path / "clip", gradient(h, w), numbers=[1, 2])
-    v = load(tmp_path / "clip", spec=dict(frames=2, bucket=True))[0]["video"]
+    v = load(tmp_path / "clip", spec=dict(frames=2, size=64))[0]["video"]
     assert tuple(v.shape) == (3, 2, *out)
-    if (h, w) == (48, 64):  # scale 0.75, nothing cropped sideways: the full gradient 0..252 survives
-        assert columns(v)[0] < 8 and columns(v)[-1] > 244
+    assert abs(out[0] * out[1] / 64 ** 2 - 1) <= 0.1  # the pixel count of a 64 x 64 clip, within 10%
+    assert columns(v)[0] < 8 and columns(v)[-1] > 4 * (w - 1) - 12  # nothing cropped sideways: the whole gradient survives
+
+
+def test_jester_frames_get_a_landscape_bucket_near_size_squared():
+    # 176x100 at the official 384: multiples of 64 within 10% of 384^2 pixels, closest aspect (1.40 for 1.76);
+    # the official code's swapped call would give a 256-wide, 384-high portrait (method.md §2)
+    spec = ClipSpec(size=384)
+    assert spec.out_size(100, 176) == (320, 448) and spec.out_size(176, 100) == (448, 320)
+    assert spec.out_size(720, 720) == (384, 384) and ClipSpec(size=384, resize="crop").out_size(100, 176) == (384, 384)
+    for h, w in [(100, 176), (240, 320), (1080, 1920), (1920, 1080), (480, 640)]:
+        oh, ow = spec.out_size(h, w)
+        assert oh % 64 == 0 and ow % 64 == 0 and abs(oh * ow / 384 ** 2 - 1) <= 0.1 and (oh <= ow) == (h <= w)
+
+
+def test_max_frames_keeps_every_strided_frame_for_windows(tmp_path):
+    write_video(tmp_path / "long.mp4", ramp(20))
+    write_video(tmp_path / "short.mp4", ramp(5))
+    ds = load(tmp_path, spec=dict(frames=4, stride=2, max_frames=6))
+    # official effective length: 20 // 2 = 10 strided frames, capped at 6 from the start; a clip shorter than one
+    # window is padded to exactly one window
+    assert [levels(d["video"]) for d in ds] == [[0, 2, 4, 6, 8, 10], [0, 2, 4, 4]]
+    ds = load(tmp_path, spec=dict(frames=4, stride=3, max_frames=100))
+    assert levels(ds[0]["video"]) == [0, 3, 6, 9, 12, 15]  # 20 // 3 = 6 (frame 18 left out, as upstream)
+    with pytest.raises(ValueError, match="max_frames"):
+        ClipSpec(frames=4, max_frames=2)
 
 
 def test_spec_validation():
@@ -168,6 +194,8 @@ def test_spec_validation():
         ClipSpec(stride=2, fps=24)
     with pytest.raises(ValueError, match="short"):
         ClipSpec(short="pad")
+    with pytest.raises(ValueError, match="resize"):
+        ClipSpec(resize="stretch")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
