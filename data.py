@@ -1,7 +1,7 @@
 """Training clips: a folder of videos or of frame folders (or the Jester layout) -> (C, F, H, W) tensors in [-1, 1].
 
     ds = VideoDataset("data/drumming/", ClipSpec(frames=16, size=384, fps=24),
-                      caption="a person doing the {token} sign", token="pll")
+                      caption="a person doing a {token} sign", token="pll")
     ds = VideoDataset("20bn-jester-v1/", ClipSpec(size=384), caption="a person {class}",
                       jester_csv="jester-v1-train.csv", jester_class="Drumming Fingers", limit=10, seed=0)
     print(ds.report)           # "loaded 10 clips from 20bn-jester-v1/ ..., skipped 1: 4242 (missing frame numbers 7)"
@@ -22,7 +22,7 @@ Captions, first match wins:
      `clip/caption.txt` inside it;
   2. `<root>/metadata.jsonl`, lines `{"file": "relative/path.mp4", "text": "..."}` (a frame folder's "file" is the
      folder's relative path; `file_name` is accepted for `file`, as in Hugging Face's imagefolder);
-  3. the `caption` template, e.g. "a person doing the {token} sign".
+  3. the `caption` template, e.g. "a person doing a {token} sign" (the paper's).
 `{token}` (the `token` argument) and `{class}` (the Jester class name) are substituted in every caption. A clip with no
 caption, or an empty one, is an error naming the file: captions are never silently empty.
 

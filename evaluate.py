@@ -18,10 +18,11 @@ Metrics (each a small function below, with its definition and source):
   * temporal consistency  mean CLIP cosine of consecutive frames (DreamVideo / VGen, method.md §7.6)
 
 Prompt convention. Prompt lines are templates holding `{token}` once, e.g. "A female firefighter doing the {token}
-sign". The *motion phrase* is the part matched by --motion-regex (default: "doing the {token}", optionally followed by
-" sign" or " gesture"). Appearance text = the template with that part removed ("A female firefighter"); caption = the
-template with that part replaced by --motion-phrase ("A female firefighter sliding two fingers up"); the generation
-prompt = the template with `{token}` replaced by --token.
+sign". The *motion phrase* is the part matched by --motion-regex (default: "doing the {token}" as in the paper's test
+prompts, or "doing a {token}" as in its training captions, optionally followed by " sign" or " gesture"). Appearance
+text = the template with that part removed ("A female firefighter"); caption = the template with that part replaced by
+--motion-phrase ("A female firefighter sliding two fingers up"); the generation prompt = the template with `{token}`
+replaced by --token.
 
 Settings the paper leaves open (method.md §7.8) are flags, and every one lands in report.json: the CLIP model, the
 classifier's frame sampling, the SSCD resize. Scoring runs on rank 0 on the uint8 videos in memory; scoring the saved
@@ -50,7 +51,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation (OpenA
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SSCD's normalisation (sscd-copy-detection README)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MOTION_REGEX = r"\s*\bdoing the \{token\}(?: sign| gesture)?"
+DEFAULT_MOTION_REGEX = r"\s*\bdoing (?:the|a) \{token\}(?: sign| gesture)?"
 COPY_THRESHOLD = 0.25  # paper §4.2: "a manually set threshold of 0.25"
 STOP_SCORE = 0.265  # paper: training stops when the appearance score falls to 0.265 (raw cosine)
 

@@ -21,7 +21,7 @@ meta device as --estimate does, below).
      The parity check of each case is also each side's first (warm-up) run.
   2. One NewMove training step: train.py's own selection (param_group + PRESETS["newmove"]: temporal layers + spatial
      cross-attention K/V) applied to both models by name, requires_grad_(False) on the rest, train() with dropout,
-     batch 2 (1 instance + 1 reg clip), forward + train.regularized_loss + backward + grad clip 1.0 + AdamW (train.py's
+     batch 2 (1 instance + 1 reg clip), forward + train.weighted_mse (lambda 0.5) + backward + grad clip 1.0 + AdamW (train.py's
      settings), the same seed before each side's step. The parity check runs in eval() (no dropout) on the gradients.
   3. 25-step DDIM with classifier-free guidance 9 (batch 2: cond + uncond in one call), latents only: ours =
      sample.sample_ddim as sample.generate drives it; theirs = DDIMScheduler configured like the released
@@ -125,6 +125,7 @@ SIDES = ("ours", "diffusers")
 CALL = {"ours": lambda m, x, t, c: m(x, t, c),
         "diffusers": lambda m, x, t, c: m(x, t, c, return_dict=False)[0]}
 TEXT_LEN = 77  # tokens of the text context, as the released text encoder gives
+LOSS_W = train.loss_weights(1, 1, 0.5)  # 1 instance + 1 reg clip: L = MSE_inst + 0.5 MSE_reg
 
 # performance.md numbers the estimator checks itself against (diffusers' UNet, B=1, 16 frames, 32x32 latents)
 PERF_MD = {"params": 1_411_233_860, "newmove": 570_882_176, "fwd_tflop_16x32x32": 4.887,
@@ -304,7 +305,7 @@ def train_step_fn(model, side: str, names: list, inputs: dict, device, amp=None,
         torch.manual_seed(seed)  # the same dropout RNG stream for both sides
         with autocast(device, amp):
             eps_hat = CALL[side](model, inputs["xt"], inputs["t"], inputs["ctx"])
-        loss = train.regularized_loss(eps_hat, inputs["eps"], 1, 0.5)[0]
+        loss = train.weighted_mse(eps_hat, inputs["eps"], LOSS_W)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -329,7 +330,7 @@ def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, am
         set_trainable(m, names)
         with autocast(device, amp):
             eps_hat = CALL[s](m, inputs["xt"], inputs["t"], inputs["ctx"])
-        train.regularized_loss(eps_hat, inputs["eps"], 1, 0.5)[0].backward()
+        train.weighted_mse(eps_hat, inputs["eps"], LOSS_W)[0].backward()
         grads[s] = torch.cat([m.get_parameter(n).grad.flatten() for n in names])
         m.zero_grad(set_to_none=True)
     fns = {}
@@ -834,7 +835,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "timed repetitions, alternating the order (ours, diffusers / diffusers, ours).",
               "* Train step: train.py's `param_group` + `PRESETS['newmove']` select the trainable tensors by name in "
               "both models (`requires_grad_(False)` on the rest); batch 2 = 1 instance + 1 reg clip; "
-              "`train.regularized_loss`; clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
+              "`train.weighted_mse` (lambda 0.5); clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
               "* Selective recompute (`UNet3D.set_gradient_checkpointing('selective')`, train.py "
               "`--checkpointing selective`): each layer runs under torch's selective activation "

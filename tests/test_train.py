@@ -69,13 +69,14 @@ def test_spatial_kv_is_not_the_naive_attn2_filter():
     assert sum(p.numel() for _, p in kv) == 25_559_040 and all(".attentions." in n for n, _ in kv)
 
 
-def test_regularized_loss_weights_the_reg_half():
+def test_loss_weights_give_instance_mean_plus_lambda_reg_mean():
     eps = torch.zeros(3, 4, 2, 2, 2)
     eps_hat = torch.zeros_like(eps)
     eps_hat[0] += 1.0  # instance clip: MSE 1
     eps_hat[1] += 2.0  # reg clips: MSE 4 and 0 -> mean 2
-    loss, li, lr, per = train.regularized_loss(eps_hat, eps, n_instance=1, reg_weight=0.5)
-    assert (li.item(), lr.item(), loss.item()) == (1.0, 2.0, 2.0)
+    w = train.loss_weights(1, 2, reg_weight=0.5)
+    loss, per = train.weighted_mse(eps_hat, eps, w)
+    assert w.tolist() == [1.0, 0.25, 0.25] and loss.item() == 1.0 + 0.5 * 2.0
     assert per.tolist() == [1.0, 4.0, 0.0]
 
 
@@ -231,7 +232,9 @@ def test_bad_options_are_clear_errors(world, tmp_path):
     root, model = world
     for kw, msg in [(dict(preset="nope"), "--preset must be one of"), (dict(alpha=2.0), "--alpha must be in"),
                     (dict(frozen_dtype="bf16"), "--frozen-dtype"), (dict(checkpointing="yes"), "--checkpointing"),
-                    (dict(prior="real", reg_videos=""), "needs --reg-videos")]:
+                    (dict(dropout=1.0), "--dropout must be in"), (dict(window="middle"), "--window must be one of"),
+                    (dict(stride=2), "--stride 2 needs --fps 0"), (dict(max_frames=2), "--max-frames 2 must be"),
+                    (dict(val_solver="euler"), "--val-solver must be one of")]:
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(_cfg(root, model, tmp_path / "x"), **kw))
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--no-such-flag"], capture_output=True, text=True)
@@ -272,7 +275,7 @@ def test_validation_videos_early_stop_and_nan_guard(world, tmp_path, monkeypatch
     log = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2  # stopped when the score fell to the threshold, not at step 5
     assert sorted(p.name for p in (tmp_path / "val" / "val" / "step000001").iterdir()) == [
-        f"a-person-doing-the-pll-sign_seed{s}.{e}" for s in (0, 1) for e in ("gif", "mp4", "png")]
+        f"a-person-doing-a-pll-sign_seed{s}.{e}" for s in (0, 1) for e in ("gif", "mp4", "png")]
     real_forward = unet3d.UNet3D.forward
     calls = {"n": 0}
 
@@ -341,3 +344,150 @@ def test_every_command_line_help_works(script):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------- fidelity to the official run
+
+
+def test_defaults_are_the_official_run():
+    """The settings issue #14 audited against adobe-research/custom_motion (method.md §2, §5.1, §6.8)."""
+    c = train.Config()
+    assert (c.size, c.resize, c.fps, c.window, c.frames, c.dropout) == (384, "bucket", 24.0, "random", 16, 0.0)
+    assert (c.val_solver, c.val_steps, c.val_guidance) == ("dpmpp-2m", 25, 9.0)
+    assert c.caption == "a person doing a {token} sign"  # the paper's Jester captions
+    assert (c.lr, c.weight_decay, c.grad_clip, c.steps, c.batch_size, c.reg_weight, c.seed) == (
+        5e-6, 0.01, 1.0, 3000, 1, 0.5, 64)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_customization_runs_without_dropout_by_default(world, tmp_path, monkeypatch, dropout):
+    """In the training loop (train mode), a second forward pass of the same input gives the same output unless
+    --dropout is set: the official fine-tuning has no dropout although the released config pretrained with 0.1."""
+    root, model = world
+    real_forward, seen = unet3d.UNet3D.forward, []
+
+    def twice(self, x, t, context):
+        with torch.no_grad():
+            seen.append((self.training, torch.equal(real_forward(self, x, t, context), real_forward(self, x, t, context))))
+        return real_forward(self, x, t, context)
+
+    monkeypatch.setattr(unet3d.UNet3D, "forward", twice)
+    train.main(_cfg(root, model, tmp_path / "run", steps=1, dropout=dropout))
+    assert seen == [(True, dropout == 0.0)]
+
+
+def test_windows_are_contiguous_varied_and_a_pure_function_of_the_position():
+    """A 40-frame clip, 16-frame windows: over 200 micro-batches the windows start at many offsets, each is 16
+    consecutive cached frames, and the draw depends only on (seed, micro-batch, clip)."""
+    L, F = 40, 16
+    frames = torch.arange(L, dtype=torch.float32).view(L, 1, 1, 1).expand(L, 4, 2, 3)  # cached frame j holds j
+    s = {"mean": [frames.clone(), frames.clone()], "std": [torch.zeros(L, 4, 2, 3)] * 2,
+         "context": torch.zeros(2, 77, 8)}
+    cfg = train.Config(frames=F, seed=3)
+    starts = []
+    for b in range(200):
+        x0, ctx = train.batch_latents([("instance", s, 0), ("instance", s, 1)], b, cfg, torch.Generator(), "cpu")
+        assert x0.shape == (2, 4, F, 2, 3) and ctx.shape == (2, 77, 8)
+        for clip in x0[:, 0, :, 0, 0]:  # (F,) frame numbers of one window
+            assert torch.equal(clip - clip[0], torch.arange(F, dtype=torch.float32))  # contiguous
+            starts.append(int(clip[0]))
+    assert min(starts) == 0 and max(starts) == L - F and len(set(starts)) == L - F + 1  # every start, 0 .. 24
+    assert starts[0::2] != starts[1::2]  # two clips in one batch draw their own windows
+    again = [train.window_start(3, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
+    assert again == starts  # pure: the same (seed, micro-batch, clip) gives the same window
+    assert again != [train.window_start(4, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
+    first = train.batch_latents([("reg", s, 0)], 7, dataclasses.replace(cfg, window="first"), torch.Generator(), "cpu")
+    assert first[0][0, 0, :, 0, 0].tolist() == list(range(F))
+
+
+def test_landscape_clip_trains_at_its_bucket_and_mixed_buckets_give_the_same_loss(world, tmp_path, monkeypatch):
+    """A 176x100 (Jester-shaped) instance clip is cached at its aspect bucket, uncropped; next to a square reg clip it
+    runs in its own UNet call, and the two calls add up to L = MSE_inst + 0.5 MSE_reg exactly as one clip at a time."""
+    root, model = world
+    (tmp_path / "wide").mkdir()
+    wide = np.stack([np.kron(f, np.ones((4, 6, 1), np.uint8))[:100, :176] for f in _moving_square(3, n=8, size=32)])
+    _write_mp4(tmp_path / "wide" / "jester.mp4", wide)
+    shapes = []
+    real_forward = unet3d.UNet3D.forward
+
+    def spy(self, x, t, context):
+        shapes.append(tuple(x.shape))
+        return real_forward(self, x, t, context)
+
+    monkeypatch.setattr(unet3d.UNet3D, "forward", spy)
+    cache = tmp_path / "cache"
+    train.main(_cfg(root, model, tmp_path / "run", videos=str(tmp_path / "wide"), steps=1, cache=str(cache)))
+    spec = __import__("data").ClipSpec(size=32, multiple=4)
+    h, w = spec.out_size(100, 176)
+    assert (h, w) == (24, 44) and abs(h * w / 32 ** 2 - 1) <= 0.1  # landscape, ~32^2 pixels, both sides / 4
+    latent_shapes = {tuple(weights.read_state_dict(p)["mean"].shape) for p in cache.glob("*.safetensors")}
+    assert (8, 4, h // 2, w // 2) in latent_shapes and (8, 4, 16, 16) in latent_shapes  # every frame, uncropped
+    assert shapes == [(1, 4, 4, h // 2, w // 2), (1, 4, 4, 16, 16)]  # one UNet call per bucket
+
+    # the loss of the two calls (newmove_loss per group, weights 1 and 0.5) = computing each clip on its own
+    unet = weights.load_models(model).unet
+    unet.requires_grad_(False)
+    kv = [p for n, p in unet.named_parameters() if train.param_group(n) == "spatial_kv"]
+    for p in kv:
+        p.requires_grad_(True)
+    abar, probs = torch.linspace(0.99, 0.01, 1000), train.timestep_probs("coarse", 0.5)
+    xa, xb, ctx = torch.randn(1, 4, 4, 12, 22), torch.randn(1, 4, 4, 16, 16), torch.randn(2, 77, 64)
+    w = train.loss_weights(1, 1, 0.5)
+    g = torch.Generator().manual_seed(0)
+    la, _, _ = train.newmove_loss(unet, xa, ctx[:1], w[:1], probs, abar, g)
+    lb, _, _ = train.newmove_loss(unet, xb, ctx[1:], w[1:], probs, abar, g)
+    grouped = torch.autograd.grad(la + lb, kv)
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order, one clip at a time by hand
+    mse = []
+    for x, c in ((xa, ctx[:1]), (xb, ctx[1:])):
+        t = torch.multinomial(probs, 1, replacement=True, generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        mse.append((unet(train.diffuse(x, eps, t, abar), t, c) - eps).pow(2).mean())
+    separate = mse[0] + 0.5 * mse[1]
+    assert torch.allclose(la + lb, separate, rtol=1e-6, atol=0)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grouped, torch.autograd.grad(separate, kv)))
+
+
+def test_validation_uses_the_official_sampler(world, tmp_path, monkeypatch):
+    root, model = world
+    calls = []
+    real = sample.generate
+
+    def spy(*a, **k):
+        calls.append({key: k[key] for key in ("solver", "guidance", "steps", "height", "width")})
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    train.main(_cfg(root, model, tmp_path / "run", steps=1, val_every=1, val_steps=2))
+    assert calls == [dict(solver="dpmpp-2m", guidance=9.0, steps=2, height=32, width=32)]
+
+
+def test_the_design_cards_command_runs_on_the_toy_model(tmp_path):
+    """`python train.py --videos dir/ --token pll` with no --model: the toy model with the toy world's settings and
+    a toy regularization set, to completion (steps shortened here)."""
+    from toy import world
+
+    clips = world.make_dataset(4, ["moving in a circle"], seed=5)
+    world.write_folder(clips, tmp_path / "clips")
+    for f in (tmp_path / "clips").glob("*.txt"):
+        f.unlink()  # no captions of their own: the paper's template
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--videos", str(tmp_path / "clips"), "--token",
+                          "pll", "--steps", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "no --model: the CPU toy model" in run.stdout and "24 base-motion clips" in run.stdout
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["frames"], cfg["size"], cfg["lr"], cfg["steps"]) == (8, 32, 2e-4, 2)  # toy settings; --steps as given
+    assert len(list((tmp_path / "run" / "toy-reg").glob("*.mp4"))) == train.TOY_REG_CLIPS
+    assert (tmp_path / "run" / "delta.safetensors").is_file()
+
+
+def test_a_real_model_without_regularization_stops_before_loading(world, tmp_path):
+    root, model = world
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(model), "--videos",
+                          str(root / "videos"), "--token", "pll", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    for choice in ("--reg-videos", "--prior synthetic", "--prior none", "70.6%"):
+        assert choice in run.stderr
+    assert not (tmp_path / "run").exists()  # nothing encoded, nothing written
