@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from weights import read_text
+
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 KEY_VERSION = "data.py/2"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
@@ -163,7 +165,7 @@ def find_clips(root: Path, recursive: bool = False) -> list:
 def read_jester_csv(csv_path) -> list:
     """[(video_id, class name)] from a Jester split CSV: no header, `;`-separated (method.md §7.2)."""
     rows = []
-    for n, line in enumerate(Path(csv_path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(csv_path, "Jester CSV").splitlines(), 1):
         if not line.strip():
             continue
         parts = [s.strip() for s in line.split(";")]  # class names hold spaces ("Drumming Fingers"), never ";"
@@ -332,7 +334,7 @@ def read_metadata(root: Path) -> dict:
     path, captions = root / "metadata.jsonl", {}
     if not path.is_file():
         return captions
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "metadata.jsonl").splitlines(), 1):
         if not line.strip():
             continue
         # a malformed line is an error even in non-strict mode: skipping it would drop that clip's caption silently
@@ -465,7 +467,7 @@ class VideoDataset(torch.utils.data.Dataset):
         rel = path.relative_to(self.root).as_posix()
         found = [f for f in sidecars if f.is_file()]
         if found:  # (strip: editors add a trailing newline)
-            text, source = found[0].read_text().strip(), str(found[0])
+            text, source = read_text(found[0], "caption file").strip(), str(found[0])
         elif rel in self.metadata:
             text, source = self.metadata[rel].strip(), f"{self.root / 'metadata.jsonl'}"
         elif self.template is not None:

@@ -29,12 +29,16 @@ classifier's frame sampling, the SSCD resize. Scoring runs on rank 0 on the uint
 mp4s later (--videos-in) gives slightly different numbers because H.264 is lossy (crf 10).
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import difflib
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -45,7 +49,7 @@ import torch.nn.functional as F
 
 import data
 import sample
-from weights import WeightsError, read_state_dict
+from weights import WeightsError, atomic_write, read_state_dict, read_text, writable_dir, write_json
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation (OpenAI clip/clip.py `_transform`)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -353,7 +357,7 @@ def segment_indices(n_frames: int, n: int) -> list:
 
 def read_class_names(path) -> list:
     path = _check_file(path, "class-names file (one class name per line)")
-    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(path, "class-names file").splitlines() if ln.strip()]
     if not names:
         raise EvalError(f"{path}: no class names")
     return names
@@ -464,7 +468,7 @@ def read_video_folder(folder) -> list:
     try:
         index = folder / "index.json"
         if index.is_file():
-            rows = json.loads(index.read_text())
+            rows = json.loads(read_text(index, "index.json"))
             return [(r["file"], r.get("template"), r.get("seed"), read_video(folder / r["file"])) for r in rows]
         clips, seen = [], set()
         for p in data.find_clips(folder):
@@ -472,8 +476,9 @@ def read_video_folder(folder) -> list:
                 continue
             seen.add(p.stem)
             txt = p.with_suffix(".txt")
-            clips.append((p.name, txt.read_text().strip() if txt.is_file() else None, None, read_video(p)))
-    except data.DataError as e:
+            clips.append((p.name, read_text(txt, "prompt file").strip() if txt.is_file() else None, None,
+                          read_video(p)))
+    except (data.DataError, WeightsError) as e:
         raise EvalError(str(e)) from None
     if not clips:
         raise EvalError(f"{folder}: no videos (.mp4, .gif, ... or frame folders)")
@@ -572,7 +577,7 @@ def write_markdown(path: Path, report: dict):
     for r in report["videos"]:
         lines.append(f"| {r['name']} | {r.get('prompt') or ''} | {fmt(r.get('seed'))} | "
                      + " | ".join(fmt(r.get(k)) for k in keys) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), overwrite=True)
 
 
 def score(args, items: list, log=print) -> tuple:
@@ -683,9 +688,10 @@ def parse_args(argv=None):
 
 def read_templates(path) -> list:
     path = _check_file(path, "prompts file")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [ln.strip() for ln in read_text(path, "prompts file").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
-        raise EvalError(f"{path}: no prompts")
+        raise EvalError(f"{path}: the prompts file has no prompts (blank and '#' lines are skipped)")
     return lines
 
 
@@ -702,6 +708,8 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     try:
         out = free_folder(Path(args.out))
+        if rank == 0:
+            writable_dir(out, "--out")  # before the generation and scoring work, not after it
         if args.videos_in:
             items = read_video_folder(args.videos_in)
         else:
@@ -740,12 +748,12 @@ def main(argv=None) -> int:
                 base = sample.save_video(v, out / "videos", r["name"])
                 r["name"] = index_file = base.name + ".mp4"
                 index.append({"file": index_file, "template": r["template"], "seed": r["seed"]})
-            (out / "videos" / "index.json").write_text(json.dumps(index, indent=1))
+            write_json(index, out / "videos" / "index.json", overwrite=True)
         settings = {k: v for k, v in vars(args).items()}
         settings.update(copy_threshold=COPY_THRESHOLD, clip_preprocess="short side bicubic + center crop, model mean/std",
                         classifier_sampling="segment centres", copy_max="over all frame pairs", world_size=world)
         report = {"aggregate": agg, "videos": rows, "settings": settings, "sha256": model_files(args)}
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        write_json(report, out / "report.json")  # a new folder (free_folder): never over an old report
         write_markdown(out / "report.md", report)
         write_sheets(out, rows, [v for *_, v in items],
                      [m for m in ("target_prob", "appearance", "text_alignment", "temporal", "copy")

@@ -19,19 +19,22 @@ Notable differences from upstream:
   * No noise tensor is drawn per step when eta = 0 (upstream draws and multiplies it by 0).
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from weights import Models, WeightsError, load_models, read_state_dict
+from weights import Models, WeightsError, atomic_write, load_models, read_state_dict, read_text, writable_dir
 
 # -----------------------------------------------------------------------------------------------------------------------
 # diffusion math: schedule, DDIM, DPM-Solver++(2M)
@@ -126,7 +129,14 @@ def apply_delta(models: Models, path) -> dict:
     import text_encoder as te
 
     path = Path(path)
+    if path.suffix != ".safetensors":  # train.py writes nothing else; a .pt here is most likely a state.pt
+        raise WeightsError(f"{path}: a delta must be the .safetensors file train.py writes (delta.safetensors), "
+                           f"not a {path.suffix or 'suffix-less'} file")
     sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run: applying it would give black videos
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise WeightsError(f"{path}: {bad[0]} holds NaN or Inf values{more}; this delta comes from a diverged run")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     unet_sd = models.unet.state_dict()
@@ -229,18 +239,6 @@ def free_stem(folder: Path, stem: str, suffixes=(".mp4", ".gif", ".png")) -> Pat
     return folder / name
 
 
-def _atomic(path: Path, write):
-    """Write via a temporary file in the same folder, then rename: no half-written file on a crash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_mp4(video: torch.Tensor, path: Path, fps: int = 8, crf: int = 10):
     """H.264 mp4 through PyAV (its wheels bundle libx264; no system ffmpeg). video: uint8 (3, F, H, W)."""
     import av
@@ -255,15 +253,15 @@ def write_mp4(video: torch.Tensor, path: Path, fps: int = 8, crf: int = 10):
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())  # flush
 
-    _atomic(path, write)
+    atomic_write(path, write, overwrite=True)
 
 
 def write_gif(video: torch.Tensor, path: Path, fps: int = 8):
     from PIL import Image
 
     frames = [Image.fromarray(f) for f in video.permute(1, 2, 3, 0).numpy()]  # F x (H, W, 3)
-    _atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                             duration=round(1000 / fps), loop=0))
+    atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=round(1000 / fps), loop=0), overwrite=True)
 
 
 def contact_sheet(video: torch.Tensor, columns: int = 8) -> torch.Tensor:
@@ -282,7 +280,7 @@ def write_png(image: torch.Tensor, path: Path):
     from PIL import Image
 
     img = Image.fromarray(image.permute(1, 2, 0).numpy())  # (H, W, 3)
-    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), overwrite=True)
 
 
 def save_video(video: torch.Tensor, folder, stem: str, fps: int = 8) -> Path:
@@ -330,14 +328,18 @@ def main(argv=None):
     try:
         prompts = list(args.prompt)
         if args.prompts:
-            path = Path(args.prompts)
-            if not path.is_file():
-                raise ValueError(f"{path}: prompts file not found")
-            prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            lines = [ln.strip() for ln in read_text(args.prompts, "prompts file").splitlines()]
+            prompts += [ln for ln in lines if ln and not ln.startswith("#")]
+            if not prompts:
+                p.error(f"--prompts {args.prompts}: the file has no prompts (blank and '#' lines are skipped)")
         if not prompts:
             p.error("give at least one --prompt or a --prompts file")
-        if args.num_samples < 1 or args.batch_size < 1:
-            p.error("--num-samples and --batch-size must be at least 1")
+        for flag in ("num_samples", "batch_size", "frames", "steps", "height", "width", "fps"):
+            if getattr(args, flag) < 1:
+                p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        if not math.isfinite(args.guidance) or not 0 <= args.eta <= 1:
+            p.error(f"--guidance must be a number and --eta in [0, 1], got {args.guidance} and {args.eta}")
+        writable_dir(args.out, "--out")  # before the sampling work, not after it
         models = load_models(args.model, variant=args.variant)
         if args.delta:
             apply_delta(models, args.delta)

@@ -1,6 +1,6 @@
 """The frozen text encoder of ModelScope text-to-video: the OpenCLIP ViT-H-14 text tower, cut after its 23rd block.
 
-A prompt becomes the cross-attention context of the UNet (facts and numbers: ../shared/reference/modelscope.md §4, §6):
+A prompt becomes the cross-attention context of the UNet (facts and numbers: docs/modelscope.md §4, §6):
 
     tokens  = tokenizer(prompts)     # (B, 77) int64: [SOT] + BPE ids + [EOT], zero-padded
     context = encoder(tokens)        # (B, 77, 1024): token + position embedding -> 23 causal blocks -> ln_final

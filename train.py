@@ -26,6 +26,11 @@ Output in --out: `delta.safetensors` (only the trained tensors + metadata; `pyth
 Video tensors are (B, C, F, H, W).
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import contextlib
 import dataclasses
@@ -33,8 +38,8 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,14 +47,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import sample
 import text_encoder as te
 import unet3d
-from weights import WeightsError, load_models, read_state_dict, save_state_dict, write_json
+from weights import (WeightsError, atomic_write, load_models, read_state_dict, save_state_dict, writable_dir,
+                     write_json)
 
 
 def opt(default, help: str):
@@ -276,12 +281,20 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     prior = preset.get("prior", cfg.prior)
     out = Path(cfg.out)
     state_path, delta_path = out / "state.pt", out / "delta.safetensors"
-    if not cfg.resume and (state_path.exists() or delta_path.exists()):
-        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume and not state_path.exists():
-        raise SystemExit(f"error: --resume given but {state_path} does not exist")
-    if prior == "real" and not cfg.reg_videos:  # only the toy model gets here (check_config): its base motions
-        cfg.reg_videos = str(toy_regularization_set(out / "toy-reg", cfg.seed, master, ddp))
+    if cfg.precision == "auto":  # resolved first: the checkpoint's config holds the resolved value
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+        if cfg.frozen_dtype not in ("fp32", cfg.precision):
+            raise SystemExit(f"error: --frozen-dtype {cfg.frozen_dtype} needs --precision {cfg.frozen_dtype}")
+    toy_reg = prior == "real" and not cfg.reg_videos  # only the toy model gets here (check_config)
+    if toy_reg:
+        cfg.reg_videos = str(out / "toy-reg")  # the toy world's base motions, made below
+    state = open_run(cfg, out)  # None for a new run; checked before anything heavy
+    if master:
+        writable_dir(out, "--out")
+        if toy_reg:
+            toy_regularization_set(out / "toy-reg", cfg.seed)
+    if ddp:
+        dist.barrier()  # the other ranks read what rank 0 wrote
     torch.manual_seed(cfg.seed + rank)  # dropout RNG; different per rank (its state is saved in the checkpoint)
 
     # --- frozen models ---
@@ -289,10 +302,6 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     unet, vae, text = models.unet.to(device), models.vae.to(device), models.text_encoder.to(device)
     abar = sample.alphas_cumprod(models.schedule).to(device)
     T = models.schedule["num_train_timesteps"]
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
-        if cfg.frozen_dtype not in ("fp32", cfg.precision):
-            raise SystemExit(f"error: --frozen-dtype {cfg.frozen_dtype} needs --precision {cfg.frozen_dtype}")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
     unet.requires_grad_(False)
     text.requires_grad_(False)
@@ -341,12 +350,12 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     if ddp and not master:
         dist.barrier()  # rank 0 encodes and fills the cache first; the other ranks then only read it
     multiple = 2 ** (len(vae.cfg.block_out_channels) - 1) * unet.cfg.downsample_factor  # 8 x 8 = 64 pixels
-    inst = encode_set(load_clips(cfg, cfg.videos, cfg.caption, multiple, instance=True), vae, text, models.tokenizer,
-                      cache_dir, fingerprint, device, token_id, master)
+    inst = encode_set(load_clips(cfg, cfg.videos, cfg.caption, multiple, models.tokenizer, instance=True), vae, text,
+                      models.tokenizer, cache_dir, fingerprint, device, token_id, master)
     reg = None
     if prior == "real":
-        reg = encode_set(load_clips(cfg, cfg.reg_videos, cfg.reg_caption, multiple), vae, text, models.tokenizer,
-                         cache_dir, fingerprint, device, token_id, master)
+        reg = encode_set(load_clips(cfg, cfg.reg_videos, cfg.reg_caption, multiple, models.tokenizer), vae, text,
+                         models.tokenizer, cache_dir, fingerprint, device, token_id, master)
     elif prior == "synthetic":
         reg = synthetic_prior(cfg, models, device, amp, cache_dir, fingerprint, token_id, master)
     if ddp and master:
@@ -370,8 +379,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     model = DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp and any(p.requires_grad for p in unet.parameters()) else unet
     step = 0
-    if cfg.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state is not None:
         with torch.no_grad():
             for name, p in trainable:
                 p.copy_(state["trained"][name])
@@ -399,6 +407,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     sums = torch.zeros(4, device=device)  # loss, loss_inst, loss_reg, count since the last log line
     buckets = torch.zeros(2, 10, device=device)  # per-timestep-decile loss sum and count
     t_last, step_last, bar = time.time(), step, tqdm(total=cfg.steps, initial=step, disable=not master, desc="train")
+    interrupt = Interrupt()
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
             # one generator per (step, micro, rank): timesteps, noise and posterior samples are a pure function of
@@ -434,7 +443,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         step += 1
         bar.update(1)
 
-        ckpt_due = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps
+        stopping = interrupt.agreed(ddp, device) and step < cfg.steps  # Ctrl-C: checkpoint this step, then exit
+        ckpt_due = (cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps) or stopping
         if step % cfg.log_every == 0 or step == cfg.steps or ckpt_due:  # never checkpoint an unchecked loss
             stats = torch.cat([sums, buckets.flatten(), grad_norm.reshape(1).float()])
             if ddp:
@@ -458,6 +468,11 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
         if ckpt_due:
             save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, ddp, world, device, master)
+        if stopping:
+            again = " ".join(["python"] + sys.argv + ([] if cfg.resume else ["--resume"])) \
+                if sys.argv[0].endswith("train.py") else "the same command with --resume"
+            print0(f"\ninterrupted at step {step}: checkpoint written to {state_path}; continue with: {again}")
+            raise SystemExit(130)  # the shell's code for an interrupt
         if cfg.val_every and step % cfg.val_every == 0:
             score = validate(cfg, models, unet, step, out, amp, master)
             if score_fn is not None and stop_score is not None:
@@ -558,25 +573,35 @@ def check_config(cfg: Config, given=None):
         raise SystemExit("error: --videos is required (a folder of example videos of the new motion)")
     if cfg.frozen_dtype != "fp32" and cfg.precision != "auto" and cfg.frozen_dtype != cfg.precision:
         raise SystemExit("error: --frozen-dtype bf16/fp16 needs the same --precision (autocast)")
-    if not 0 <= cfg.alpha <= 1:
-        raise SystemExit(f"error: --alpha must be in [0, 1], got {cfg.alpha}")
-    if not 0 <= cfg.dropout < 1:
-        raise SystemExit(f"error: --dropout must be in [0, 1), got {cfg.dropout}")
+    ranges = {"alpha": (0, 1, "in [0, 1]"), "dropout": (0, 0.999, "in [0, 1)"), "reg_weight": (0, None, ">= 0"),
+              "lr": (1e-12, None, "> 0"), "weight_decay": (0, None, ">= 0"), "grad_clip": (1e-12, None, "> 0"),
+              "fps": (0, None, ">= 0 (0 = use --stride)"), "stop_score": (-1, 1, "in [-1, 1] (a cosine)"),
+              "lora_scale": (None, None, "a number")}
+    ranges.update({k: (1, None, "at least 1") for k in ("steps", "batch_size", "grad_accum", "reg_ratio", "log_every",
+                                                          "frames", "val_steps", "stride", "size", "prior_count")})
+    ranges.update({k: (0, None, ">= 0") for k in ("ckpt_every", "val_every", "limit", "lora_rank", "start")})
+    for k, (lo, hi, text) in ranges.items():
+        v = getattr(cfg, k)
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be {text}, got {v}")
     if cfg.fps and cfg.stride != 1:
         raise SystemExit(f"error: --stride {cfg.stride} needs --fps 0 (with --fps the stride comes from each clip's "
                          f"frame rate)")
-    if cfg.fps < 0:
-        raise SystemExit(f"error: --fps must be positive (or 0 to use --stride), got {cfg.fps}")
-    for k in ("steps", "batch_size", "grad_accum", "reg_ratio", "log_every", "frames", "val_steps"):
-        if getattr(cfg, k) < 1:
-            raise SystemExit(f"error: --{k.replace('_', '-')} must be at least 1")
+    try:
+        seeds = [int(s) for s in cfg.val_seeds.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise SystemExit(f"error: --val-seeds must be comma-separated integers, e.g. 0,1,2; got {cfg.val_seeds!r}")
+    if not any(p.strip() for p in cfg.val_prompts.split("|")):
+        raise SystemExit("error: --val-prompts is empty (prompts separated by '|')")
     if cfg.window == "random" and cfg.max_frames < cfg.frames:
         raise SystemExit(f"error: --max-frames {cfg.max_frames} must be at least --frames {cfg.frames}")
 
 
-def toy_regularization_set(folder: Path, seed: int, master: bool, ddp: bool) -> Path:
+def toy_regularization_set(folder: Path, seed: int):
     """Base-motion clips of the toy world (as toy/demo.py makes them), written once to `folder` (atomic rename)."""
-    if master and not folder.is_dir():
+    if not folder.is_dir():
         from toy import world
 
         clips = world.make_dataset(TOY_REG_CLIPS, world.BASE_MOTIONS, seed=2000 + seed,
@@ -585,9 +610,45 @@ def toy_regularization_set(folder: Path, seed: int, master: bool, ddp: bool) -> 
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written set from a killed run
         world.write_folder(clips, tmp)
         os.replace(tmp, folder)
-    if ddp:
-        dist.barrier()  # the other ranks read what rank 0 wrote
-    return folder
+
+
+# settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
+RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
+             "val_prompts", "val_seeds", "val_solver", "val_steps", "val_guidance", "stop_clip", "stop_clip_weights",
+             "stop_score", "export_diffusers"}
+RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
+
+
+def open_run(cfg: Config, out: Path):
+    """The checkpoint to resume from (None for a new run), checked before any model loads: never mix two runs in
+    one folder, never resume from an unreadable file or with settings that change what trains."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not cfg.resume:
+        if found:
+            raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                             f"or choose another --out")
+        return None
+    path = out / "state.pt"
+    if not path.is_file():
+        held = f"holds {', '.join(found)} but no checkpoint (stopped before its first one)" if found else \
+            "holds no run"
+        raise SystemExit(f"error: --resume: {out} {held}; start the run again with another --out")
+    try:  # weights-only: a pickle that carries code is refused, whatever it claims to be
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, not a torch file, or refused by the weights-only unpickler
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
+        raise SystemExit(f"error: {path}: not a readable train.py checkpoint ({reason[:200]})") from None
+    keys = {"trained", "optimizer", "scaler", "step", "rng", "config"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise SystemExit(f"error: {path}: not a train.py checkpoint (it lacks "
+                         f"{', '.join(sorted(keys - set(state))) if isinstance(state, dict) else 'a state dict'})")
+    saved = state["config"]
+    changed = [f"--{k.replace('_', '-')} (run: {saved[k]!r}, now: {v!r})" for k, v in asdict(cfg).items()
+               if k not in RESUMABLE and k in saved and saved[k] != v]
+    if changed:
+        raise SystemExit(f"error: --resume: {'; '.join(changed)}: these settings decide what the run trains and "
+                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*)")
+    return state
 
 
 def print_param_table(groups: dict, chosen: tuple, trainable: list, cfg: Config):
@@ -607,9 +668,11 @@ def model_fingerprint(model_dir) -> str:
     return hashlib.sha256(repr(desc).encode()).hexdigest()[:16]
 
 
-def load_clips(cfg: Config, folder: str, caption: str, multiple: int, instance: bool = False):
+def load_clips(cfg: Config, folder: str, caption: str, multiple: int, tokenizer, instance: bool = False):
     """The clips of one folder (data.py), sized for the model: H and W must divide by `multiple` (64 for ModelScope).
-    The Jester selection (--jester-csv/--jester-class/--limit) applies to the instance set."""
+    The Jester selection (--jester-csv/--jester-class/--limit) applies to the instance set. Captions longer than the
+    text encoder's 77 tokens are cut: a warning names the clip, and an instance caption whose --token falls past the
+    cut is an error (the run would train without the token)."""
     import data
 
     jester = dict(jester_csv=cfg.jester_csv or None, jester_class=cfg.jester_class or None,
@@ -622,9 +685,21 @@ def load_clips(cfg: Config, folder: str, caption: str, multiple: int, instance: 
                                     strict=cfg.strict, **jester)
         if int(os.environ.get("RANK", "0")) == 0:
             print(dataset.report)
-        return dataset
     except ValueError as e:  # data.DataError included: it names the file and the problem
         raise SystemExit(f"error: {e}") from None
+    room, tok = tokenizer.context_length - 2, tokenizer.encode(cfg.token)  # 75 between SOT and EOT
+    has = lambda ids: any(ids[i:i + len(tok)] == tok for i in range(len(ids) - len(tok) + 1))  # noqa: E731
+    for clip in dataset.clips:
+        ids = tokenizer.encode(clip["caption"])
+        if len(ids) <= room:
+            continue
+        if instance and has(ids) and not has(ids[:room]):
+            raise SystemExit(f"error: {clip['path']}: its caption is {len(ids)} tokens, the text encoder keeps {room}, "
+                             f"and the token {cfg.token!r} is in the part cut off: shorten the caption")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: {clip['path']}: its caption is {len(ids)} tokens; the text encoder keeps the first {room}",
+                  file=sys.stderr)
+    return dataset
 
 
 @torch.no_grad()
@@ -731,6 +806,30 @@ def encode_with_token(text, tokens, ctx):
     return out
 
 
+class Interrupt:
+    """Ctrl-C (SIGINT) during the loop: the first one lets the step finish, then the loop writes a checkpoint and
+    exits; a second one exits at once."""
+
+    def __init__(self):
+        self.hit = False
+        signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame):
+        if self.hit:
+            raise SystemExit(130)
+        self.hit = True
+        print("\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, ddp: bool, device) -> bool:
+        """Whether any rank was interrupted (every rank must write the checkpoint together)."""
+        if not ddp:
+            return self.hit
+        flag = torch.tensor([float(self.hit)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def save_checkpoint(path: Path, trainable, optimizer, scaler, step, cfg, ddp, world, device, master):
     """Everything a bit-exact resume needs: trained tensors, optimizer, scaler, step, every rank's RNG state."""
     rng = {"cpu": torch.get_rng_state()}
@@ -744,10 +843,8 @@ def save_checkpoint(path: Path, trainable, optimizer, scaler, step, cfg, ddp, wo
     if master:
         state = {"trained": {n: p.detach().cpu() for n, p in trainable}, "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "rng": rngs, "config": asdict(cfg)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+        # atomic: a kill mid-save leaves the previous checkpoint intact
+        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 @torch.no_grad()
@@ -805,3 +902,5 @@ if __name__ == "__main__":
         main(cfg, score_fn=score_fn, stop_score=cfg.stop_score)
     except (WeightsError, ValueError) as e:  # bad files and values: one line naming the problem
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # before the loop (loading, encoding): nothing trained yet, nothing to resume
+        raise SystemExit("interrupted before training started") from None

@@ -17,7 +17,7 @@ Sources (facts only; no code copied):
     keys, channel counts, kernels/strides/pads; convs have biases; BN = nn.BatchNorm2d defaults, eps 1e-5, affine; every
     pooling uses ceil_mode=True; ReLU is applied in place right after every BN, so the concatenations see ReLU'd maps).
     The same graph, written out, is Cadene/pretrained-models.pytorch `pretrainedmodels/models/bninception.py`.
-  * ../shared/reference/method.md sections 7.2 and 7.3.
+  * docs/method.md sections 7.2 and 7.3.
 
 Notable differences from upstream (all chosen so that loading the public checkpoint and evaluating stays exact):
   * Relation-frame choice is deterministic: upstream draws 3 frame combinations per scale < 8 with the global
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights import WeightsError, assign_state_dict, read_state_dict
+from weights import WeightsError, assign_state_dict, read_state_dict, read_text
 
 NUM_SEGMENTS = 8  # frames per video the checkpoint was trained with ("segment8")
 IMG_FEATURE_DIM = 256  # per-frame feature size after new_fc
@@ -293,7 +293,7 @@ def read_categories(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; expected the TRN categories file (one class name per line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path, "TRN categories file").splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path}: no class names found; expected one class name per line")
     return names

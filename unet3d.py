@@ -16,7 +16,7 @@ original `text2video_pytorch_model.pth` names (input_blocks.*, with the `temopra
 
 Sources: ModelScope `modelscope/models/multi_modal/video_synthesis/unet_sd.py` (the original); diffusers
 `models/unets/unet_3d_condition.py`, `unet_3d_blocks.py`, `transformers/transformer_temporal.py`, `resnet.py` (the port);
-facts in ../shared/reference/modelscope.md.
+facts in docs/modelscope.md.
 
 Notable differences from upstream (none changes the released model's outputs):
   * Attention is torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
@@ -37,7 +37,7 @@ Notable differences from upstream (none changes the released model's outputs):
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

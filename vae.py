@@ -2,7 +2,7 @@
 
 It is the same architecture as the Stable Diffusion 1.x/2.x VAE: a 2-D conv encoder that maps an RGB frame in [-1, 1]
 to a diagonal Gaussian over 4-channel latents at 1/8 of the resolution, and a conv decoder back. Frames are independent:
-there is nothing temporal in here. Facts and numbers: ../shared/reference/modelscope.md §3 and §6.3.
+there is nothing temporal in here. Facts and numbers: docs/modelscope.md §3 and §6.3.
 
 Tensor layout: videos are (B, C, F, H, W) everywhere, as in unet3d.py. The VAE is a 2-D network, so every entry point
 folds the frames into the batch, (B, C, F, H, W) -> (B*F, C, H, W), and unfolds again on the way out.

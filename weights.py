@@ -1,6 +1,6 @@
 """Weight files: read them safely, assign them strictly, write them atomically, and load a model directory.
 
-Two release layouts of the same ModelScope text-to-video model are understood (facts: ../shared/reference/modelscope.md):
+Two release layouts of the same ModelScope text-to-video model are understood (facts: docs/modelscope.md):
 
   original  (damo/text-to-video-synthesis, zeroscope's zs2_576w/)      diffusers (text-to-video-ms-1.7b, zeroscope_v2_576w)
     configuration.json                                                   model_index.json (optional)
@@ -208,11 +208,10 @@ def assign_state_dict(model: nn.Module, sd: dict, *, source: str, dtype: torch.d
 # writing
 
 
-def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a state dict atomically (temp file + rename) as safetensors (by suffix) or a torch file.
-
-    Refuses to replace an existing file unless `overwrite`; a crash mid-write never leaves a half-written file.
-    """
+def atomic_write(path, write, overwrite: bool = False) -> Path:
+    """Create `path` by `write(tmp)` on a temporary file in the same folder, then one rename: a crash or a reader never
+    sees a half-written file. Refuses to replace an existing file unless `overwrite`. The file gets the user's usual
+    mode (0666 minus the umask), not the 0600 of the temporary file. The one copy of this idiom in the project."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise WeightsError(f"{path}: already exists; refusing to overwrite it")
@@ -220,13 +219,10 @@ def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: boo
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        else:
-            torch.save(sd, tmp)
+        write(tmp)
+        umask = os.umask(0)  # (reading the umask means setting it; restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -234,16 +230,48 @@ def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: boo
     return path
 
 
+def read_text(path, what: str = "text file") -> str:
+    """A UTF-8 text file (captions, prompts, CSVs, class names); a missing, unreadable or non-UTF-8 file is a
+    WeightsError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: {what} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
+                           f"{what} as UTF-8") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def writable_dir(path, flag: str = "--out") -> Path:
+    """Create folder `path` if needed and check that a file can be written in it (a read-only place, a file in the
+    way): a one-line error before the heavy work, not a traceback after it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise WeightsError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a state dict atomically (atomic_write) as safetensors (by suffix) or a torch file."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        write = lambda tmp: save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})  # noqa: E731
+    else:
+        write = lambda tmp: torch.save(sd, tmp)  # noqa: E731
+    return atomic_write(path, write, overwrite)
+
+
 def write_json(obj, path, overwrite: bool = False) -> Path:
     """Atomic JSON write with the same no-silent-overwrite rule as save_state_dict."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise WeightsError(f"{path}: already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"), overwrite)
 
 
 def read_json(path, what: str) -> dict:

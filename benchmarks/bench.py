@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                 # the side-by-side table, ~5-10 min on 2 CPU cores -> benchmarks/results.md
     python benchmarks/bench.py --quick         # 1-2 minute smoke run of the same table
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench.py    # on a CPU shared with other jobs (see the warning it prints)
+    OMP_WAIT_POLICY=ACTIVE python benchmarks/bench.py     # libgomp spinning (the default here is PASSIVE: a busy CPU)
     python benchmarks/bench.py --device cuda --threads 8 --reps 20
     python benchmarks/bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing selective
     python benchmarks/bench.py --full-size     # BY HAND, never in CI: one 1.7B training step on CPU (~15 GB RAM, see below)
@@ -73,6 +73,11 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 run and the estimator's cross-check, never by our modules.
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import contextlib
 import datetime
@@ -80,7 +85,6 @@ import functools
 import gc
 import json
 import math
-import os
 import platform
 import re
 import resource
@@ -751,7 +755,7 @@ def machine_info(args, device) -> dict:
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
             "diffusers": diffusers_module().__version__, "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(), "cpu": machine_cpu(), "cores": os.cpu_count(),
-            "precision": args.precision, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (active)")}
+            "precision": args.precision, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp's default)")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -856,10 +860,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
 
 
 def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers never see a half-written file
+    weights.atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)  # no half-written file
 
 
 def side_by_side(args) -> list:
@@ -871,7 +872,7 @@ def side_by_side(args) -> list:
     if device.type == "cpu" and args.threads > 1 and not passive and load0 + args.threads > (os.cpu_count() or 1) + 0.5:
         # every parallel op waits for its slowest thread, and OpenMP's default busy-waiting burns the core that the
         # other thread needs: measured on a 2-core machine next to a training job, a forward took 4.9 s with 2
-        # threads, 0.14 s with 1, 0.17 s with 2 and OMP_WAIT_POLICY=PASSIVE (read when torch loads, so set it outside)
+        # threads, 0.14 s with 1, 0.17 s with 2 and OMP_WAIT_POLICY=PASSIVE (this script's default unless set)
         print(f"warning: load average {load0:.1f} on {os.cpu_count()} cores: {args.threads} threads will wait on each "
               f"other; while other work runs use OMP_WAIT_POLICY=PASSIVE or --threads 1", file=sys.stderr)
     rows, pairs = [], {}
@@ -991,7 +992,7 @@ def print_estimate(args):
     print(f"  training step (forward + backward, grads for the trainable set"
           f"{', + checkpoint recompute' if args.checkpointing else ''}): {e['step_flops'] / 1e12:.4f} TFLOP "
           f"({e['step_flops'] / e['fwd_flops']:.2f}x forward)")
-    print(f"\nGPU memory budget (GB = 1e9 B; optimizer fused AdamW, no CPU offload):")
+    print("\nGPU memory budget (GB = 1e9 B; optimizer fused AdamW, no CPU offload):")
     for k, v in e["budget"].items():
         print(f"  {v / GB:9.3f}  {k}")
     mem = e["memory"]

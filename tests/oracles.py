@@ -5,6 +5,7 @@ The `modelscope` wheel ships `unet_sd.py`, `autoencoder.py` and `diffusion.py` b
 so they are executed directly from their file path; they need only torch, einops and numpy.
 """
 
+import gzip
 import importlib.util
 import math
 from pathlib import Path
@@ -72,3 +73,14 @@ def original_unet(seed: int = 0, cfg: dict = TINY_ORIGINAL):
         head_dim=c["unet_head_dim"], num_res_blocks=c["unet_res_blocks"], attn_scales=c["unet_attn_scales"],
         dropout=c["unet_dropout"], temporal_attention=True)
     return randomize_(ref, seed)
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def release_keys(name: str) -> list:
+    """Rows of a tab-separated key list of the released checkpoints, shipped gzipped in tests/assets/: key names and
+    shapes read off `text2video_pytorch_model.pth` / `VQGAN_autoencoder.pth` (ModelScope text-to-video-ms-1.7b), and
+    diffusers' conversion table for the UNet (original key, diffusers key, transform, diffusers shape)."""
+    with gzip.open(ASSETS / f"{name}.tsv.gz", "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]

@@ -346,7 +346,7 @@ def test_every_command_line_help_works(script):
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
 
 
-# --------------------------------------------------------------------------------------------------- fidelity to the official run
+# ------------------------------------------------------------------------------------ fidelity to the official run
 
 
 def test_defaults_are_the_official_run():

@@ -2,18 +2,13 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import unet3d
-from oracles import TINY_ORIGINAL, max_abs_diff, original_unet, randomize_
+from oracles import TINY_ORIGINAL, max_abs_diff, original_unet, randomize_, release_keys
 from weights import WeightsError
-
-KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "keys"
-if not KEYS.is_dir():  # fresh clones put shared/ beside the repository
-    KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 
 def _shape(s: str):
     return tuple(int(x) for x in s.strip("()").split(",") if x.strip())
@@ -29,13 +24,13 @@ def test_full_size_keys_match_both_release_layouts():
     assert len(sd) == 1480
     assert sum(v.numel() for v in sd.values()) == 1_411_233_860
     # original file: same key set, same shapes
-    original = dict(line.rstrip("\n").split("\t") for line in open(KEYS / "ms_unet_keys.tsv"))
+    original = dict(release_keys("ms_unet_keys"))
     ours_as_original = unet3d.to_original(sd, unet3d.UNet3DConfig())
     assert set(ours_as_original) == set(original)
     for k, v in ours_as_original.items():
         assert tuple(v.shape) == _shape(original[k]), k
     # diffusers: our names ARE the diffusers names; our key map equals diffusers' conversion table
-    rows = [line.rstrip("\n").split("\t") for line in open(KEYS / "ms_unet_to_diffusers_keymap.tsv")][1:]
+    rows = release_keys("ms_unet_to_diffusers_keymap")[1:]  # (a header row first)
     assert len(rows) == 1480
     key_map = unet3d.original_key_map(unet3d.UNet3DConfig(), sd.keys())
     for orig, diff, transform, diff_shape in rows:

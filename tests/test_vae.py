@@ -6,16 +6,14 @@ Run: cd /work/main && python -m pytest -q tests/test_vae.py   (CPU, tiny configs
 import argparse
 import ast
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import vae  # pytest.ini puts the repository root and tests/ on sys.path
-from oracles import max_abs_diff, modelscope_module, randomize_
+from oracles import max_abs_diff, modelscope_module, randomize_, release_keys
 from weights import WeightsError, save_state_dict
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys" / "ms_vae_keys.tsv"
 TOL = 1e-5  # float32 parity bound
 # The tiny ModelScope ddconfig: two levels of 32 and 64 channels (GroupNorm(32) needs multiples of 32).
 DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
@@ -121,8 +119,7 @@ def test_parity_with_diffusers(tmp_path):
 
 
 def read_keys_tsv():
-    rows = [line.split("\t") for line in KEYS_TSV.read_text().splitlines() if line.strip()]
-    return {k: tuple(ast.literal_eval(shape)) for k, shape in rows}  # "key\t(128, 3, 3, 3)", no header
+    return {k: tuple(ast.literal_eval(shape)) for k, shape in release_keys("ms_vae_keys")}  # "key\t(128, 3, 3, 3)"
 
 
 def test_full_size_keys_match_release():

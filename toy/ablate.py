@@ -9,6 +9,11 @@ On 2 CPU cores a row takes about 3.5 min per seed at 150 steps (toy/ablation.md:
 about 4x that at the demo's 600 steps.
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import statistics
 import sys
@@ -17,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import weights  # noqa: E402
 from toy import demo  # noqa: E402
 
 # row name -> (paper Table 2 row, train.Config overrides)
@@ -66,9 +72,8 @@ def main():
         # rewritten after every row (atomically), so a long run that is stopped still leaves its finished rows
         footer = (f"\n{args.seeds} seeds per row (mean ± sample std, %); {len(lines) - 2} of {len(args.rows)} rows; "
                   f"{time.time() - t0:.0f} s; command: python toy/ablate.py {' '.join(sys.argv[1:])}")
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n" + footer + "\n")
-        tmp.replace(out)
+        text = "\n".join(lines) + "\n" + footer + "\n"
+        weights.atomic_write(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(f"wrote {out}")
 
 

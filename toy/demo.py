@@ -15,6 +15,11 @@
 The same unet3d.py / vae.py / text_encoder.py / train.py / sample.py code as the 1.7B model, only smaller.
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import sys
 import tempfile

@@ -8,6 +8,11 @@ change ||eps(x, t, variant) - eps(x, t, reference)|| / ||eps(x, t, reference)|| 
 timesteps. A word the model ignores changes little; README "The toy world" quotes this for the direction words.
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import sys
 from pathlib import Path

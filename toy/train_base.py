@@ -40,6 +40,11 @@ Everything is a function of --seed. The result is written with weights.save_mode
 files, which the loaders cast back to float32), so `--model toy/model` works everywhere.
 """
 
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+
 import argparse
 import copy
 import dataclasses
@@ -218,11 +223,10 @@ def main():
                + 0.5 * torch.cat([torch.zeros(800), torch.ones(200)]).double() / 200}[args.timesteps].float()
 
     def save_state():
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"vae": vae.state_dict(), "vae_scale": vae.cfg.scaling_factor, "unet": unet.state_dict(),
-                    "text": text.state_dict(), "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                    "opt": opt.state_dict(), "step": step}, tmp)
-        tmp.replace(state_path)
+        state = {"vae": vae.state_dict(), "vae_scale": vae.cfg.scaling_factor, "unet": unet.state_dict(),
+                 "text": text.state_dict(), "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                 "opt": opt.state_dict(), "step": step}
+        weights.atomic_write(state_path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
     unet.train()
     text.train(args.text == "joint")
