@@ -170,6 +170,13 @@ def param_group(name: str) -> str:
     return "spatial_rest"
 
 
+def select_trainable(unet, preset: str) -> list:
+    """[(name, parameter)] that `preset` trains, group by group in PRESETS order. Works on diffusers'
+    UNet3DConditionModel too (same names): the one copy of the selection, used by train.py, benchmarks and tests."""
+    params = list(unet.named_parameters())
+    return [(n, p) for g in PRESETS[preset]["groups"] for n, p in params if param_group(n) == g]
+
+
 # -----------------------------------------------------------------------------------------------------------------------
 # small pure pieces of the method
 
@@ -310,10 +317,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             m.p = cfg.dropout
 
     # --- which weights train ---
-    groups = {}
-    for name, p in unet.named_parameters():
-        groups.setdefault(param_group(name), []).append((name, p))
-    chosen = [(n, p) for g in preset["groups"] for n, p in groups.get(g, [])]
+    chosen = select_trainable(unet, cfg.preset)
     if cfg.lora_rank:
         # LoRA on the chosen Linear weights only; norms, convs and biases of the preset stay frozen
         from torch.nn.utils import parametrize
@@ -341,7 +345,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     if not trainable:
         raise SystemExit(f"error: preset {cfg.preset} with these options trains nothing")
     if master:
-        print_param_table(groups, preset["groups"], trainable, cfg)
+        print_param_table(unet, trainable, cfg)
     unet.set_gradient_checkpointing({"none": False, "selective": "selective", "full": True}[cfg.checkpointing])
 
     # --- data: encode every clip once (VAE posterior of every cached frame + text embedding), then free the encoders ---
@@ -651,12 +655,15 @@ def open_run(cfg: Config, out: Path):
     return state
 
 
-def print_param_table(groups: dict, chosen: tuple, trainable: list, cfg: Config):
-    total = sum(p.numel() for g in groups.values() for _, p in g)
-    print(f"{'group':14s} {'params':>15s} {'tensors':>8s}  trains ({cfg.preset}{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''})")
+def print_param_table(unet, trainable: list, cfg: Config):
+    """Parameters and tensors per group, which groups train, and the trainable total."""
+    total = sum(p.numel() for p in unet.parameters())
+    lora = f", LoRA r={cfg.lora_rank}" if cfg.lora_rank else ""
+    print(f"{'group':14s} {'params':>15s} {'tensors':>8s}  trains ({cfg.preset}{lora})")
     for g in ("temporal", "spatial_kv", "spatial_attn", "spatial_rest"):
-        ps = groups.get(g, [])
-        print(f"{g:14s} {sum(p.numel() for _, p in ps):>15,d} {len(ps):>8d}  {'yes' if g in chosen else 'no'}")
+        ps = [p for n, p in unet.named_parameters() if param_group(n) == g]
+        trains = "yes" if g in PRESETS[cfg.preset]["groups"] else "no"
+        print(f"{g:14s} {sum(p.numel() for p in ps):>15,d} {len(ps):>8d}  {trains}")
     n = sum(p.numel() for _, p in trainable)
     print(f"{'trainable':14s} {n:>15,d} {len(trainable):>8d}  ({100 * n / total:.1f}% of {total:,d} UNet params)")
 

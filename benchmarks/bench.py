@@ -185,9 +185,8 @@ def build_pair(cfg: UNet3DConfig, seed: int = 0, device="cpu", sides=SIDES) -> d
 
 
 def trainable_names(model: torch.nn.Module, preset: str = "newmove") -> list:
-    """The parameters train.py trains for `preset`: its groups by train.param_group, which reads the (shared) names."""
-    groups = train.PRESETS[preset]["groups"]
-    return [n for n, _ in model.named_parameters() if train.param_group(n) in groups]
+    """The parameters train.py trains for `preset` (train.select_trainable; the names are shared with diffusers')."""
+    return [n for n, _ in train.select_trainable(model, preset)]
 
 
 def set_trainable(model: torch.nn.Module, names: list) -> list:

@@ -16,9 +16,8 @@ import unet3d  # noqa: E402
 def test_estimator_counts_match_the_model():
     cfg = unet3d.UNET_PRESETS["tiny"]
     model = unet3d.UNet3D(cfg)
-    groups = train.PRESETS["newmove"]["groups"]
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for n, p in model.named_parameters() if train.param_group(n) in groups)
+    trainable = sum(p.numel() for _, p in train.select_trainable(model, "newmove"))
     counts = bench.count_params(cfg, "newmove")
     assert counts == {"total": total, "trainable": trainable, "frozen": total - trainable,
                       "tensors": len(bench.trainable_names(model))}

@@ -43,29 +43,24 @@ def test_timestep_distributions():
     assert abs((draws >= 500).double().mean().item() - 0.659) < 0.003
 
 
-def _full_size_groups():
+def _full_size_unet():
     with torch.device("meta"):
-        unet = unet3d.UNet3D()
-    groups = {}
-    for name, p in unet.named_parameters():
-        groups.setdefault(train.param_group(name), []).append((name, p))
-    return unet, groups
+        return unet3d.UNet3D()
 
 
 @pytest.mark.parametrize("preset,params,tensors", [
     ("newmove", 570_882_176, 826), ("temporal", 545_323_136, 794), ("temporal-none", 25_559_040, 32),
     ("all", 1_411_233_860, 1480)])
 def test_preset_parameter_counts_full_size(preset, params, tensors):
-    _, groups = _full_size_groups()
-    chosen = [p for g in train.PRESETS[preset]["groups"] for _, p in groups.get(g, [])]
+    chosen = [p for _, p in train.select_trainable(_full_size_unet(), preset)]
     assert (sum(p.numel() for p in chosen), len(chosen)) == (params, tensors)
 
 
 def test_spatial_kv_is_not_the_naive_attn2_filter():
-    unet, groups = _full_size_groups()
+    unet = _full_size_unet()
     naive = [p for n, p in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
     assert sum(p.numel() for p in naive) == 50_864_128  # includes the temporal transformers' second self-attention
-    kv = groups["spatial_kv"]
+    kv = train.select_trainable(unet, "temporal-none")  # the spatial K/V group alone
     assert sum(p.numel() for _, p in kv) == 25_559_040 and all(".attentions." in n for n, _ in kv)
 
 
