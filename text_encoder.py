@@ -313,6 +313,18 @@ def add_placeholder_token(tokenizer: Tokenizer, encoder: TextEncoder, word: str,
     return _add(tokenizer, encoder, word, row)
 
 
+def reencode_placeholders(text: TextEncoder, tokens, ctx):
+    """Re-encode (with grad) the prompts whose token ids (B, 77) hold a placeholder; the others keep their cached
+    embeddings `ctx` (B, 77, D). The token ablation trains the placeholder row through this."""
+    has = (tokens >= text.cfg.vocab_size).any(dim=1)  # (B,)
+    if not bool(has.any()):
+        return ctx
+    fresh = text(tokens[has])  # (b, 77, D), differentiable w.r.t. the placeholder row
+    out = ctx.clone()
+    out[has] = fresh.to(out.dtype)
+    return out
+
+
 def placeholder_state(tokenizer: Tokenizer, encoder: TextEncoder) -> dict:
     """{'words': [...], 'embeddings': (n, D)} in id order: what a trained delta must carry to restore the placeholders."""
     words = sorted(tokenizer.placeholders, key=tokenizer.placeholders.get)

@@ -12,6 +12,9 @@
 4. the same prompts and seeds are sampled again and scored. The table: novel-motion accuracy before/after, appearance
    (colour) accuracy, copy rate (the video shows the colour+shape of a training example although the prompt asked for
    another) and base-motion accuracy before/after (forgetting).
+5. every sampled video is kept (mp4, gif and png contact sheet, before/ and after/) with an index.json of prompt, seed
+   and the scorer's reading, in --samples (default: a new folder demo_out/<date-time>), named at the end;
+   `python toy/figures.py --samples <that folder>` draws the README's before/after figures from it.
 The same unet3d.py / vae.py / text_encoder.py / train.py / sample.py code as the 1.7B model, only smaller.
 """
 
@@ -21,6 +24,9 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
 
 import argparse
+import json
+import math
+import shlex
 import sys
 import tempfile
 import time
@@ -52,7 +58,46 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
     return {"motion": sum(m == w for m, w in zip(motions, want_motions)) / n,
             "colour": sum(lk[0] == a[0] for lk, a in zip(looks, asked)) / n,
             "copy": sum(lk in train_looks and lk != a for lk, a in zip(looks, asked)) / n,
-            "videos": videos}
+            "videos": videos, "motions": motions, "looks": looks}  # per video, for the samples' index
+
+
+def samples_folder(arg, quiet: bool):
+    """The folder to keep the samples in: --samples as given ('' = none), unset = a new demo_out/<date-time> (none when
+    quiet: tests and toy/ablate.py). Created (and checked writable) here, before the work; never an existing one."""
+    if (arg is None and quiet) or arg == "":
+        return None
+    if arg is None:  # a fresh name: demo_out/20261129-204500, or -1, -2, ... if a run in the same second took it
+        stem = Path("demo_out") / time.strftime("%Y%m%d-%H%M%S")
+        folder = next(f for k in range(1000) if not (f := Path(f"{stem}-{k}" if k else stem)).exists())
+    else:
+        folder = Path(arg)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise SystemExit(f"error: --samples {folder} exists and is not an empty folder; choose another")
+    try:
+        return weights.writable_dir(folder, "--samples")
+    except weights.WeightsError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
+    """Write every sampled video to folder/<when>/<prompt>-seed<k> (sample.save_video: mp4, gif, png contact sheet)
+    and folder/index.json: `info` plus per video its set, prompt, seed, wanted motion and, per `when`, the file stem
+    and the scorer's motion, colour and shape. sets: name -> (prompts, seeds, wanted motions, {when: score() result});
+    a result without videos (not sampled: --no-before) is left out. Returns the index path."""
+    entries = []
+    for name, (prompts, seeds, wants, results) in sets.items():
+        for i, (prompt, seed, want) in enumerate(zip(prompts, seeds, wants)):
+            entry = {"set": name, "prompt": prompt, "seed": seed, "want": want}
+            for when, r in results.items():
+                if "videos" not in r:
+                    continue
+                stem = sample.save_video(r["videos"][i], folder / when, f"{sample.slug(prompt)}-seed{seed}")
+                colour, shape = r["looks"][i]
+                entry[when] = {"stem": stem.relative_to(folder).as_posix(), "motion": r["motions"][i],
+                               "colour": colour, "shape": shape}
+            entries.append(entry)
+    text = json.dumps({**info, "videos": entries}, indent=1, allow_nan=False) + "\n"
+    return weights.atomic_write(folder / "index.json", lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def parser():
@@ -73,12 +118,15 @@ def parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="keep the run here ('' = a temporary folder)")
     p.add_argument("--no-before", action="store_true", help="skip scoring the base model (the ablation runner)")
+    p.add_argument("--samples", default=None, help="keep the sampled videos and their index.json here (a new or "
+                   "empty folder; default: a new demo_out/<date-time>; '' = do not keep them)")
     return p
 
 
 def main(argv=None, overrides=None, quiet=False):
     """Run the demo; `overrides` are train.Config fields (the ablation runner uses them). Returns the table rows."""
     args = parser().parse_args(argv)
+    keep = samples_folder(args.samples, quiet)  # before the work: a bad --samples fails now, not after 15 min
     torch.set_num_threads(2)
     t0 = time.time()
     scorer = ToyScorer()
@@ -91,8 +139,7 @@ def main(argv=None, overrides=None, quiet=False):
         for c in examples:
             c.caption = f"a {c.colour} {c.shape} doing {args.token}"
         world.write_folder(examples, work / "videos")
-        world.write_folder(world.make_dataset(args.reg, world.BASE_MOTIONS, seed=2000 + args.seed,
-                                              exclude_combos=world.HELD_OUT_COMBOS), work / "reg")
+        world.write_regularization_set(work / "reg", args.reg, args.seed)
         train_looks = {(c.colour, c.shape) for c in examples}
 
         # 2. prompts with appearance pairs the base model never saw
@@ -131,14 +178,27 @@ def main(argv=None, overrides=None, quiet=False):
             ("copy rate, novel prompts", before_novel["copy"], after_novel["copy"]),
             ("base-motion accuracy (forgetting)", before_base["motion"], after_base["motion"]),
             ("appearance (colour) accuracy, base prompts", before_base["colour"], after_base["colour"])]
-    if quiet:
-        return {name: (a, b) for name, a, b in rows}
-    print(f"\nNewMove on the toy world: teach '{args.motion}' as '{args.token}' from {args.examples} clips, "
-          f"{args.steps} steps; unseen appearance pairs, {args.seeds} seeds\n")
-    print("| metric | base model | customized |\n| --- | --- | --- |")
-    for name, a, b in rows:
-        print(f"| {name} | {100 * a:.0f}% | {100 * b:.0f}% |")
-    print(f"\n(chance for motion: {100 / len(world.MOTIONS):.0f}%; {time.time() - t0:.0f} s in all)")
+    if not quiet:
+        print(f"\nNewMove on the toy world: teach '{args.motion}' as '{args.token}' from {args.examples} clips, "
+              f"{args.steps} steps; unseen appearance pairs, {args.seeds} seeds\n")
+        print("| metric | base model | customized |\n| --- | --- | --- |")
+        for name, a, b in rows:
+            print(f"| {name} | {100 * a:.0f}% | {100 * b:.0f}% |")
+        print(f"\n(chance for motion: {100 / len(world.MOTIONS):.0f}%; {time.time() - t0:.0f} s in all)")
+
+    # 5. keep the samples (after all sampling and scoring: writing them draws no random numbers and changes no result)
+    if keep:
+        info = {"command": "python toy/demo.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "motion": args.motion, "token": args.token, "steps": args.steps, "seed": args.seed,
+                "sample_steps": args.sample_steps, "guidance": args.guidance, "frames": 8, "height": 32, "width": 32,
+                "table": {name: [None if math.isnan(x) else x for x in (a, b)] for name, a, b in rows}}  # NaN: not run
+        sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
+                          {"before": before_novel, "after": after_novel}),
+                "base": ([p for p, _ in base], [k for _, k in base], base_want,
+                         {"before": before_base, "after": after_base})}
+        keep_samples(keep, info, sets)
+        if not quiet:
+            print(f"samples: {keep}")
     return {name: (a, b) for name, a, b in rows}
 
 

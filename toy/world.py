@@ -19,6 +19,8 @@ to test "unseen appearance" prompts.
 """
 
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,6 +314,18 @@ def write_folder(clips, folder, fps: int = 8, crf: int = 0, pix_fmt: str = "yuv4
         path.with_suffix(".txt").write_text(clip.caption + "\n")
         paths.append(path)
     return paths
+
+
+def write_regularization_set(folder, n: int, seed: int = 0) -> Path:
+    """n base-motion clips with their captions (appearance pairs held out, as toy/demo.py's regularization set),
+    written once to `folder` through a temporary folder and one rename; an existing folder is kept as it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written set from a killed run
+        write_folder(make_dataset(n, BASE_MOTIONS, seed=2000 + seed, exclude_combos=HELD_OUT_COMBOS), tmp)
+        os.replace(tmp, folder)
+    return folder
 
 
 # -----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""The training clips as latents. Each clip is read once (data.py), VAE-encoded frame by frame and its caption
+text-encoded, both cached on disk; every step then draws, as pure functions of its position in the run (so a resumed
+run draws exactly what an uninterrupted one would), which clips it uses (clip_indices), which window of each clip
+(window_start, as the official loader: a new start per clip and step) and a fresh posterior sample (batch_latents).
+None of this is NewMove's choice; train.py holds those.
+
+    clips = load_clips("pll_clips/", data.ClipSpec(size=384, fps=24, max_frames=240), caption, "pll", tokenizer)
+    inst = encode_set(clips, vae, text, tokenizer, Path("runs/x/cache"), model_fingerprint(model_dir), device)
+    x0, ctx = batch_latents([("instance", inst, i) for i in clip_indices(b, rank, world, 1, n, seed)], b, seed, 16,
+                            True, generator, device)        # (1, 4, 16, h, w), (1, 77, D)
+"""
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+from weights import read_state_dict, save_state_dict
+
+
+def hash_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of values (sha256 of its repr): the same position in a run, the same draws."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def model_fingerprint(model_dir) -> str:
+    """Cheap identity of a model directory (paths, sizes, mtimes of its files): part of every cache key."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
+    desc = [(str(p.relative_to(model_dir)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    return hashlib.sha256(repr(desc).encode()).hexdigest()[:16]
+
+
+def load_clips(folder: str, spec: data.ClipSpec, caption: str, token: str, tokenizer, instance: bool = False,
+               **dataset_kw) -> data.VideoDataset:
+    """The clips of one folder (data.VideoDataset; `dataset_kw`: recursive, strict, the Jester selection). Captions
+    longer than the text encoder's 77 tokens are cut: a warning names the clip, and an instance caption whose token
+    falls past the cut is a DataError (the run would train without the token)."""
+    dataset = data.VideoDataset(folder, spec, caption=caption or None, token=token, **dataset_kw)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(dataset.report)
+    room, tok = tokenizer.context_length - 2, tokenizer.encode(token)  # 75 between SOT and EOT
+    has = lambda ids: any(ids[i:i + len(tok)] == tok for i in range(len(ids) - len(tok) + 1))  # noqa: E731
+    for clip in dataset.clips:
+        ids = tokenizer.encode(clip["caption"])
+        if len(ids) <= room:
+            continue
+        if instance and has(ids) and not has(ids[:room]):
+            raise data.DataError(f"{clip['path']}: its caption is {len(ids)} tokens, the text encoder keeps {room}, "
+                                 f"and the token {token!r} is in the part cut off: shorten the caption")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: {clip['path']}: its caption is {len(ids)} tokens; the text encoder keeps the first {room}",
+                  file=sys.stderr)
+    return dataset
+
+
+@torch.no_grad()
+def encode_set(dataset, vae, text, tokenizer, cache_dir: Path, fingerprint: str, device, token_id=None,
+               master: bool = True) -> dict:
+    """VAE posterior (scaled mean, std) of every frame of every clip and the text embedding, computed once, cached.
+
+    Stored per clip as `<key>.safetensors`, key = hash(clip content + clip settings + caption, model fingerprint), so
+    a second run (or the other ranks) reads instead of encoding. Returns per-clip posteriors on the CPU ("mean", "std":
+    lists of (L_i, 4, h_i, w_i), frame-major so a window is a contiguous slice) and stacked "context" and "tokens" on
+    `device`.
+    """
+    means, stds, contexts, tokens = [], [], [], []
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i in tqdm(range(len(dataset)), desc="encode clips", disable=not master):
+        item = dataset[i]  # decodes the clip: cheap next to the VAE, and it yields the content key
+        captions.append(item["caption"])
+        key = hashlib.sha256(f"{item['key']}|{fingerprint}".encode()).hexdigest()[:32]
+        path = cache_dir / f"{key}.safetensors"
+        if path.exists():
+            cached = read_state_dict(path)
+        else:
+            frames = item["video"].transpose(0, 1)  # (L, 3, H, W) in [-1, 1]: the VAE encodes frame by frame
+            posterior = [vae.encode_frames(frames[k:k + 16].to(device)) for k in range(0, len(frames), 16)]
+            mean, logvar = (torch.cat(x) for x in zip(*posterior))  # 2 x (L, 4, h, w), unscaled
+            s = vae.cfg.scaling_factor
+            tok = tokenizer([item["caption"]]).to(device)
+            cached = {"mean": (mean * s).cpu(), "std": (torch.exp(0.5 * logvar) * s).cpu(),  # scaled like latents
+                      "context": text(tok)[0], "tokens": tok[0]}
+            save_state_dict(cached, path, overwrite=True)  # atomic; ranks racing on the same key write equal bytes
+        pin = device.type == "cuda"  # pinned host memory: each step copies only its windows to the GPU
+        means.append(cached["mean"].pin_memory() if pin else cached["mean"])
+        stds.append(cached["std"].pin_memory() if pin else cached["std"])
+        contexts.append(cached["context"])
+        tokens.append(cached["tokens"])
+    if token_id is not None:  # captions are tokenized again: the cached ids predate the placeholder
+        tokens = list(tokenizer(captions).to(device))
+    stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
+    return {"mean": means, "std": stds, "context": stack(contexts), "tokens": stack(tokens)}
+
+
+def window_report(s: dict, frames: int, max_frames: int) -> str:
+    """One line on the frames cached per clip and the windows drawn from them (max_frames 0: first windows only)."""
+    lengths = sorted(m.shape[0] for m in s["mean"])
+    capped = sum(n == max_frames for n in lengths)
+    text = (f"{frames} of {lengths[0]}-{lengths[-1]} cached frames per clip "
+            f"({'a new start per clip and step' if max_frames else 'always the first'})")
+    shapes = sorted({tuple(m.shape[2:]) for m in s["mean"]})
+    text += f"; latent buckets (h, w): {', '.join(f'{h}x{w}' for h, w in shapes)}"
+    return text + (f"; {capped} clips reach the --max-frames {max_frames} cap" if capped else "")
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# per step: which clips, which window, which posterior sample
+
+
+def clip_indices(batch: int, rank: int, world: int, per_rank: int, n: int, seed: int) -> list:
+    """The clips rank `rank` uses in global micro-batch `batch`: a stream of reshuffled epochs dealt out across ranks.
+
+    Stateless (a function of the position in the run), so a resumed run sees exactly the data order of an
+    uninterrupted one, and within an epoch no two ranks get the same clip (the role of DistributedSampler)."""
+    out = []
+    for j in range(per_rank):
+        i = (batch * world + rank) * per_rank + j  # position in the global stream of clips
+        epoch, pos = divmod(i, n)
+        out.append(int(_epoch_order(n, seed, epoch)[pos]))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(hash_seed(seed, epoch)))
+
+
+def window_start(seed: int, which: str, batch: int, clip: int, length: int, frames: int) -> int:
+    """First cached frame of the window that clip `clip` of set `which` trains on in global micro-batch `batch`:
+    uniform over 0 .. length - frames, as the official loader's `random.randint(0, effective_length - n)`, but a pure
+    function of (seed, set, micro-batch, clip), so a resumed run redraws exactly the same windows."""
+    return hash_seed(seed, "window", which, batch, clip) % (length - frames + 1)
+
+
+def shape_groups(clips: list) -> list:
+    """Positions of the clips in the batch grouped by latent frame size (aspect bucket), in order of first appearance:
+    one UNet call per group. clips: [(set name, set, clip index)]."""
+    groups = {}
+    for j, (_, s, i) in enumerate(clips):
+        groups.setdefault(tuple(s["mean"][i].shape[1:]), []).append(j)
+    return list(groups.values())
+
+
+def batch_latents(clips: list, b: int, seed: int, frames: int, random_window: bool, g, device) -> tuple:
+    """Latents x0 (n, 4, F, h, w) and text embeddings (n, 77, D) of same-shape clips in micro-batch b: each clip's
+    window (window_start, or its first frames), and a fresh posterior sample z = mean + std * noise per clip and step.
+    clips: [(set name, set, clip index)]."""
+    means, stds = [], []
+    for which, s, i in clips:
+        L = s["mean"][i].shape[0]
+        w0 = window_start(seed, which, b, i, L, frames) if random_window else 0
+        means.append(s["mean"][i][w0:w0 + frames].to(device, non_blocking=True).transpose(0, 1))  # (4, F, h, w)
+        stds.append(s["std"][i][w0:w0 + frames].to(device, non_blocking=True).transpose(0, 1))
+    mean, std = torch.stack(means), torch.stack(stds)
+    ctx = torch.stack([s["context"][i] for _, s, i in clips])
+    return mean + std * torch.randn(mean.shape, generator=g, device=device), ctx
