@@ -36,12 +36,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,10 +46,11 @@ from tqdm import tqdm
 
 import data
 import latents
+import runs
 import sample
 import text_encoder as te
 import unet3d
-from weights import (WeightsError, atomic_write, load_models, save_state_dict, writable_dir,
+from weights import (WeightsError, load_models, save_state_dict, writable_dir,
                      write_json)
 
 
@@ -193,8 +190,12 @@ TOY_REG_CLIPS = 24
 def param_group(name: str) -> str:
     """Family of a UNet parameter (our = diffusers names). `attn2` of a TEMPORAL transformer is a second
     self-attention, so spatial K/V must be matched under `.attentions.` only (method.md §3)."""
+    # the temporal layers model motion across frames: the 3x1x1 convs after each ResBlock, the temporal transformers,
+    # and the first one right after conv_in (paper §3, "Choice of customization parameters")
     if ".temp_convs." in name or ".temp_attentions." in name or name.startswith("transformer_in."):
         return "temporal"
+    # spatial cross-attention K/V map the text to per-frame appearance: the paper trains them too, so the new token
+    # can change what the frames show while they move (Custom Diffusion's image-customization choice)
     if ".attentions." in name:
         return "spatial_kv" if (".attn2.to_k." in name or ".attn2.to_v." in name) else "spatial_attn"
     return "spatial_rest"
@@ -214,6 +215,9 @@ def select_trainable(unet, preset: str) -> list:
 def timestep_probs(mode: str, alpha: float, T: int = 1000) -> torch.Tensor:
     """p(t), t = 0..T-1 (T-1 = noisiest). coarse: 1 - alpha cos(pi t/T) (ReVersion / NewMove 'high-level');
     fine: 1 + alpha cos(pi t/T) ('low-level'); uniform. Normalised, float64."""
+    # Early denoising steps (high t) decide a video's layout and motion, late ones its fine appearance (paper §3,
+    # "Disentangling motion from appearance"), so NewMove draws t from a density rising towards t = T: at alpha 0.5,
+    # p(999) = 3 p(0), mean t 600.9 instead of 499.5 (method.md §1.2). float64: the 1000 terms sum to 1 exactly.
     t = torch.arange(T, dtype=torch.float64)
     w = {"coarse": 1 - alpha * torch.cos(math.pi * t / T), "fine": 1 + alpha * torch.cos(math.pi * t / T),
          "uniform": torch.ones(T, dtype=torch.float64)}[mode]
@@ -230,6 +234,8 @@ def loss_weights(n_instance: int, n_reg: int, reg_weight: float, device=None) ->
     """w (B,) with sum_i w_i MSE_i = mean(instance MSEs) + lambda * mean(reg MSEs): the paper's
     L = L_instance + lambda L_reg (method.md §4) as one weight per clip, so clips of different shapes can run in
     separate UNet calls and still add up to exactly this loss."""
+    # the regularization videos show related motions with their own captions; their loss keeps the model's prior
+    # (paper §3, "Video regularization": real videos beat generated ones and no prior, Table 2(e))
     w = [1 / n_instance] * n_instance + ([reg_weight / n_reg] * n_reg if n_reg else [])
     return torch.tensor(w, device=device)
 
@@ -237,15 +243,19 @@ def loss_weights(n_instance: int, n_reg: int, reg_weight: float, device=None) ->
 def newmove_loss(model, x0, ctx, w, probs, abar, g, amp=None):
     """One UNet call on a batch of same-shape clips: t_i ~ p(t) and eps_i ~ N(0, I) per clip, then
     sum_i w_i ||eps_hat(x_t_i, t_i, c_i) - eps_i||^2 / numel. Returns (loss, per-clip MSE (B,), t (B,))."""
+    # the paper's denoising objective (eq. 1, the LDM eps-prediction loss) with t drawn from p(t) rather than
+    # uniformly; every clip draws its own t and noise, also in batches > 1 (the official code's batch > 1 bug,
+    # method.md §6.3)
     t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=g)  # (B,), one timestep per clip
     eps = torch.randn(x0.shape, generator=g, device=x0.device)  # one noise draw per clip
-    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
-        eps_hat = model(diffuse(x0, eps, t, abar), t, ctx.to(x0.dtype))
+    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):  # bf16 on GPUs; weights stay fp32
+        eps_hat = model(diffuse(x0, eps, t, abar), t, ctx.to(x0.dtype))  # (B, 4, F, h, w)
     return (*weighted_mse(eps_hat, eps, w), t)
 
 
 def weighted_mse(eps_hat, eps, w):
     """sum_i w_i MSE(eps_hat_i, eps_i) in float32, and the per-clip MSE (B,) for logging."""
+    # float32 whatever the autocast dtype: a bf16 square of small residuals would lose most of its bits
     per_clip = (eps_hat.float() - eps.float()).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
     return (w * per_clip).sum(), per_clip
 
@@ -258,7 +268,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     """Train; returns the path of the delta file. `score_fn(videos uint8 (N,3,F,H,W), prompts) -> float` is called on
     every validation batch (evaluate.py's CLIP appearance score); training stops once it falls to `stop_score`."""
     # --- setup: processes (torchrun sets RANK/WORLD_SIZE; `python train.py` is a world of one), options, run folder ---
-    run = setup_distributed(cfg)
+    run = runs.setup_distributed(cfg.device)
     check_config(cfg)
     preset = PRESETS[cfg.preset]
     train_token, prior = preset.get("train_token", cfg.train_token), preset.get("prior", cfg.prior)
@@ -299,7 +309,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     model = DDP(unet, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
         if run.ddp and any(p.requires_grad for p in unet.parameters()) else unet
-    step = resume(state, state_path, trainable, optimizer, scaler, run)
+    step = runs.resume(state, state_path, trainable, optimizer, scaler, run)
     if run.master:
         write_json(asdict(cfg), out / "config.json", overwrite=True)
 
@@ -307,10 +317,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
     n_inst, n_reg = cfg.batch_size, (cfg.batch_size * cfg.reg_ratio if reg is not None else 0)
     w = loss_weights(n_inst, n_reg, cfg.reg_weight, run.device)  # (B,): mean over instance + lambda * mean over reg
-    stats = Stats(out / "log.jsonl" if run.master else None, T, n_inst, cfg.reg_weight, run, step,
-                  f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched")
+    stats = runs.Stats(out / "log.jsonl" if run.master else None, T, n_inst, cfg.reg_weight, run, step,
+                       f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched")
     unet.train()  # as upstream; with the default --dropout 0 train and eval mode compute the same thing
-    bar, interrupt = tqdm(total=cfg.steps, initial=step, disable=not run.master, desc="train"), Interrupt()
+    bar, interrupt = tqdm(total=cfg.steps, initial=step, disable=not run.master, desc="train"), runs.Interrupt()
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
             b = step * cfg.grad_accum + micro  # global micro-batch number
@@ -348,7 +358,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         if step % cfg.log_every == 0 or step == cfg.steps or ckpt_due:  # never checkpoint an unchecked loss
             stats.write(step, grad_norm, cfg.lr, bar)
         if ckpt_due:
-            save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
+            runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
         if stopping:
             interrupt.exit(step, state_path, cfg.resume, run.master)
         if cfg.val_every and step % cfg.val_every == 0 and validate(cfg, models, unet, step, amp, score_fn,
@@ -358,7 +368,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- outputs: the delta (only the trained tensors), a final checkpoint, optionally the whole diffusers UNet ---
     if not cfg.lora_rank:  # (with LoRA the adapters are merged away below; the last periodic checkpoint stays)
-        save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
+        runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
     delta, meta = delta_tensors(cfg, unet, chosen, trainable, models.tokenizer, text if train_token else None)
     meta.update(base_fingerprint=fingerprint, steps=step)
     if run.master:
@@ -369,7 +379,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         print(f"wrote {delta_path} ({sum(v.numel() for v in delta.values()):,} params)", flush=True)
         stats.log.close()
     if run.ddp:
-        check_replicas(trainable, run)
+        runs.check_replicas(trainable, run)
     return delta_path
 
 
@@ -377,28 +387,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 # helpers, in the order main() uses them
 
 
-class Run(NamedTuple):
-    """Where this process stands: distributed or not, its rank among `world` processes, its device."""
-    ddp: bool
-    rank: int
-    world: int
-    device: torch.device
-    master: bool
-
-
-def setup_distributed(cfg: Config) -> Run:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK (a world of one without them), one GPU per process, the process group."""
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Run(world > 1, rank, world, device, rank == 0)
-
-
-def prepare_out(cfg: Config, out: Path, prior: str, run: Run):
+def prepare_out(cfg: Config, out: Path, prior: str, run: runs.Run):
     """Resolve --precision auto, check the run folder and any checkpoint (open_run) before anything heavy, make the
     toy regularization set if the toy model runs without one. Returns the checkpoint to resume from, or None."""
     if cfg.precision == "auto":  # resolved first: the checkpoint's config holds the resolved value
@@ -408,7 +397,7 @@ def prepare_out(cfg: Config, out: Path, prior: str, run: Run):
     toy_reg = prior == "real" and not cfg.reg_videos  # only the toy model gets here (check_config)
     if toy_reg:
         cfg.reg_videos = str(out / "toy-reg")  # the toy world's base motions, made below
-    state = open_run(cfg, out)
+    state = runs.open_run(cfg, out)
     if run.master:
         writable_dir(out, "--out")
         if toy_reg:
@@ -443,7 +432,7 @@ def make_trainable(cfg: Config, unet, text, tokenizer, train_token: bool) -> tup
     return chosen, trainable, token_id
 
 
-def encode_data(cfg: Config, models, unet, vae, text, token_id, prior: str, amp, out: Path, run: Run) -> tuple:
+def encode_data(cfg: Config, models, unet, vae, text, token_id, prior: str, amp, out: Path, run: runs.Run) -> tuple:
     """(instance set, regularization set or None, the model's fingerprint): every clip read and encoded once
     (latents.encode_set, cached in --cache) by rank 0 while the others wait, then read by the others."""
     encode = dict(vae=vae, text=text, tokenizer=models.tokenizer, device=run.device, token_id=token_id,
@@ -532,45 +521,6 @@ def check_config(cfg: Config, given=None):
         raise SystemExit(f"error: --max-frames {cfg.max_frames} must be at least --frames {cfg.frames}")
 
 
-# settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
-RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
-             "val_prompts", "val_seeds", "val_solver", "val_steps", "val_guidance", "stop_clip", "stop_clip_weights",
-             "stop_score", "export_diffusers"}
-RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
-
-
-def open_run(cfg: Config, out: Path):
-    """The checkpoint to resume from (None for a new run), checked before any model loads: never mix two runs in
-    one folder, never resume from an unreadable file or with settings that change what trains."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if not cfg.resume:
-        if found:
-            raise SystemExit(f"error: {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                             f"or choose another --out")
-        return None
-    path = out / "state.pt"
-    if not path.is_file():
-        held = f"holds {', '.join(found)} but no checkpoint (stopped before its first one)" if found else \
-            "holds no run"
-        raise SystemExit(f"error: --resume: {out} {held}; start the run again with another --out")
-    try:  # weights-only: a pickle that carries code is refused, whatever it claims to be
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, not a torch file, or refused by the weights-only unpickler
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
-        raise SystemExit(f"error: {path}: not a readable train.py checkpoint ({reason[:200]})") from None
-    keys = {"trained", "optimizer", "scaler", "step", "rng", "config"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise SystemExit(f"error: {path}: not a train.py checkpoint (it lacks "
-                         f"{', '.join(sorted(keys - set(state))) if isinstance(state, dict) else 'a state dict'})")
-    saved = state["config"]
-    changed = [f"--{k.replace('_', '-')} (run: {saved[k]!r}, now: {v!r})" for k, v in asdict(cfg).items()
-               if k not in RESUMABLE and k in saved and saved[k] != v]
-    if changed:
-        raise SystemExit(f"error: --resume: {'; '.join(changed)}: these settings decide what the run trains and "
-                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*)")
-    return state
-
-
 def print_param_table(unet, trainable: list, cfg: Config):
     """Parameters and tensors per group, which groups train, and the trainable total."""
     total = sum(p.numel() for p in unet.parameters())
@@ -603,27 +553,6 @@ def synthetic_prior(cfg, models, amp, encode: dict) -> dict:
     return latents.encode_set(Generated(), **encode)
 
 
-def resume(state, state_path: Path, trainable, optimizer, scaler, run: Run) -> int:
-    """Load a checkpoint's trained tensors, optimizer, scaler and this rank's RNG state; the step to continue from."""
-    if state is None:
-        return 0
-    with torch.no_grad():
-        for name, p in trainable:
-            p.copy_(state["trained"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) != run.world and run.master:
-        print(f"warning: {state_path} was written by {len(state['rng'])} processes, resuming with {run.world}: the "
-              f"data order and random draws will differ from an uninterrupted run")
-    rng = state["rng"][run.rank % len(state["rng"])]
-    torch.set_rng_state(rng["cpu"])
-    if run.device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-    if run.master:
-        print(f"resumed from {state_path} at step {state['step']}", flush=True)
-    return state["step"]
-
-
 def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
     """Unscale (fp16), clip the gradient norm, one AdamW step, clear the gradients; the norm before clipping."""
     scaler.unscale_(optimizer)
@@ -634,98 +563,7 @@ def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
     return grad_norm
 
 
-class Stats:
-    """Loss terms and per-timestep-decile losses, summed on the device between log lines (no host sync per step);
-    at a log line: one sync, the NaN guard, one line of log.jsonl (rank 0)."""
-
-    def __init__(self, path, T: int, n_inst: int, reg_weight: float, run: Run, step: int, on_nan: str):
-        self.T, self.n_inst, self.reg_weight, self.run, self.on_nan = T, n_inst, reg_weight, run, on_nan
-        self.log = open(path, "a") if path else None
-        self.sums = torch.zeros(4, device=run.device)  # loss, loss_inst, loss_reg, micro-batch count
-        self.buckets = torch.zeros(2, 10, device=run.device)  # per-timestep-decile loss sum and count
-        self.t_last, self.step_last = time.time(), step
-
-    def by_timestep(self, t, mse):
-        self.buckets[0].index_add_(0, t * 10 // self.T, mse)
-        self.buckets[1].index_add_(0, t * 10 // self.T, torch.ones_like(mse))
-
-    def add(self, per_clip):
-        """One micro-batch's per-clip MSEs (instance clips first)."""
-        l_inst = per_clip[:self.n_inst].mean()
-        l_reg = per_clip[self.n_inst:].mean() if len(per_clip) > self.n_inst else torch.zeros_like(l_inst)
-        self.sums += torch.stack([l_inst + self.reg_weight * l_reg, l_inst, l_reg, torch.ones_like(l_inst)])
-
-    def write(self, step: int, grad_norm, lr: float, bar):
-        stats = torch.cat([self.sums, self.buckets.flatten(), grad_norm.reshape(1).float()])
-        if self.run.ddp:
-            dist.all_reduce(stats)  # sums over ranks (the grad norm is identical on every rank after DDP)
-        stats = stats.tolist()  # the one host sync per log interval
-        n = stats[3]
-        if not all(math.isfinite(v) for v in stats[:3]):
-            raise SystemExit(f"error: non-finite loss at step {step} ({self.on_nan})")
-        if self.log:
-            dec = [round(s / c, 5) if c else None for s, c in zip(stats[4:14], stats[14:24])]
-            rec = {"step": step, "loss": stats[0] / n, "loss_instance": stats[1] / n, "loss_reg": stats[2] / n,
-                   "lr": lr, "grad_norm": stats[24] / self.run.world, "loss_by_t_decile": dec,
-                   "sec_per_step": (time.time() - self.t_last) / (step - self.step_last)}
-            self.log.write(json.dumps(rec) + "\n")
-            self.log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", grad=f"{rec['grad_norm']:.3f}")
-        self.sums.zero_()
-        self.buckets.zero_()
-        self.t_last, self.step_last = time.time(), step
-
-
-class Interrupt:
-    """Ctrl-C (SIGINT) during the loop: the first one lets the step finish, then the loop writes a checkpoint and
-    exits; a second one exits at once."""
-
-    def __init__(self):
-        self.hit = False
-        signal.signal(signal.SIGINT, self)
-
-    def __call__(self, signum, frame):
-        if self.hit:
-            raise SystemExit(130)
-        self.hit = True
-        print("\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
-
-    def exit(self, step: int, state_path: Path, resumed: bool, master: bool):
-        """After the checkpoint of `step`: say how to continue, and exit with the shell's code for an interrupt."""
-        again = " ".join(["python"] + sys.argv + ([] if resumed else ["--resume"])) \
-            if sys.argv[0].endswith("train.py") else "the same command with --resume"
-        if master:
-            print(f"\ninterrupted at step {step}: checkpoint written to {state_path}; continue with: {again}", flush=True)
-        raise SystemExit(130)
-
-    def agreed(self, run: Run) -> bool:
-        """Whether any rank was interrupted (every rank must write the checkpoint together)."""
-        if not run.ddp:
-            return self.hit
-        flag = torch.tensor([float(self.hit)], device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def save_checkpoint(path: Path, trainable, optimizer, scaler, step: int, cfg: Config, run: Run):
-    """Everything a bit-exact resume needs: trained tensors, optimizer, scaler, step, every rank's RNG state."""
-    rng = {"cpu": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    rngs = [rng]
-    if run.ddp:
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng)
-    if run.master:
-        state = {"trained": {n: p.detach().cpu() for n, p in trainable}, "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "rng": rngs, "config": asdict(cfg)}
-        # atomic: a kill mid-save leaves the previous checkpoint intact
-        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
-
-
-@torch.no_grad()
-def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, run: Run) -> bool:
+def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, run: runs.Run) -> bool:
     """Sample the fixed validation prompts/seeds with the current weights, with the official validation sampler
     (DPM-Solver++, 25 steps, guidance 9, size x size); rank 0 writes mp4 + contact sheets to <out>/val/. Returns
     whether the paper's stopping rule fired (score_fn(videos, prompts) <= stop_score; rank 0 decides)."""
@@ -768,20 +606,6 @@ def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tupl
         delta["text_encoder.placeholder_embeddings"] = state["embeddings"]
         meta["placeholder_words"] = json.dumps(state["words"])
     return delta, meta
-
-
-def check_replicas(trainable, run: Run):
-    """DDP keeps the replicas in lockstep; check it, cheaply (a checksum per tensor), rather than trust it."""
-    checksum = torch.stack([p.detach().double().sum() for _, p in trainable]).to(run.device)
-    everyone = [torch.zeros_like(checksum) for _ in range(run.world)]
-    dist.all_gather(everyone, checksum)
-    same = all(torch.equal(everyone[0], c) for c in everyone)
-    if run.master:
-        print(f"DDP ranks hold identical trained weights: {'yes' if same else 'NO'}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    if not same:
-        raise SystemExit("error: DDP ranks diverged")
 
 
 # -----------------------------------------------------------------------------------------------------------------------

@@ -191,86 +191,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))  # (B, embed_dim)
 
 
-class _FrozenConv2dFn(torch.autograd.Function):
-    """conv2d whose backward keeps only the weight. torch's conv node also keeps the input, which only the weight
-    gradient needs; with the weight frozen (the spatial convs under NewMove) that is a whole activation per conv kept
-    for nothing. The input gradient is the same convolution_backward call torch makes (torch.nn.grad.conv2d_input)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        # The (frozen, leaf) weight is held on ctx, not saved: then a checkpointed layer need not re-run this conv's
-        # forward just to re-save it (non-reentrant checkpointing stops recomputing once every saved tensor is back).
-        ctx.weight, ctx.x_shape, ctx.stride, ctx.padding = weight, x.shape, stride, padding
-        return F.conv2d(x, weight, bias, stride, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight = ctx.weight.to(grad_out.dtype)  # under autocast the product ran in the output's dtype
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out, ctx.stride, ctx.padding)
-        return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype
-
-
-class _Recomputed(torch.autograd.Function):
-    """y = fn(*tensors) that keeps only its inputs for backward and re-runs fn under autograd there.
-
-    For element-wise chains whose intermediates would otherwise each be kept: GroupNorm -> SiLU keeps the norm's input
-    AND output, GEGLU keeps the gate AND gelu(gate). Recomputing them costs one cheap element-wise pass in backward and
-    gives the very same gradients (same ops, same order). Autocast is replayed as it was in forward."""
-
-    @staticmethod
-    def forward(ctx, fn, *tensors):
-        ctx.fn, ctx.device = fn, tensors[0].device.type
-        ctx.autocast = ((torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
-                        if torch.amp.is_autocast_available(ctx.device) else (False, None))  # e.g. the meta device
-        ctx.save_for_backward(*tensors)
-        return fn(*tensors)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), (torch.autocast(ctx.device, dtype=dtype) if enabled else contextlib.nullcontext()):
-            out = ctx.fn(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (None, *(next(grads) if t.requires_grad else None for t in inputs))
-
-
-def recomputed(fn, *tensors):
-    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _Recomputed.apply(fn, *tensors)
-    return fn(*tensors)
-
-
-def group_norm_silu(norm: nn.GroupNorm, x):
-    """silu(norm(x)); in training only x is kept for backward."""
-    def fn(x, w, b):
-        return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
-    return recomputed(fn, x, norm.weight, norm.bias)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and key names) that saves no input for backward while its parameters are frozen."""
-
-    def forward(self, x):
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
-            return super().forward(x)
-        return _FrozenConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout that keeps a 1-byte mask for backward on every device: torch's fused dropout (native_dropout, a bool
-    mask), which F.dropout already runs on CUDA; on the CPU F.dropout multiplies by a float mask and keeps that, 4 bytes
-    per element. Same random stream as F.dropout for the same seed."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return torch.native_dropout(x, self.p, True)[0]
-
-
 class ResBlock(nn.Module):
     """The SD ResBlock on per-frame images; the time embedding is added (upstream use_scale_shift_norm is unused)."""
 
@@ -387,6 +307,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
         super().__init__()
         self.attn1 = Attention(dim, heads, head_dim)
+        # NewMove trains attn2.to_k / attn2.to_v of the SPATIAL blocks (text -> appearance); in a temporal block attn2
+        # is a second self-attention, trained as part of the temporal layer (train.param_group)
         self.attn2 = Attention(dim, heads, head_dim, context_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
@@ -480,6 +402,8 @@ class Level(nn.Module):
     def __init__(self, in_chs: list, out_ch: int, cfg: UNet3DConfig, attention: bool, resample: str | None):
         super().__init__()
         E, G = 4 * cfg.block_out_channels[0], cfg.norm_num_groups
+        # NewMove trains temp_convs and temp_attentions whole, and the K/V projections of `attentions`' cross-attention;
+        # resnets, the rest of `attentions` and the resamplers stay frozen (train.PRESETS["newmove"])
         self.resnets = nn.ModuleList([ResBlock(c, out_ch, E, G, cfg.dropout) for c in in_chs])
         self.temp_convs = nn.ModuleList([TemporalConv(out_ch, G, cfg.temporal_dropout) for _ in in_chs])
         if attention:
@@ -526,24 +450,6 @@ class Level(nn.Module):
         return x, produced
 
 
-# Selective recomputation: keep what the matmuls, convolutions and attention kernels produced (the expensive part of a
-# layer) and recompute the cheap element-wise work on top of them in backward (GroupNorm, SiLU, GELU, LayerNorm,
-# dropout, adds, layout copies), whose saved inputs are most of a UNet's activation memory.
-_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-              torch.ops.aten.convolution.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
-
-
-def _policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _keep_matmul_outputs():
-    return create_selective_checkpoint_contexts(_policy)
-
-
 class MidLevel(Level):
     """The bottleneck: ResBlock, TemporalConv, SpatialTransformer, TemporalTransformer, ResBlock, TemporalConv."""
 
@@ -569,6 +475,7 @@ class UNet3D(nn.Module):
         c0, G = chs[0], cfg.norm_num_groups
         self.time_embedding = TimestepEmbedding(c0, 4 * c0)
         self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1)
+        # (trained by NewMove, with the temporal layers)
         self.transformer_in = TemporalTransformer(c0, cfg.first_temporal_heads, cfg.head_dim, G)
 
         # encoder: level i maps chs[i-1] -> chs[i]; every layer output (and every downsample output) is a skip
@@ -626,6 +533,109 @@ class UNet3D(nn.Module):
 
         h = self.conv_out(group_norm_silu(self.conv_norm_out, h))  # (B*F, C_out, H, W)
         return h.reshape(B, num_frames, -1, H, W).permute(0, 2, 1, 3, 4)  # (B, C_out, F, H, W)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# memory-saving layers: the same math and gradients as torch's own layers (tested), fewer bytes kept for backward.
+# The model above uses them through Conv2d, Dropout, group_norm_silu and GEGLU; a reader of the method can skip this.
+
+
+class _FrozenConv2dFn(torch.autograd.Function):
+    """conv2d whose backward keeps only the weight. torch's conv node also keeps the input, which only the weight
+    gradient needs; with the weight frozen (the spatial convs under NewMove) that is a whole activation per conv kept
+    for nothing. The input gradient is the same convolution_backward call torch makes (torch.nn.grad.conv2d_input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        # The (frozen, leaf) weight is held on ctx, not saved: then a checkpointed layer need not re-run this conv's
+        # forward just to re-save it (non-reentrant checkpointing stops recomputing once every saved tensor is back).
+        ctx.weight, ctx.x_shape, ctx.stride, ctx.padding = weight, x.shape, stride, padding
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = ctx.weight.to(grad_out.dtype)  # under autocast the product ran in the output's dtype
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out, ctx.stride, ctx.padding)
+        return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype
+
+
+class _Recomputed(torch.autograd.Function):
+    """y = fn(*tensors) that keeps only its inputs for backward and re-runs fn under autograd there.
+
+    For element-wise chains whose intermediates would otherwise each be kept: GroupNorm -> SiLU keeps the norm's input
+    AND output, GEGLU keeps the gate AND gelu(gate). Recomputing them costs one cheap element-wise pass in backward and
+    gives the very same gradients (same ops, same order). Autocast is replayed as it was in forward."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn, ctx.device = fn, tensors[0].device.type
+        ctx.autocast = ((torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
+                        if torch.amp.is_autocast_available(ctx.device) else (False, None))  # e.g. the meta device
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), (torch.autocast(ctx.device, dtype=dtype) if enabled else contextlib.nullcontext()):
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def recomputed(fn, *tensors):
+    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _Recomputed.apply(fn, *tensors)
+    return fn(*tensors)
+
+
+def group_norm_silu(norm: nn.GroupNorm, x):
+    """silu(norm(x)); in training only x is kept for backward."""
+    def fn(x, w, b):
+        return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
+    return recomputed(fn, x, norm.weight, norm.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and key names) that saves no input for backward while its parameters are frozen."""
+
+    def forward(self, x):
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _FrozenConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that keeps a 1-byte mask for backward on every device: torch's fused dropout (native_dropout, a bool
+    mask), which F.dropout already runs on CUDA; on the CPU F.dropout multiplies by a float mask and keeps that, 4 bytes
+    per element. Same random stream as F.dropout for the same seed."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+# Selective recomputation: keep what the matmuls, convolutions and attention kernels produced (the expensive part of a
+# layer) and recompute the cheap element-wise work on top of them in backward (GroupNorm, SiLU, GELU, LayerNorm,
+# dropout, adds, layout copies), whose saved inputs are most of a UNet's activation memory.
+_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.convolution.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_matmul_outputs():
+    return create_selective_checkpoint_contexts(_policy)
 
 
 # -----------------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""bench.py: the estimator counts what the model has, and the side-by-side harness times the same computation."""
+"""benchmarks/: the estimator (estimate.py) counts what the model has, and the side-by-side harness (compare.py) times
+the same computation."""
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds the oracle-importing bench
-import bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds the oracle-importing benchmarks
+import compare  # noqa: E402
+import estimate  # noqa: E402
 import train  # noqa: E402
 import unet3d  # noqa: E402
 
@@ -18,10 +21,10 @@ def test_estimator_counts_match_the_model():
     model = unet3d.UNet3D(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for _, p in train.select_trainable(model, "newmove"))
-    counts = bench.count_params(cfg, "newmove")
+    counts = estimate.count_params(cfg, "newmove")
     assert counts == {"total": total, "trainable": trainable, "frozen": total - trainable,
-                      "tensors": len(bench.trainable_names(model))}
-    e = bench.estimate(cfg, batch=1, frames=2, size=64, precision="fp32", frozen_dtype="fp32")
+                      "tensors": len(estimate.trainable_names(model))}
+    e = estimate.estimate(cfg, batch=1, frames=2, size=64, precision="fp32", frozen_dtype="fp32")
     assert e["counts"] == counts
     assert 0 < e["fwd_flops"] < e["step_flops"] < 4 * e["fwd_flops"]  # subset grads: between 1x and 3x forward
     assert e["memory"]["grads"] == 4 * trainable  # fp32 gradients of exactly the trainable tensors
@@ -36,30 +39,30 @@ def test_allocator_peak_sees_a_known_allocation():
         b = torch.ones(n // 4)
         return float(a[0] + b[0])
 
-    peak = bench.allocator_peak(fn, torch.device("cpu"))
+    peak = estimate.allocator_peak(fn, torch.device("cpu"))
     assert 2 * n <= peak < 2 * n + 2 ** 20
 
 
 def test_side_by_side_compares_the_same_computation():
     """The bench's own cases on the smallest config: identical outputs, gradients and latents; finite timings."""
-    cfg = bench.BENCH_CONFIGS["small"]
+    cfg = compare.BENCH_CONFIGS["small"]
     cpu = torch.device("cpu")
-    models = bench.build_pair(cfg)
-    case = bench.forward_case(models, cfg, frames=2, hw=8, device=cpu)
+    models = compare.build_pair(cfg)
+    case = compare.forward_case(models, cfg, frames=2, hw=8, device=cpu)
     ours, theirs = case["fns"]["ours"](), case["fns"]["diffusers"]()
     assert ours.shape == theirs.shape == (1, 4, 2, 8, 8)
     assert (ours - theirs).abs().max().item() < 1e-4 and theirs.abs().mean() > 0.1
-    stats = bench.summarize(bench.race(case["fns"], cpu, warmup=0, reps=2))
+    stats = compare.summarize(compare.race(case["fns"], cpu, warmup=0, reps=2))
     assert all(math.isfinite(v) and v > 0 for s in ("ours", "diffusers", "ratio") for v in stats[s])
 
-    step = bench.train_case(models, cfg, frames=2, hw=8, device=cpu)
+    step = compare.train_case(models, cfg, frames=2, hw=8, device=cpu)
     assert step["diff"] < 1e-4  # gradients of the trainable tensors, relative to their largest
-    names = bench.trainable_names(models["ours"])
+    names = estimate.trainable_names(models["ours"])
     assert step["trainable"] == sum(models["ours"].get_parameter(n).numel() for n in names)
-    losses = {s: step["fns"][s]().item() for s in bench.SIDES}  # one real training step each, train() mode
+    losses = {s: step["fns"][s]().item() for s in estimate.SIDES}  # one real training step each, train() mode
     assert all(math.isfinite(v) for v in losses.values())
 
-    ddim = bench.sampling_case(models, cfg, frames=2, hw=8, device=cpu, steps=3)
+    ddim = compare.sampling_case(models, cfg, frames=2, hw=8, device=cpu, steps=3)
     assert ddim["diff"] < 1e-4  # of the decoded videos
     assert ddim["fns"]["ours"]().shape == ddim["fns"]["diffusers"]().shape == (1, 3, 2, 16, 16)  # tiny VAE: x2
 
@@ -67,19 +70,19 @@ def test_side_by_side_compares_the_same_computation():
 def test_selective_recompute_keeps_gradients_and_saves_memory():
     """Ours, with and without train.py --checkpointing selective: the same gradients as diffusers, a smaller step peak
     (allocator)."""
-    cfg = bench.BENCH_CONFIGS["small"]
+    cfg = compare.BENCH_CONFIGS["small"]
     cpu = torch.device("cpu")
-    models = bench.build_pair(cfg)
-    plain = bench.train_case(models, cfg, frames=4, hw=8, device=cpu)
+    models = compare.build_pair(cfg)
+    plain = compare.train_case(models, cfg, frames=4, hw=8, device=cpu)
     plain["fns"]["ours"]()  # warm-up: AdamW state resident, as in every later step
-    plain_peak = bench.allocator_peak(plain["fns"]["ours"], cpu)
-    models = bench.build_pair(cfg)  # (the steps above moved ours' weights away from diffusers')
-    sel = bench.train_case(models, cfg, frames=4, hw=8, device=cpu, ours_checkpointing="selective")
+    plain_peak = estimate.allocator_peak(plain["fns"]["ours"], cpu)
+    models = compare.build_pair(cfg)  # (the steps above moved ours' weights away from diffusers')
+    sel = compare.train_case(models, cfg, frames=4, hw=8, device=cpu, ours_checkpointing="selective")
     assert sel["diff"] < 1e-4
     peaks = {}
-    for s in bench.SIDES:
+    for s in estimate.SIDES:
         sel["fns"][s]()
-        peaks[s] = bench.allocator_peak(sel["fns"][s], cpu)
+        peaks[s] = estimate.allocator_peak(sel["fns"][s], cpu)
     # without recompute ours keeps fewer tensors already (frozen convs keep no input; GroupNorm+SiLU and GEGLU keep
     # only their inputs); selective recompute drops most of the rest
     assert plain_peak < 0.9 * peaks["diffusers"], (plain_peak, peaks)
@@ -89,23 +92,32 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 def test_estimator_predicts_the_measured_step_peak(mode):
     """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode."""
-    cfg, ck = unet3d.UNET_PRESETS["toy"], bench.CHECKPOINTING[mode]
-    pred = bench.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["memory"]["peak"]
-    real = bench.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
+    cfg, ck = unet3d.UNET_PRESETS["toy"], estimate.CHECKPOINTING[mode]
+    pred = estimate.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["memory"]["peak"]
+    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
     assert abs(real / pred - 1) < 0.02, (mode, real, pred)
-    assert bench.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
+    assert estimate.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
 
 
 def test_time_breakdown_separates_kernels_from_the_rest():
     """The benchmark's 'where the time goes' table: matmul/conv/attention ops count as kernels, element-wise ops not."""
     cpu, a = torch.device("cpu"), torch.randn(384, 384)
-    mm = bench.time_breakdown(lambda: a @ a, cpu, calls=3)
+    mm = compare.time_breakdown(lambda: a @ a, cpu, calls=3)
     assert mm["kernel"] / mm["total"] > 0.9, mm
-    ew = bench.time_breakdown(lambda: (a * 2 + 1).relu_(), cpu)
+    ew = compare.time_breakdown(lambda: (a * 2 + 1).relu_(), cpu)
     assert ew["kernel"] == 0 and ew["total"] > 0, ew
     x, w = torch.randn(1, 16, 4, 8, 8), torch.randn(16, 16, 3, 1, 1, requires_grad=True)
     q = torch.randn(1, 2, 64, 8, requires_grad=True)
-    conv_attn = bench.time_breakdown(lambda: (torch.nn.functional.conv3d(x, w, padding=(1, 0, 0)).sum()
-                                              + torch.nn.functional.scaled_dot_product_attention(q, q, q).sum()
-                                              ).backward(), cpu)
+    conv_attn = compare.time_breakdown(lambda: (torch.nn.functional.conv3d(x, w, padding=(1, 0, 0)).sum()
+                                                + torch.nn.functional.scaled_dot_product_attention(q, q, q).sum()
+                                                ).backward(), cpu)
     assert conv_attn["kernel"] > 0.3 * conv_attn["total"], conv_attn
+
+
+@pytest.mark.parametrize("script", ["bench.py", "compare.py"])
+def test_estimate_runs_from_the_readme_command_and_from_compare_py(script):
+    """bench.py (the README's command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / script), "--estimate",
+                        "--preset", "tiny", "--frames", "2", "--size", "64", "--batch", "1", "--precision", "fp32",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "parameters: total" in r.stdout and "GPU memory budget" in r.stdout, r.stderr[-2000:]

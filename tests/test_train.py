@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import latents
 import sample
 import train
 import unet3d
@@ -77,9 +78,9 @@ def test_loss_weights_give_instance_mean_plus_lambda_reg_mean():
 
 def test_clip_indices_cover_each_epoch_once_across_ranks():
     n, world = 10, 2
-    seen = [i for b in range(5) for r in range(world) for i in train.clip_indices(b, r, world, 1, n, seed=3)]
+    seen = [i for b in range(5) for r in range(world) for i in latents.clip_indices(b, r, world, 1, n, seed=3)]
     assert sorted(seen) == list(range(n))  # 5 batches x 2 ranks x 1 clip = one epoch, no clip twice
-    assert train.clip_indices(7, 1, 2, 3, n, 3) == train.clip_indices(7, 1, 2, 3, n, 3)  # stateless
+    assert latents.clip_indices(7, 1, 2, 3, n, 3) == latents.clip_indices(7, 1, 2, 3, n, 3)  # stateless
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -378,20 +379,20 @@ def test_windows_are_contiguous_varied_and_a_pure_function_of_the_position():
     frames = torch.arange(L, dtype=torch.float32).view(L, 1, 1, 1).expand(L, 4, 2, 3)  # cached frame j holds j
     s = {"mean": [frames.clone(), frames.clone()], "std": [torch.zeros(L, 4, 2, 3)] * 2,
          "context": torch.zeros(2, 77, 8)}
-    cfg = train.Config(frames=F, seed=3)
     starts = []
     for b in range(200):
-        x0, ctx = train.batch_latents([("instance", s, 0), ("instance", s, 1)], b, cfg, torch.Generator(), "cpu")
+        x0, ctx = latents.batch_latents([("instance", s, 0), ("instance", s, 1)], b, 3, F, True, torch.Generator(),
+                                        "cpu")
         assert x0.shape == (2, 4, F, 2, 3) and ctx.shape == (2, 77, 8)
         for clip in x0[:, 0, :, 0, 0]:  # (F,) frame numbers of one window
             assert torch.equal(clip - clip[0], torch.arange(F, dtype=torch.float32))  # contiguous
             starts.append(int(clip[0]))
     assert min(starts) == 0 and max(starts) == L - F and len(set(starts)) == L - F + 1  # every start, 0 .. 24
     assert starts[0::2] != starts[1::2]  # two clips in one batch draw their own windows
-    again = [train.window_start(3, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
+    again = [latents.window_start(3, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
     assert again == starts  # pure: the same (seed, micro-batch, clip) gives the same window
-    assert again != [train.window_start(4, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
-    first = train.batch_latents([("reg", s, 0)], 7, dataclasses.replace(cfg, window="first"), torch.Generator(), "cpu")
+    assert again != [latents.window_start(4, "instance", b, c, L, F) for b in range(200) for c in (0, 1)]
+    first = latents.batch_latents([("reg", s, 0)], 7, 3, F, False, torch.Generator(), "cpu")  # --window first
     assert first[0][0, 0, :, 0, 0].tolist() == list(range(F))
 
 
