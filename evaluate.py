@@ -29,11 +29,9 @@ classifier's frame sampling, the SSCD resize. Scoring runs on rank 0 on the uint
 mp4s later (--videos-in) gives slightly different numbers because H.264 is lossy (crf 10).
 """
 
+import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
-
 import argparse
 import difflib
 import hashlib
@@ -640,7 +638,7 @@ def score(args, items: list, log=print) -> tuple:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("videos: generate them, or score a folder")
-    g.add_argument("--model", help="model directory (weights.load_models layouts)")
+    g.add_argument("--model", help="model directory (either release layout, models.py)")
     g.add_argument("--delta", help="customized weights written by train.py")
     g.add_argument("--prompts", help="templates, one per line, each holding {token} once (prompts/appearance_100.txt)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one video per (prompt, seed)")
@@ -713,7 +711,7 @@ def main(argv=None) -> int:
         if args.videos_in:
             items = read_video_folder(args.videos_in)
         else:
-            from weights import load_models
+            from models import load_models
 
             templates = read_templates(args.prompts)
             pairs = [(t, s) for t in templates for s in args.seeds]

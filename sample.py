@@ -19,10 +19,7 @@ Notable differences from upstream:
   * No noise tensor is drawn per step when eta = 0 (upstream draws and multiplies it by 0).
 """
 
-import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import argparse
 import json
@@ -34,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from weights import Models, WeightsError, atomic_write, load_models, read_state_dict, read_text, writable_dir
+from weights import WeightsError, atomic_write, read_state_dict, read_text, writable_dir
+from models import Models, load_models
 
 # -----------------------------------------------------------------------------------------------------------------------
 # diffusion math: schedule, DDIM, DPM-Solver++(2M)

@@ -26,11 +26,9 @@ Output in --out: `delta.safetensors` (only the trained tensors + metadata; `pyth
 Video tensors are (B, C, F, H, W).
 """
 
+import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
-
 import argparse
 import contextlib
 import dataclasses
@@ -50,8 +48,8 @@ import runs
 import sample
 import text_encoder as te
 import unet3d
-from weights import (WeightsError, load_models, save_state_dict, writable_dir,
-                     write_json)
+from models import load_models
+from weights import WeightsError, save_state_dict, writable_dir, write_json
 
 
 def opt(default, help: str, choices=(), low=None, high=None, above=None):

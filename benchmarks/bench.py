@@ -4,10 +4,11 @@ benchmarks/compare.py (ours vs diffusers side by side -> benchmarks/results.md).
 (--help lists them); the methods are in those two files' docstrings.
 """
 
-import os
+import sys
+from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import compare
 import estimate

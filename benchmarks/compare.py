@@ -26,7 +26,7 @@ as --estimate does: estimate.meta_flops).
      settings), the same seed before each side's step. The parity check runs in eval() (no dropout) on the gradients.
   3. 25-step DDIM with classifier-free guidance 9 (batch 2: cond + uncond in one call), latents only: ours =
      sample.sample_ddim as sample.generate drives it; theirs = DDIMScheduler configured like the released
-     scheduler_config.json (weights.RELEASED_SCHEDULE + no clipping, set_alpha_to_one False, steps_offset 1).
+     scheduler_config.json (RELEASED_SCHEDULE + no clipping, set_alpha_to_one False, steps_offset 1).
   4. Peak memory of one step of (2), measured, two ways:
      * allocator: the torch profiler's allocation events (profile_memory=True) log every allocation and free of
        PyTorch's CPU allocator; their running sum from the start of a steady-state step (the model, its gradients set to
@@ -45,11 +45,13 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 side-by-side run and estimate.py's count check, never by our modules.
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
-
 import datetime
 import functools
 import gc
@@ -57,18 +59,15 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run from anywhere
 
 import sample
 import train
 import vae as vae_lib
-import weights
+from models import RELEASED_SCHEDULE
 from estimate import (CALL, LOSS_W, ROOT, SIDES, TEXT_LEN, allocator_peak, amp_dtype, autocast, diffusers_kwargs,
                       diffusers_module, machine_cpu, meta_flops, meta_model, parse_args, randomize_, reset_rss_peak,
                       rss_now_bytes, rss_peak_bytes, set_trainable, start, sync, train_inputs, train_step_fn,
@@ -77,7 +76,7 @@ from estimate import main as estimate_main
 from unet3d import UNet3D, UNet3DConfig
 
 # The released scheduler/scheduler_config.json: RELEASED_SCHEDULE plus DDIM's own settings (as tests/test_sample.py).
-DDIM_CONFIG = dict(weights.RELEASED_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+DDIM_CONFIG = dict(RELEASED_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                    thresholding=False)
 
 BENCH_CONFIGS = {
@@ -238,7 +237,7 @@ def sampling_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, cfg.in_channels, frames, hw, hw, generator=g).to(device)
     ctx = torch.randn(2, TEXT_LEN, cfg.cross_attention_dim, generator=g).to(device)  # [cond; uncond]
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE)
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE)
     scheduler = DDIMScheduler(**DDIM_CONFIG)
     for m in models.values():
         m.eval()

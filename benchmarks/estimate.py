@@ -42,11 +42,13 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 1.7B count check against performance.md (and by compare.py's side-by-side run), never by our modules.
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
-
 import argparse
 import contextlib
 import datetime
@@ -55,20 +57,18 @@ import math
 import platform
 import re
 import resource
-import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run from anywhere
 
 import sample
 import train
 import unet3d
 import weights
+from models import RELEASED_SCHEDULE
 from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def train_inputs(cfg: UNet3DConfig, frames: int, hw: int, device, seed: int = 0)
     x0 = torch.randn(2, cfg.in_channels, frames, hw, hw, generator=g)
     eps = torch.randn(x0.shape, generator=g)
     t = torch.multinomial(train.timestep_probs("coarse", 0.5), 2, replacement=True, generator=g)
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE)
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE)
     ctx = torch.randn(2, TEXT_LEN, cfg.cross_attention_dim, generator=g)
     xt = train.diffuse(x0, eps, t, abar).float()
     return {k: v.to(device) for k, v in dict(xt=xt, eps=eps, t=t, ctx=ctx).items()}

@@ -15,6 +15,7 @@ import torch
 
 import sample
 import weights
+from models import load_models
 from test_train import _moving_square, _write_mp4, world  # noqa: F401 (world is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path):  # n
             "1", "--out", tmp_path / "o"]
     torch.save({"unet.conv_in.weight": torch.zeros(3)}, tmp_path / "state.pt")
     refused("sample.py", *base, "--delta", tmp_path / "state.pt", names=[tmp_path / "state.pt", ".safetensors"])
-    unet = weights.load_models(model).unet
+    unet = load_models(model).unet
     name = next(n for n, _ in unet.named_parameters() if ".temp_convs." in n)
     bad = unet.get_parameter(name).detach().clone()
     bad.view(-1)[0] = float("nan")
@@ -225,10 +226,29 @@ def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path):  # n
     refused("sample.py", "--model", model, "--prompts", tmp_path / "empty.txt", "--out", tmp_path / "o",
             names=[tmp_path / "empty.txt", "no prompts"])
     with pytest.raises(weights.WeightsError, match="NaN"):
-        sample.apply_delta(weights.load_models(model), tmp_path / "nan.safetensors")
+        sample.apply_delta(load_models(model), tmp_path / "nan.safetensors")
 
 
 def test_evaluate_names_an_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     refused("evaluate.py", "--model", tmp_path, "--prompts", tmp_path / "empty.txt", "--token", "pll", "--out",
             tmp_path / "o", names=[tmp_path / "empty.txt", "no prompts"])
+
+
+def test_openmp_waits_passively_only_on_a_busy_cpu():
+    """omp.py (imported first by every entry point) picks OMP_WAIT_POLICY=PASSIVE when another process keeps a core
+    busy as the program starts, and never overrides a setting of the user's (benchmarks/busy.md has the timings)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import omp, os; print(os.environ.get('OMP_WAIT_POLICY'), round(omp.busy_cores(), 1))"
+    probe = [sys.executable, "-c", code]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        chosen = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, env=env).stdout.split()
+        kept = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT,
+                              env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.split()
+    finally:
+        hog.kill()
+        hog.wait()
+    assert chosen[0] == "PASSIVE" and float(chosen[1]) >= 0.5, chosen
+    assert kept[0] == "ACTIVE", kept

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
+import models
 
 # a tiny open_clip CLIP (random weights) as a JSON model config: builds in well under a second
 TINY_CLIP = {"model_cfg": {"embed_dim": 32, "quick_gelu": True,
@@ -226,10 +227,9 @@ def test_cli_bad_input(assets, video_dirs, tmp_path, capsys, change, message):
 
 
 def test_generation_path(tmp_path):
-    import weights
 
     model_dir = tmp_path / "model"
-    weights.save_models(weights._tiny_models(seed=0), model_dir, "diffusers")
+    models.save_models(models.tiny_models(seed=0), model_dir, "diffusers")
     prompts = tmp_path / "p.txt"
     prompts.write_text("A chef doing the {token} sign\n")
     args = ["--model", str(model_dir), "--prompts", str(prompts), "--seeds", "0", "1", "--frames", "2",

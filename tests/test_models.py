@@ -12,14 +12,15 @@ import torch
 
 import weights
 from oracles import max_abs_diff
-from weights import WeightsError, load_models, save_models
+from weights import WeightsError
+from models import check, load_models, RELEASED_SCHEDULE, save_models, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    models = weights._tiny_models(seed=1)
+    models = tiny_models(seed=1)
     tmp = tmp_path_factory.mktemp("models")
     return models, {layout: save_models(models, tmp / layout, layout) for layout in ("original", "diffusers")}
 
@@ -29,13 +30,13 @@ def test_both_layouts_load_the_same_models(tiny_dirs):
     for layout, folder in dirs.items():
         loaded = load_models(folder)
         assert loaded.layout == layout
-        assert loaded.schedule == weights.RELEASED_SCHEDULE
+        assert loaded.schedule == RELEASED_SCHEDULE
         for name in ("unet", "vae", "text_encoder"):
             want, got = getattr(models, name), getattr(loaded, name)
             assert got.cfg == want.cfg, (layout, name)
             a, b = want.state_dict(), got.state_dict()
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (layout, name)
-    videos = [weights.check(load_models(folder)) for folder in dirs.values()]
+    videos = [check(load_models(folder)) for folder in dirs.values()]
     assert torch.equal(videos[0], videos[1])
 
 
@@ -111,7 +112,7 @@ def test_bad_directories_give_clear_errors(tiny_dirs, tmp_path):
         load_models(tmp_path / "empty")
     _, dirs = tiny_dirs
     broken = tmp_path / "broken"
-    save_models(weights._tiny_models(), broken, "original")
+    save_models(tiny_models(), broken, "original")
     (broken / "VQGAN_autoencoder.pth").unlink()
     with pytest.raises(WeightsError, match=r"VQGAN_autoencoder.pth: file not found; expected the"):
         load_models(broken)
@@ -121,14 +122,14 @@ def test_bad_directories_give_clear_errors(tiny_dirs, tmp_path):
     with pytest.raises(WeightsError, match="configuration.json: unusable.*unet_dim"):
         load_models(broken)
     with pytest.raises(WeightsError, match="refusing to overwrite"):
-        save_models(weights._tiny_models(), dirs["original"], "original")
+        save_models(tiny_models(), dirs["original"], "original")
 
 
 def test_check_cli(tmp_path, tiny_dirs):
     _, dirs = tiny_dirs
-    run = subprocess.run([sys.executable, str(ROOT / "weights.py"), str(dirs["original"]), "--frames", "2"],
+    run = subprocess.run([sys.executable, str(ROOT / "models.py"), str(dirs["original"]), "--frames", "2"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "original layout" in run.stdout and "VAE decode (2, 3, 2, 64, 64)" in run.stdout
-    run = subprocess.run([sys.executable, str(ROOT / "weights.py"), str(tmp_path)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(ROOT / "models.py"), str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "neither layout found" in run.stderr and "Traceback" not in run.stderr

@@ -11,7 +11,7 @@ import torch
 
 import sample
 import unet3d
-import weights
+from models import RELEASED_SCHEDULE, save_models, tiny_models
 from oracles import TINY_ORIGINAL, max_abs_diff, modelscope_module, original_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_schedule_and_timesteps_match_upstream():
     ms = modelscope_module("diffusion")
     theirs = ms.GaussianDiffusion(ms.beta_schedule("linear_sd", 1000, 0.00085, 0.012), mean_type="eps",
                                   var_type="fixed_small", loss_type="mse")
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE)
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE)
     assert abar.dtype == torch.float64 and torch.equal(abar, theirs.alphas_cumprod)
     assert abs(abar[0].item() - 0.99915) < 1e-9 and abs(abar[999].item() - 0.0046601) < 1e-6
     assert sample.ddim_timesteps(50) == list(range(981, 0, -20))
@@ -65,7 +65,7 @@ def _run_both(diffusion, ref, ours, noise, cond, uncond, wrap=None):
             eps_c, eps_u = e.chunk(2)
             return eps_u + 9.0 * (eps_c - eps_u)
 
-        got = sample.sample_ddim(eps_fn, noise, sample.alphas_cumprod(weights.RELEASED_SCHEDULE), 50, progress=False)
+        got = sample.sample_ddim(eps_fn, noise, sample.alphas_cumprod(RELEASED_SCHEDULE), 50, progress=False)
     return got, want
 
 
@@ -84,7 +84,7 @@ def test_ddim_matches_original_modelscope_sampler_exactly_in_float64():
 def test_ddim_matches_original_modelscope_sampler_in_float32():
     """float32, with both UNets wrapped into a denoiser-like eps-model (eps = x_t / sqrt(1 - abar_t) + 0.3 UNet) so the
     latents keep the O(1) scale of a trained model; the wrapper is applied identically on both sides."""
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE).float()
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE).float()
 
     def wrap(out, x, t):
         s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1, 1)
@@ -96,7 +96,7 @@ def test_ddim_matches_original_modelscope_sampler_in_float32():
     assert 0.05 < want.abs().max() < 20
 
 
-_ABAR = sample.alphas_cumprod(weights.RELEASED_SCHEDULE)
+_ABAR = sample.alphas_cumprod(RELEASED_SCHEDULE)
 
 
 def _toy_eps(x, t):
@@ -118,7 +118,7 @@ def test_matches_diffusers_schedulers(solver, steps):
     x = x0.clone()
     for t in sched.timesteps:
         x = sched.step(_toy_eps(x, int(t)), t, x).prev_sample
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE)
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE)
     if solver == "ddim":
         assert [int(t) for t in sched.timesteps] == sample.ddim_timesteps(steps)
         got = sample.sample_ddim(_toy_eps, x0, abar, steps, progress=False)
@@ -132,7 +132,7 @@ def test_matches_diffusers_schedulers(solver, steps):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return weights._tiny_models(seed=3)
+    return tiny_models(seed=3)
 
 
 def test_determinism_and_batch_independence(tiny):
@@ -157,7 +157,7 @@ def test_apply_delta(tiny, tmp_path):
     import text_encoder as te
     from weights import WeightsError, save_state_dict
 
-    models = weights._tiny_models(seed=3)
+    models = tiny_models(seed=3)
     new = torch.randn_like(models.unet.conv_in.weight)
     save_state_dict({"unet.conv_in.weight": new, "text_encoder.placeholder_embeddings": torch.randn(1, 64)},
                     tmp_path / "delta.safetensors", metadata={"placeholder_words": json.dumps(["<pll>"])})
@@ -170,9 +170,9 @@ def test_apply_delta(tiny, tmp_path):
 
 
 def test_cli_writes_playable_videos_in_both_layouts(tmp_path):
-    models = weights._tiny_models(seed=4)
+    models = tiny_models(seed=4)
     for layout in ("original", "diffusers"):
-        root = weights.save_models(models, tmp_path / layout, layout)
+        root = save_models(models, tmp_path / layout, layout)
         out = tmp_path / f"out-{layout}"
         cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(root), "--prompt", "a red circle moving left",
                "--frames", "3", "--height", "32", "--width", "48", "--steps", "2", "--num-samples", "2",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-import weights
+from models import load_models
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "toy" / "model"
@@ -16,7 +16,7 @@ def test_committed_toy_model_loads_and_samples():
     import sample
 
     assert TOY.is_dir(), "the toy base model (toy/model) must be committed"
-    m = weights.load_models(TOY)
+    m = load_models(TOY)
     assert m.layout == "diffusers" and m.unet.cfg.cross_attention_dim == m.text_encoder.cfg.width
     video = sample.generate(m, ["a red circle moving left"], [0], frames=8, height=32, width=32, steps=5,
                             progress=False)

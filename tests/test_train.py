@@ -20,6 +20,7 @@ import sample
 import train
 import unet3d
 import weights
+from models import load_models, save_models, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def _moving_square(seed, n=8, size=32, direction=1):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    model = weights.save_models(weights._tiny_models(seed=5), root / "model", "diffusers")
+    model = save_models(tiny_models(seed=5), root / "model", "diffusers")
     (root / "videos").mkdir()
     (root / "reg").mkdir()
     for i in range(3):
@@ -137,7 +138,7 @@ def test_train_smoke_delta_changes_samples(world, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
     kw = dict(frames=4, height=32, width=32, steps=3, progress=False)
-    base = weights.load_models(model)
+    base = load_models(model)
     before = sample.generate(base, ["a person doing the pll sign"], [0], **kw)
     sample.apply_delta(base, delta)
     after = sample.generate(base, ["a person doing the pll sign"], [0], **kw)
@@ -220,7 +221,7 @@ def test_torchrun_two_processes(world, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "DDP ranks hold identical trained weights" in run.stdout
     tensors = weights.read_state_dict(tmp_path / "ddp" / "delta.safetensors")
-    base = weights.load_models(model).unet.state_dict()
+    base = load_models(model).unet.state_dict()
     assert any(not torch.equal(v, base[k[5:]]) for k, v in tensors.items())  # it trained
 
 
@@ -241,7 +242,7 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     import text_encoder as te
 
     root, model = world
-    base = weights.load_models(model)
+    base = load_models(model)
     # LoRA on the NewMove set: the delta holds merged full weights of its Linear layers only
     d = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "lora", steps=2, lora_rank=4)))
     assert d and all(v.ndim == 2 for v in d.values())
@@ -250,7 +251,7 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     path = train.main(_cfg(root, model, tmp_path / "tok", steps=2, train_token=True, export_diffusers=True))
     d = weights.read_state_dict(path)
     assert d["text_encoder.placeholder_embeddings"].shape == (1, te.TEXT_PRESETS["tiny"].width)
-    m = weights.load_models(model)
+    m = load_models(model)
     sample.apply_delta(m, path)
     assert m.tokenizer("a person doing the pll sign")[0, 5].item() == te.TEXT_PRESETS["tiny"].vocab_size
     exported = unet3d.load_unet(tmp_path / "tok" / "unet" / "diffusion_pytorch_model.safetensors", m.unet.cfg)
@@ -306,7 +307,7 @@ def test_grad_accumulation_and_jester_selection(world, tmp_path):
     one = weights.read_state_dict(train.main(dataclasses.replace(_cfg(root, model, tmp_path / "b2", batch_size=2), **kw)))
     two = weights.read_state_dict(train.main(dataclasses.replace(_cfg(root, model, tmp_path / "a2", batch_size=1,
                                                                       grad_accum=2), **kw)))
-    base = weights.load_models(model).unet.state_dict()
+    base = load_models(model).unet.state_dict()
     for d in (one, two):
         assert any(not torch.equal(v, base[k[5:]]) for k, v in d.items())
     log = (tmp_path / "b2" / "log.jsonl").read_text()
@@ -421,7 +422,7 @@ def test_landscape_clip_trains_at_its_bucket_and_mixed_buckets_give_the_same_los
     assert shapes == [(1, 4, 4, h // 2, w // 2), (1, 4, 4, 16, 16)]  # one UNet call per bucket
 
     # the loss of the two calls (newmove_loss per group, weights 1 and 0.5) = computing each clip on its own
-    unet = weights.load_models(model).unet
+    unet = load_models(model).unet
     unet.requires_grad_(False)
     kv = [p for n, p in unet.named_parameters() if train.param_group(n) == "spatial_kv"]
     for p in kv:

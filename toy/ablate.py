@@ -9,18 +9,16 @@ On 2 CPU cores a row takes about 3.5 min per seed at 150 steps (toy/ablation.md:
 about 4x that at the demo's 600 steps.
 """
 
-import os
+import sys
+from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import weights  # noqa: E402
 from toy import demo  # noqa: E402

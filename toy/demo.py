@@ -18,29 +18,28 @@
 The same unet3d.py / vae.py / text_encoder.py / train.py / sample.py code as the 1.7B model, only smaller.
 """
 
-import os
+import sys
+from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import argparse
 import json
 import math
 import shlex
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
+from models import load_models
 from toy import world  # noqa: E402
 from toy.scorer import ToyScorer  # noqa: E402
 
@@ -149,7 +148,7 @@ def main(argv=None, overrides=None, quiet=False):
         base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos
                 for k in range(args.base_seeds)]
         base_want = [" ".join(pr.split()[3:]) for pr, _ in base]
-        models = weights.load_models(args.model)
+        models = load_models(args.model)
         nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
 
         def evaluate(when):  # (novel, base) scores of the current weights on the fixed prompts and seeds

@@ -8,21 +8,19 @@ change ||eps(x, t, variant) - eps(x, t, reference)|| / ||eps(x, t, reference)|| 
 timesteps. A word the model ignores changes little; README "The toy world" quotes this for the direction words.
 """
 
-import os
-
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
-
-import argparse
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+
+import argparse
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import weights  # noqa: E402
+from models import load_models
 
 REFERENCE = "a red triangle moving left"
 VARIANTS = {"direction: right": "a red triangle moving right", "direction: up": "a red triangle moving up",
@@ -37,7 +35,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="noisy inputs per timestep")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    m = weights.load_models(args.model)
+    m = load_models(args.model)
     prompts = [REFERENCE, *VARIANTS.values()]
     g = torch.Generator().manual_seed(0)
     rows = {}

@@ -36,28 +36,26 @@ to take it from the prompt, and DDIM's first step, from pure noise, got a guess.
 inputs of pure noise fixes that mismatch. `--trail` (moving shapes leave a fading trail) is an earlier experiment
 that did not help. `python toy/probe.py` measures the prompt sensitivity.
 
-Everything is a function of --seed. The result is written with weights.save_models in the diffusers layout (fp16
+Everything is a function of --seed. The result is written with save_models in the diffusers layout (fp16
 files, which the loaders cast back to float32), so `--model toy/model` works everywhere.
 """
 
-import os
+import sys
+from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:  # read when torch loads OpenMP
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep instead of spinning: README "A busy CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
+import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import argparse
 import copy
 import dataclasses
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
 
 import sample  # noqa: E402
 import text_encoder as te  # noqa: E402
@@ -65,6 +63,7 @@ import train  # noqa: E402
 import unet3d  # noqa: E402
 import vae as vae_lib  # noqa: E402
 import weights  # noqa: E402
+from models import Models, load_models, RELEASED_SCHEDULE, save_models
 from toy import world  # noqa: E402
 
 VAE_CONFIG = vae_lib.VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1)  # x4 down: 32x32 -> 8x8
@@ -155,7 +154,7 @@ def main():
     log(f"pool: {len(videos)} clips in {time.time() - t0:.0f} s", logfile)
     init = None
     if args.init:  # continue from a committed model directory: its (EMA) weights, a fresh optimizer
-        init = weights.load_models(args.init)
+        init = load_models(args.init)
         state = None
         vae = init.vae.eval().requires_grad_(False)
         log(f"initialised from {args.init}", logfile)
@@ -212,7 +211,7 @@ def main():
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(f"resumed at step {step}", logfile)
-    abar = sample.alphas_cumprod(weights.RELEASED_SCHEDULE).float()
+    abar = sample.alphas_cumprod(RELEASED_SCHEDULE).float()
     # Why "high": ModelScope's schedule leaves sqrt(abar) = 0.068 of the clean latent in x_999, and a blob's path over
     # 8 frames is a strong, low-frequency signal, so even at high t the UNet can mostly read the trajectory off its
     # input instead of the prompt. At sampling the input is pure noise and the path follows the noise's whim. The
@@ -294,11 +293,11 @@ def export(state_path: Path, out: Path) -> Path:
     unet, text = unet3d.UNet3D(unet3d.UNET_PRESETS["toy"]), te.TextEncoder(te.TEXT_PRESETS["tiny"])
     unet.load_state_dict(state["ema_unet"])
     text.load_state_dict(state["ema_text"])
-    models = weights.Models(unet.half(), vae.half(), text.half(), te.Tokenizer(), dict(weights.RELEASED_SCHEDULE),
+    models = Models(unet.half(), vae.half(), text.half(), te.Tokenizer(), dict(RELEASED_SCHEDULE),
                             "memory", Path("."))
     if out.exists():
         out = out.with_name(out.name + f"-step{state['step']}")
-    return weights.save_models(models, out, "diffusers")
+    return save_models(models, out, "diffusers")
 
 
 if __name__ == "__main__":
