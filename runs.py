@@ -1,16 +1,18 @@
 """A training run's bookkeeping, apart from the method: the processes (torchrun or one), the run folder (never two
 runs in one folder; a resume is checked before anything heavy), checkpoints that hold every rank's RNG state (a killed
-or interrupted run resumes to bit-identical weights), the log with its NaN guard, Ctrl-C, and the DDP replica check.
-train.py uses these; nothing here knows about diffusion.
+or interrupted run resumes to bit-identical weights), the log with its NaN guard, Ctrl-C, the DDP replica check, and
+the command line built from a dataclass of options. train.py uses these; nothing here knows about diffusion.
 """
 
+import argparse
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -206,3 +208,65 @@ def check_replicas(trainable, run: Run):
     dist.destroy_process_group()
     if not same:
         raise SystemExit("error: DDP ranks diverged")
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# the command line: one flag per field of a dataclass, each field carrying its help text and allowed values
+
+
+def opt(default, help: str, choices=(), low=None, high=None, above=None):
+    """A dataclass field: its --help text, and the values it allows (checked by the parser and by check_fields)."""
+    return field(default=default, metadata=dict(help=help, choices=tuple(choices), low=low, high=high, above=above))
+
+
+def bad_value(f: dataclasses.Field, v) -> str:
+    """Why value v is not allowed for option f ('' if it is)."""
+    m = f.metadata
+    if m["choices"]:
+        return "" if v in m["choices"] else f"must be one of {', '.join(m['choices'])}, got {v!r}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
+    lo, hi = m["low"], m["high"]
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        return f"must be in [{lo}, {hi}], got {v}" if hi is not None else f"must be >= {lo}, got {v}"
+    if m["above"] is not None and not v > m["above"]:
+        return f"must be > {m['above']}, got {v}"
+    return ""
+
+
+def check_fields(obj):
+    """The parser's checks for an object built in Python: a one-line error naming the first bad option."""
+    for f in dataclasses.fields(obj):
+        why = bad_value(f, getattr(obj, f.name))
+        if why:
+            raise SystemExit(f"error: --{f.name.replace('_', '-')} {why}")
+
+
+def parse_options(cls, argv, description: str) -> tuple:
+    """(cls(**flags), the names of the flags actually typed): argparse with each field's type, choices and range, so a
+    bad value is a one-line parser error naming its flag."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, helptext = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse %-formats
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        else:
+            p.add_argument(flag, type=_checked(f), default=f.default, help=helptext,
+                           choices=f.metadata["choices"] or None)
+    obj = cls(**vars(p.parse_args(argv)))  # argparse itself rejects unknown flags
+    for action in p._actions:  # a second pass that leaves the defaults out: what was typed
+        action.default = argparse.SUPPRESS
+    return obj, set(vars(p.parse_args(argv)))
+
+
+def _checked(f: dataclasses.Field):
+    """The argparse type of option f: convert the text, then refuse what bad_value refuses."""
+    def convert(text):
+        v = type(f.default)(text)
+        why = bad_value(f, v)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return v
+
+    convert.__name__ = type(f.default).__name__  # argparse names it in "invalid int value: 'x'"
+    return convert

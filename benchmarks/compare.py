@@ -484,7 +484,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "diffusers' `UNet3DConditionModel(**unet3d.config_to_diffusers(cfg))` loads our state dict with "
               "`strict=True`. Each case's parity check is also each side's first run; then warm-up runs; then the "
               "timed repetitions, alternating the order (ours, diffusers / diffusers, ours).",
-              "* Train step: train.py's `param_group` + `PRESETS['newmove']` select the trainable tensors by name in "
+              "* Train step: train.py's `select_trainable(model, 'newmove')` selects the trainable tensors by name in "
               "both models (`requires_grad_(False)` on the rest); batch 2 = 1 instance + 1 reg clip; "
               "`train.weighted_mse` (lambda 0.5); clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
