@@ -259,6 +259,9 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     # Textual Inversion trains the token row only; DreamBooth generates its own prior first
     d = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "ti", steps=1, preset="textual-inversion")))
     assert list(d) == ["text_encoder.placeholder_embeddings"]
+    # ... and refuses, naming the folder, captions that never say the token (the row would get no gradient)
+    with pytest.raises(SystemExit, match=r"videos: no instance caption holds the token 'pll'"):
+        train.main(_cfg(root, model, tmp_path / "ti2", steps=1, preset="textual-inversion", caption="a square"))
     d = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "db", steps=1, preset="dreambooth",
                                                 prior_count=2, val_steps=2)))
     assert d and all(train.param_group(k[5:]) != "temporal" for k in d)
