@@ -20,10 +20,11 @@ as --estimate does: estimate.meta_flops).
      released widths 320/640, 64-dim heads, 1024-dim text, on 2 levels with one layer each, 16x16 latents);
      1/8/16 frames.
      The parity check of each case is also each side's first (warm-up) run.
-  2. One NewMove training step: train.py's own selection (train.select_trainable(model, "newmove"): temporal layers +
-     spatial cross-attention K/V) applied to both models by name, requires_grad_(False) on the rest, train() with dropout,
-     batch 2 (1 instance + 1 reg clip), forward + train.weighted_mse (lambda 0.5) + backward + grad clip 1.0 + AdamW (train.py's
-     settings), the same seed before each side's step. The parity check runs in eval() (no dropout) on the gradients.
+  2. One NewMove training step, train.py's own code on both models: its selection (train.select_trainable(model,
+     "newmove"): temporal layers + spatial cross-attention K/V) applied by name, requires_grad_(False) on the rest,
+     train() with dropout, batch 2 (1 instance + 1 reg clip), train.newmove_loss (coarse-noise t, lambda 0.5) +
+     backward + train.optimizer_step (clip 1.0, AdamW with train.py's settings), the same seeds before each side's
+     step (harness.train_step_fn). The parity check runs in eval() (no dropout) on the gradients.
   3. 25-step DDIM with classifier-free guidance 9 (batch 2: cond + uncond in one call), latents only: ours =
      sample.sample_ddim as sample.generate drives it; theirs = DDIMScheduler configured like the released
      scheduler_config.json (RELEASED_SCHEDULE + no clipping, set_alpha_to_one False, steps_offset 1).
@@ -45,11 +46,7 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 side-by-side run and estimate.py's count check, never by our modules.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
-import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+import harness  # noqa: F401  (first: the repository root on sys.path, omp.py)
 
 import os
 import datetime
@@ -59,16 +56,17 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 
 import sample
-import train
 import vae as vae_lib
 from models import RELEASED_SCHEDULE
-from estimate import (CALL, LOSS_W, ROOT, SIDES, TEXT_LEN, allocator_peak, amp_dtype, autocast, diffusers_kwargs,
+from harness import (CALL, ROOT, SIDES, TEXT_LEN, allocator_peak, amp_dtype, autocast, diffusers_kwargs, newmove_loss,
                       diffusers_module, machine_cpu, meta_flops, meta_model, parse_args, randomize_, reset_rss_peak,
                       rss_now_bytes, rss_peak_bytes, set_trainable, start, sync, train_inputs, train_step_fn,
                       trainable_names, write_atomic)
@@ -201,9 +199,7 @@ def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, am
     for s in SIDES:
         m = models[s].eval()
         set_trainable(m, names)
-        with autocast(device, amp):
-            eps_hat = CALL[s](m, inputs["xt"], inputs["t"], inputs["ctx"])
-        train.weighted_mse(eps_hat, inputs["eps"], LOSS_W)[0].backward()
+        newmove_loss(m, s, inputs, amp, seed).backward()
         grads[s] = torch.cat([m.get_parameter(n).grad.flatten() for n in names])
         m.zero_grad(set_to_none=True)
     fns = {}
@@ -486,7 +482,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
               "timed repetitions, alternating the order (ours, diffusers / diffusers, ours).",
               "* Train step: train.py's `select_trainable(model, 'newmove')` selects the trainable tensors by name in "
               "both models (`requires_grad_(False)` on the rest); batch 2 = 1 instance + 1 reg clip; "
-              "`train.weighted_mse` (lambda 0.5); clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
+              "`train.newmove_loss` (lambda 0.5) and `train.optimizer_step`: clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
               "* Selective recompute (`UNet3D.set_gradient_checkpointing('selective')`, train.py "
               "`--checkpointing selective`): each layer runs under torch's selective activation "
@@ -532,7 +528,7 @@ def side_by_side(args) -> list:
 
 
 # -----------------------------------------------------------------------------------------------------------------------
-# command line (estimate.parse_args: the options of all three files)
+# command line (harness.parse_args: the options of all three files)
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds the oracle-importing benchmarks
 import compare  # noqa: E402
 import estimate  # noqa: E402
+import harness  # noqa: E402
 import train  # noqa: E402
 import unet3d  # noqa: E402
 
@@ -23,7 +24,7 @@ def test_estimator_counts_match_the_model():
     trainable = sum(p.numel() for _, p in train.select_trainable(model, "newmove"))
     counts = estimate.count_params(cfg, "newmove")
     assert counts == {"total": total, "trainable": trainable, "frozen": total - trainable,
-                      "tensors": len(estimate.trainable_names(model))}
+                      "tensors": len(harness.trainable_names(model))}
     e = estimate.estimate(cfg, batch=1, frames=2, size=64, precision="fp32", frozen_dtype="fp32")
     assert e["counts"] == counts
     assert 0 < e["fwd_flops"] < e["step_flops"] < 4 * e["fwd_flops"]  # subset grads: between 1x and 3x forward
@@ -39,7 +40,7 @@ def test_allocator_peak_sees_a_known_allocation():
         b = torch.ones(n // 4)
         return float(a[0] + b[0])
 
-    peak = estimate.allocator_peak(fn, torch.device("cpu"))
+    peak = harness.allocator_peak(fn, torch.device("cpu"))
     assert 2 * n <= peak < 2 * n + 2 ** 20
 
 
@@ -57,9 +58,9 @@ def test_side_by_side_compares_the_same_computation():
 
     step = compare.train_case(models, cfg, frames=2, hw=8, device=cpu)
     assert step["diff"] < 1e-4  # gradients of the trainable tensors, relative to their largest
-    names = estimate.trainable_names(models["ours"])
+    names = harness.trainable_names(models["ours"])
     assert step["trainable"] == sum(models["ours"].get_parameter(n).numel() for n in names)
-    losses = {s: step["fns"][s]().item() for s in estimate.SIDES}  # one real training step each, train() mode
+    losses = {s: step["fns"][s]().item() for s in harness.SIDES}  # one real training step each, train() mode
     assert all(math.isfinite(v) for v in losses.values())
 
     ddim = compare.sampling_case(models, cfg, frames=2, hw=8, device=cpu, steps=3)
@@ -75,14 +76,14 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
     models = compare.build_pair(cfg)
     plain = compare.train_case(models, cfg, frames=4, hw=8, device=cpu)
     plain["fns"]["ours"]()  # warm-up: AdamW state resident, as in every later step
-    plain_peak = estimate.allocator_peak(plain["fns"]["ours"], cpu)
+    plain_peak = harness.allocator_peak(plain["fns"]["ours"], cpu)
     models = compare.build_pair(cfg)  # (the steps above moved ours' weights away from diffusers')
     sel = compare.train_case(models, cfg, frames=4, hw=8, device=cpu, ours_checkpointing="selective")
     assert sel["diff"] < 1e-4
     peaks = {}
-    for s in estimate.SIDES:
+    for s in harness.SIDES:
         sel["fns"][s]()
-        peaks[s] = estimate.allocator_peak(sel["fns"][s], cpu)
+        peaks[s] = harness.allocator_peak(sel["fns"][s], cpu)
     # without recompute ours keeps fewer tensors already (frozen convs keep no input; GroupNorm+SiLU and GEGLU keep
     # only their inputs); selective recompute drops most of the rest
     assert plain_peak < 0.9 * peaks["diffusers"], (plain_peak, peaks)
@@ -92,11 +93,11 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 def test_estimator_predicts_the_measured_step_peak(mode):
     """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode."""
-    cfg, ck = unet3d.UNET_PRESETS["toy"], estimate.CHECKPOINTING[mode]
+    cfg, ck = unet3d.UNET_PRESETS["toy"], harness.CHECKPOINTING[mode]
     pred = estimate.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["memory"]["peak"]
     real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
     assert abs(real / pred - 1) < 0.02, (mode, real, pred)
-    assert estimate.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
+    assert harness.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
 
 
 def test_time_breakdown_separates_kernels_from_the_rest():

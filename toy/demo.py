@@ -21,8 +21,11 @@ The same unet3d.py / vae.py / text_encoder.py / train.py / sample.py code as the
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
-import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
+# loads OpenMP: the wait policy for this machine).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import omp  # noqa: E402, F401
 
 import argparse
 import json
@@ -34,14 +37,12 @@ import time
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-
-import sample  # noqa: E402
-import train  # noqa: E402
-import weights  # noqa: E402
+import sample
+import train
+import weights
 from models import load_models
-from toy import world  # noqa: E402
-from toy.scorer import ToyScorer  # noqa: E402
+from toy import world
+from toy.scorer import ToyScorer
 
 
 def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), desc="sampling", quiet=False):

@@ -18,8 +18,11 @@ timesteps.png is drawn.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
-import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
+# loads OpenMP: the wait policy for this machine).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import omp  # noqa: E402, F401
 
 import argparse
 import json
@@ -28,10 +31,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = Path(__file__).resolve().parents[1]
-
-import train  # noqa: E402
-import weights  # noqa: E402
+import train
+import weights
 
 PAPER, INK, MUTED, GOOD = (255, 255, 255), (25, 25, 25), (120, 120, 120), (0, 125, 60)  # background, text colours
 CURVES = {"coarse": (214, 39, 40), "uniform": (110, 110, 110), "fine": (31, 119, 180)}  # p(t) curve colours

@@ -11,14 +11,15 @@ timesteps. A word the model ignores changes little; README "The toy world" quote
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
-import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
+# loads OpenMP: the wait policy for this machine).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import omp  # noqa: E402, F401
 
 import argparse
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 from models import load_models
 

@@ -43,8 +43,11 @@ files, which the loaders cast back to float32), so `--model toy/model` works eve
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script from anywhere
-import omp  # noqa: E402, F401  (before torch loads OpenMP: the wait policy for this machine, omp.py)
+# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
+# loads OpenMP: the wait policy for this machine).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import omp  # noqa: E402, F401
 
 import argparse
 import copy
@@ -57,14 +60,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-import sample  # noqa: E402
-import text_encoder as te  # noqa: E402
-import train  # noqa: E402
-import unet3d  # noqa: E402
-import vae as vae_lib  # noqa: E402
-import weights  # noqa: E402
+import sample
+import text_encoder as te
+import train
+import unet3d
+import vae as vae_lib
+import weights
 from models import Models, load_models, RELEASED_SCHEDULE, save_models
-from toy import world  # noqa: E402
+from toy import world
 
 VAE_CONFIG = vae_lib.VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1)  # x4 down: 32x32 -> 8x8
 
