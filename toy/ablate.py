@@ -1,12 +1,19 @@
-"""The paper's Table 2 ablations and baselines at toy scale: each row customizes the toy model (toy/demo.py) with one
-change to train.py's NewMove defaults, over several seeds, and reports novel-motion accuracy and copy rate.
+"""The paper's Table 2 (ablations) and its baselines at toy scale, with enough runs to tell rows apart.
 
-    python toy/ablate.py --seeds 2                                        # every row, the demo's 600 steps (long)
-    python toy/ablate.py --rows newmove uniform prior-none --seeds 2      # a subset
-    python toy/ablate.py --seeds 2 -- --steps 150 --lr 2e-4 --seeds 2 --base-seeds 1   # the setting of toy/ablation.md
+    python toy/ablate.py                                  # every row x motion x seed not yet in the results file
+    python toy/ablate.py --rows newmove uniform --motions "moving in a circle" --seeds 1     # a subset
+    python toy/ablate.py --table                          # only (re)write the markdown table from the results file
 
-On 2 CPU cores a row takes about 3.5 min per seed at 150 steps (toy/ablation.md: 13 rows x 2 seeds in 84 min) and
-about 4x that at the demo's 600 steps.
+Each run customizes the toy model (toy/demo.py: train.py with one change to its NewMove defaults) on one novel motion
+with one customization seed (its example clips, initial noise and data order), then samples and scores the same
+evaluation prompts: every unseen appearance pair (world.HELD_OUT_COMBOS) with --sample-seeds sampling seeds for the
+novel motion, and with every base motion for forgetting. The base model ("base model" row) is scored once per motion
+and seed on the same prompts. Every finished run is appended to --results as one JSON line holding its settings and
+every per-video score, so a stopped runner continues where it stopped, and the table is always regenerated from that
+file: per row the mean and a 95% bootstrap interval over runs (resampling runs, then videos within each run), and the
+paired difference to the NewMove row (same motions, seeds, prompts and sampling seeds), marked resolved when its
+interval excludes 0. The copy score is toy/scorer.py's leakage score (nearest training clip in unasked appearance),
+with the threshold from held-out clips (scorer.calibrate_leakage).
 """
 
 import sys
@@ -19,63 +26,245 @@ sys.path.insert(0, str(ROOT))
 import omp  # noqa: E402, F401
 
 import argparse
-import statistics
+import json
+import os
+import shlex
 import time
 
+import numpy as np
 
 import weights
-from toy import demo
+from toy import demo, world
+from toy import scorer as toy_scorer
 
-# row name -> (paper Table 2 row, train.Config overrides)
+# row name -> (paper Table 2 row, train.Config overrides, the paper's finding vs NewMove: accuracy, copy)
+# (paper numbers: docs/method.md §5.3; NewMove 70.6% accuracy / 8.7% copy; baselines §5.4, Table 3 not in our text)
 ROWS = {
-    "newmove": ("(ours) temporal all + spatial K,V, coarse t, real prior, full", {}),
-    "spatial-none": ("(a) spatial layers: none", {"preset": "temporal"}),
-    "spatial-all": ("(a) spatial layers: all", {"preset": "spatial-all"}),
-    "temporal-none": ("(b) temporal layers: none", {"preset": "temporal-none"}),
-    "token": ("(c) text token trained", {"train_token": True}),
-    "uniform": ("(d) uniform timestep sampling", {"timesteps": "uniform"}),
-    "prior-none": ("(e) regularization prior: none", {"prior": "none"}),
-    "prior-synthetic": ("(e) regularization prior: synthetic", {"prior": "synthetic"}),
-    "lora-all": ("(f) LoRA, all (spatial + temporal transformers)", {"preset": "spatial-all", "lora_rank": 4}),
-    "lora-ours": ("(f) LoRA, NewMove layers", {"lora_rank": 4}),
-    "textual-inversion": ("baseline: Textual Inversion", {"preset": "textual-inversion"}),
-    "dreambooth": ("baseline: DreamBooth (all spatial, synthetic prior)", {"preset": "dreambooth"}),
-    "custom-diffusion": ("baseline: Custom Diffusion (spatial K,V + token, real prior)", {"preset": "custom-diffusion"}),
+    "newmove": ("(ours) temporal all + spatial K,V, coarse t, real prior, full", {}, None),
+    "spatial-none": ("(a) spatial layers: none", {"preset": "temporal"}, ("lower: 62.3", "lower: 5.9")),
+    "spatial-all": ("(a) spatial layers: all", {"preset": "spatial-all"}, ("lower: 68.7", "higher: 17.0")),
+    "temporal-none": ("(b) temporal layers: none", {"preset": "temporal-none"}, ("lower: 22.7", "lower: 1.4")),
+    "token": ("(c) text token trained", {"train_token": True}, ("higher: 75.5", "higher: 22.7")),
+    "uniform": ("(d) uniform timestep sampling", {"timesteps": "uniform"}, ("lower: 66.9", "higher: 15.4")),
+    "prior-none": ("(e) regularization prior: none", {"prior": "none"}, ("lower: 43.9", "lower: 1.2")),
+    "prior-synthetic": ("(e) regularization prior: synthetic", {"prior": "synthetic"}, ("lower: 48.3", "lower: 3.7")),
+    "lora-all": ("(f) LoRA, all (spatial + temporal transformers)", {"preset": "spatial-all", "lora_rank": 4},
+                 ("lower: 17.4", "lower: 0.5")),
+    "lora-ours": ("(f) LoRA, NewMove layers", {"lora_rank": 4}, ("lower: 10.6", "lower: 3.3")),
+    "textual-inversion": ("baseline: Textual Inversion", {"preset": "textual-inversion"}, ("lower (fails)", "")),
+    "dreambooth": ("baseline: DreamBooth (all spatial, synthetic prior)", {"preset": "dreambooth"}, ("lower", "")),
+    "custom-diffusion": ("baseline: Custom Diffusion (spatial K,V + token, real prior)", {"preset": "custom-diffusion"},
+                         ("lower", "")),
 }
+BASE = "base model"  # the row of the uncustomized model
 
 
-def main():
+# -----------------------------------------------------------------------------------------------------------------------
+# statistics: two-level bootstrap over runs (customization seeds x motions) and the videos within each run
+
+
+def bootstrap(x: np.ndarray, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple:
+    """(mean, low, high) of the grand mean of x (R runs, V videos per run): each replicate draws R runs with
+    replacement, then V videos with replacement within each drawn run. For paired differences pass x = a - b with
+    the runs and videos of a and b aligned (the same motion, seed, prompt and sampling seed in each cell)."""
+    x = np.asarray(x, dtype=np.float64)
+    R, V = x.shape
+    rng = np.random.default_rng(seed)
+    runs = rng.integers(R, size=(n, R))  # (n, R)
+    vids = rng.integers(V, size=(n, R, V))  # (n, R, V)
+    means = x[runs[..., None], vids].mean(axis=(1, 2))  # (n,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    """Whether a difference's interval excludes 0, and its sign."""
+    return "higher" if lo > 0 else "lower" if hi < 0 else "unresolved"
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# the results file: one JSON object per line, appended as each run finishes
+
+
+def read_results(path: Path) -> list:
+    """The records of the results file; a last line cut off by a kill mid-write is skipped (the run is redone)."""
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"warning: {path}:{i + 1} is not a complete record (a run killed while writing?): skipped",
+                  file=sys.stderr)
+    return out
+
+
+def append_result(path: Path, record: dict):
+    """One line, flushed to disk before the runner moves on (a kill then loses at most the run in progress)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def key(r: dict) -> tuple:
+    return r["row"], r["motion"], r["seed"], json.dumps(r["settings"], sort_keys=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# one run
+
+
+def demo_argv(motion: str, seed: int, s: dict) -> list:
+    return ["--motion", motion, "--seed", str(seed), "--steps", str(s["steps"]), "--lr", str(s["lr"]),
+            "--seeds", str(s["sample_seeds"]), "--base-seeds", str(s["base_seeds"]), "--no-before", "--samples", ""]
+
+
+def customized_run(row: str, motion: str, seed: int, s: dict) -> dict:
+    """Customize with the row's overrides, then score the evaluation prompts (toy/demo.py)."""
+    r = demo.main(demo_argv(motion, seed, s), overrides=ROWS[row][1], quiet=True, full=True)
+    return {"novel": r["novel"]["after"]["per_video"], "base": r["base"]["after"]["per_video"]}
+
+
+def base_runs(motion: str, seeds: list, s: dict) -> list:
+    """The base model on the same prompts, once; its leakage scored against each seed's training clips."""
+    import torch
+
+    from models import load_models
+
+    args = demo.parser().parse_args(demo_argv(motion, 0, s))
+    torch.set_num_threads(2)
+    models, scorer = load_models(args.model), toy_scorer.ToyScorer()
+    novel, base, base_want = demo.prompts_for(motion, args.token, args.seeds, args.base_seeds)
+    n = demo.score(models, [p for p, _ in novel], [k for _, k in novel], [motion] * len(novel), args, scorer,
+                   quiet=True)
+    b = demo.score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer, quiet=True)
+    out = []
+    for seed in seeds:
+        examples = demo.examples_for(motion, args.examples, seed, args.token)
+        leak, nearest = toy_scorer.copy_scores(scorer, n["videos"], [c.video for c in examples])
+        looks = {(c.colour, c.shape) for c in examples}
+        asked = [tuple(p.split()[1:3]) for p, _ in novel]
+        per_video = dict(n["per_video"], leak=leak.tolist(), nearest=nearest.tolist(),
+                         copy=[float(lk in looks and lk != a) for lk, a in zip(n["looks"], asked)])
+        out.append({"novel": per_video, "base": b["per_video"]})
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# the table
+
+
+METRICS = (("novel-motion accuracy", "novel", "motion"), ("copy score > threshold", "novel", "leaked"),
+           ("copy score (mean, x100)", "novel", "leak"), ("colour+shape copy rate", "novel", "copy"),
+           ("base-motion accuracy", "base", "motion"))
+
+
+def cells(records: list, thresholds: dict) -> dict:
+    """row -> {(motion, seed): {metric: per-video array}}, with `leaked` = leak > the motion's threshold."""
+    out = {}
+    for r in records:
+        per = {name: np.asarray(r[part][field], dtype=np.float64) for name, part, field in METRICS if field != "leaked"}
+        per["copy score > threshold"] = (per["copy score (mean, x100)"] > thresholds[r["motion"]]).astype(np.float64)
+        out.setdefault(r["row"], {})[(r["motion"], r["seed"])] = per
+    return out
+
+
+def table(records: list, settings: dict, command: str) -> str:
+    """The markdown report: every row's metrics with 95% intervals, and paired differences to NewMove."""
+    motions = sorted({r["motion"] for r in records})
+    thresholds = {m: toy_scorer.calibrate_leakage(m)["threshold"] for m in motions}
+    data = cells(records, thresholds)
+    fmt = lambda m, lo, hi: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"  # noqa: E731
+    lines = ["| row | paper row | runs | " + " | ".join(name for name, _, _ in METRICS) + " |",
+             "| --- | --- | --- |" + " --- |" * len(METRICS)]
+    for row in [BASE, *ROWS]:
+        if row not in data:
+            continue
+        runs = sorted(data[row])
+        stats = [fmt(*bootstrap(np.stack([data[row][k][name] for k in runs]))) for name, _, _ in METRICS]
+        lines.append(f"| {row} | {ROWS[row][0] if row in ROWS else 'no customization'} | {len(runs)} | "
+                     + " | ".join(stats) + " |")
+    lines += ["", "Paired differences to NewMove (row minus NewMove, percentage points, same motions, seeds, prompts and "
+              "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0:", "",
+              "| row | pairs | novel-motion accuracy | verdict | paper | copy score > threshold | verdict | paper | "
+              "base-motion accuracy | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, (_, _, paper) in ROWS.items():
+        if row == "newmove" or row not in data or "newmove" not in data:
+            continue
+        pairs = sorted(set(data[row]) & set(data["newmove"]))
+        if not pairs:
+            continue
+        cols = []
+        for name in ("novel-motion accuracy", "copy score > threshold", "base-motion accuracy"):
+            d = np.stack([data[row][k][name] - data["newmove"][k][name] for k in pairs])
+            m, lo, hi = bootstrap(d)
+            cols += [fmt(m, lo, hi), verdict(lo, hi)]
+        paper = paper or ("", "")
+        lines.append(f"| {row} | {len(pairs)} | {cols[0]} | {cols[1]} | {paper[0]} | {cols[2]} | {cols[3]} | "
+                     f"{paper[1]} | {cols[4]} | {cols[5]} |")
+    cal = [f"{m}: threshold {c['threshold']:.3f}, copies detected {100 * c['detected']:.0f}%"
+           for m in motions for c in [toy_scorer.calibrate_leakage(m)]]
+    lines += ["", f"Settings: {json.dumps(settings, sort_keys=True)}; motions: {', '.join(motions)}.",
+              f"Copy-score thresholds (5% of held-out independent clips above; scorer.calibrate_leakage): "
+              f"{'; '.join(cal)}.", f"Command: {command}"]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--seeds", type=int, default=2, help="customization seeds per row (data, init and noise)")
-    p.add_argument("--out", default=f"toy/ablation-{time.strftime('%Y%m%d-%H%M%S')}.md",
-                   help="markdown table to write; an existing file is never overwritten (default: a new, dated file)")
-    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="after --: options for toy/demo.py")
-    args = p.parse_args()
-    out = Path(args.out)
-    if out.exists():
-        raise SystemExit(f"error: {out} exists; choose another --out")
-    lines = ["| row | paper row | novel-motion accuracy | copy rate | base-motion accuracy |", "| --- | --- | --- | --- | --- |"]
-    t0 = time.time()
-    for name in args.rows:
-        label, overrides = ROWS[name]
-        runs = [demo.main(["--seed", str(s), "--no-before", *[a for a in args.demo_args if a != "--"]],
-                          overrides=overrides, quiet=True) for s in range(args.seeds)]
+    p.add_argument("--motions", nargs="*", default=list(world.NOVEL_MOTIONS), choices=list(world.NOVEL_MOTIONS))
+    p.add_argument("--seeds", type=int, default=3, help="customization seeds per (row, motion) (default 3)")
+    p.add_argument("--steps", type=int, default=600, help="customization steps (the demo's 600)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--sample-seeds", type=int, default=4, help="sampling seeds per novel prompt: x 5 looks = videos")
+    p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (x 30)")
+    p.add_argument("--results", default=str(ROOT / "toy" / "ablation.jsonl"), help="JSON-lines results (appended)")
+    p.add_argument("--table", action="store_true", help="only write the markdown table from --results")
+    p.add_argument("--out", default=str(ROOT / "toy" / "ablation.md"), help="the markdown table (rewritten)")
+    args = p.parse_args(argv)
+    for flag in ("seeds", "steps", "sample_seeds", "base_seeds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    settings = {"steps": args.steps, "lr": args.lr, "sample_seeds": args.sample_seeds, "base_seeds": args.base_seeds}
+    results, out = Path(args.results), Path(args.out)
+    command = "python toy/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
-        def stat(key):
-            vals = [100 * r[key][1] for r in runs]
-            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            return f"{statistics.mean(vals):.0f} ± {spread:.0f}"
+    def write_table():
+        records = [r for r in read_results(results) if r["settings"] == settings]
+        if records:
+            text = table(records, settings, command)
+            weights.atomic_write(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+            print(f"wrote {out} ({len(records)} runs)")
 
-        lines.append(f"| {name} | {label} | {stat('novel-motion accuracy')} | {stat('copy rate, novel prompts')} | "
-                     f"{stat('base-motion accuracy (forgetting)')} |")
-        print(lines[-1], flush=True)
-        # rewritten after every row (atomically), so a long run that is stopped still leaves its finished rows
-        footer = (f"\n{args.seeds} seeds per row (mean ± sample std, %); {len(lines) - 2} of {len(args.rows)} rows; "
-                  f"{time.time() - t0:.0f} s; command: python toy/ablate.py {' '.join(sys.argv[1:])}")
-        text = "\n".join(lines) + "\n" + footer + "\n"
-        weights.atomic_write(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
-    print(f"wrote {out}")
+    if args.table:
+        return write_table()
+    seeds = list(range(args.seeds))
+    for motion in args.motions:
+        done = {key(r) for r in read_results(results)}
+        todo = [s for s in seeds if (BASE, motion, s, json.dumps(settings, sort_keys=True)) not in done]
+        if todo:
+            t0 = time.time()
+            for s, rec in zip(todo, base_runs(motion, todo, settings)):
+                append_result(results, {"row": BASE, "motion": motion, "seed": s, "settings": settings, **rec,
+                                        "seconds": round((time.time() - t0) / len(todo), 1)})
+        for row in args.rows:
+            for s in seeds:
+                if (row, motion, s, json.dumps(settings, sort_keys=True)) in done:
+                    continue
+                t0 = time.time()
+                rec = customized_run(row, motion, s, settings)
+                append_result(results, {"row": row, "motion": motion, "seed": s, "settings": settings, **rec,
+                                        "seconds": round(time.time() - t0, 1)})
+                print(f"{row} | {motion} | seed {s}: novel-motion accuracy {100 * np.mean(rec['novel']['motion']):.0f}%"
+                      f", {time.time() - t0:.0f} s", flush=True)
+        write_table()  # after every motion, so a long run that is stopped still leaves a table of what it finished
 
 
 if __name__ == "__main__":

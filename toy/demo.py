@@ -42,11 +42,15 @@ import train
 import weights
 from models import load_models
 from toy import world
+from toy import scorer as toy_scorer
 from toy.scorer import ToyScorer
 
 
-def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), desc="sampling", quiet=False):
-    """Sample (prompt, seed) pairs and score them: motion accuracy, colour accuracy, copy rate."""
+def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), desc="sampling", quiet=False,
+          train_videos=None):
+    """Sample (prompt, seed) pairs and score them: motion accuracy, colour accuracy, copy rate (a training clip's
+    colour+shape instead of the asked one) and, given the training clips' videos, each video's leakage score (the
+    leak_similarity of its nearest training clip, toy/scorer.py). Per-video lists under "per_video"."""
     chunks = range(0, len(prompts), 16)
     videos = torch.cat([sample.generate(models, prompts[i:i + 16], seeds[i:i + 16], frames=8, height=32, width=32,
                                         steps=args.sample_steps, guidance=args.guidance, batch_size=16, progress=False)
@@ -54,11 +58,31 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
     motions = [scorer.class_names[i] for i in scorer.predict(videos).argmax(1).tolist()]
     looks = scorer.appearance(videos)
     asked = [tuple(p.split()[1:3]) for p in prompts]  # "a red triangle ..." -> ("red", "triangle")
-    n = len(prompts)
-    return {"motion": sum(m == w for m, w in zip(motions, want_motions)) / n,
-            "colour": sum(lk[0] == a[0] for lk, a in zip(looks, asked)) / n,
-            "copy": sum(lk in train_looks and lk != a for lk, a in zip(looks, asked)) / n,
-            "videos": videos, "motions": motions, "looks": looks}  # per video, for the samples' index
+    per_video = {"motion": [float(m == w) for m, w in zip(motions, want_motions)],
+                 "colour": [float(lk[0] == a[0]) for lk, a in zip(looks, asked)],
+                 "copy": [float(lk in train_looks and lk != a) for lk, a in zip(looks, asked)]}
+    if train_videos is not None:
+        leak, nearest = toy_scorer.copy_scores(scorer, videos, train_videos)
+        per_video.update(leak=leak.tolist(), nearest=nearest.tolist())
+    return {**{k: sum(v) / len(prompts) for k, v in per_video.items() if k in ("motion", "colour", "copy")},
+            "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}
+
+
+def examples_for(motion: str, n: int, seed: int, token: str) -> list:
+    """The demo's example clips of `motion` (world clips, never in an evaluation look), captioned with the token."""
+    clips = world.make_dataset(n, [motion], seed=1000 + seed, exclude_combos=world.HELD_OUT_COMBOS)
+    for c in clips:
+        c.caption = f"a {c.colour} {c.shape} doing {token}"
+    return clips
+
+
+def prompts_for(motion: str, token: str, seeds: int, base_seeds: int) -> tuple:
+    """([(novel prompt, sampling seed)], [(base-motion prompt, seed)], the base prompts' motions): every evaluation
+    look (HELD_OUT_COMBOS, appearance pairs the base model never saw) with the token, and with each base motion."""
+    combos = sorted(world.HELD_OUT_COMBOS)
+    novel = [(f"a {c} {s} doing {token}", k) for c, s in combos for k in range(seeds)]
+    base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos for k in range(base_seeds)]
+    return novel, base, [" ".join(pr.split()[3:]) for pr, _ in base]
 
 
 def samples_folder(arg, quiet: bool):
@@ -123,8 +147,10 @@ def parser():
     return p
 
 
-def main(argv=None, overrides=None, quiet=False):
-    """Run the demo; `overrides` are train.Config fields (the ablation runner uses them). Returns the table rows."""
+def main(argv=None, overrides=None, quiet=False, full=False):
+    """Run the demo; `overrides` are train.Config fields (the ablation runner uses them). Returns the table rows
+    {name: (before, after)}; with full=True {"rows": those, "novel": {"before", "after"}, "base": {...}}: score()'s
+    results, with leakage scores for the novel prompts (toy/ablate.py)."""
     args = parser().parse_args(argv)
     keep = samples_folder(args.samples, quiet)  # before the work: a bad --samples fails now, not after 15 min
     torch.set_num_threads(2)
@@ -134,27 +160,20 @@ def main(argv=None, overrides=None, quiet=False):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out) if args.out else Path(tmp)
         # 1. data: novel-motion examples bound to the token, base-motion regularization clips
-        examples = world.make_dataset(args.examples, [args.motion], seed=1000 + args.seed,
-                                      exclude_combos=world.HELD_OUT_COMBOS)
-        for c in examples:
-            c.caption = f"a {c.colour} {c.shape} doing {args.token}"
+        examples = examples_for(args.motion, args.examples, args.seed, args.token)
         world.write_folder(examples, work / "videos")
         world.write_regularization_set(work / "reg", args.reg, args.seed)
         train_looks = {(c.colour, c.shape) for c in examples}
 
         # 2. prompts with appearance pairs the base model never saw
-        combos = sorted(world.HELD_OUT_COMBOS)
-        seeds = list(range(args.seeds))
-        novel = [(f"a {c} {s} doing {args.token}", k) for c, s in combos for k in seeds]
-        base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos
-                for k in range(args.base_seeds)]
-        base_want = [" ".join(pr.split()[3:]) for pr, _ in base]
+        novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)
         models = load_models(args.model)
         nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
 
         def evaluate(when):  # (novel, base) scores of the current weights on the fixed prompts and seeds
             n = score(models, [p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel), args, scorer,
-                      train_looks, desc=f"{when}: novel prompts", quiet=quiet)
+                      train_looks, desc=f"{when}: novel prompts", quiet=quiet,
+                      train_videos=[c.video for c in examples] if full else None)
             b = score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer,
                       desc=f"{when}: base prompts", quiet=quiet) if base else nan
             return n, b
@@ -199,7 +218,12 @@ def main(argv=None, overrides=None, quiet=False):
         keep_samples(keep, info, sets)
         if not quiet:
             print(f"samples: {keep}")
-    return {name: (a, b) for name, a, b in rows}
+    table = {name: (a, b) for name, a, b in rows}
+    if full:
+        drop = lambda r: {k: v for k, v in r.items() if k != "videos"}  # noqa: E731
+        return {"rows": table, "novel": {"before": drop(before_novel), "after": drop(after_novel)},
+                "base": {"before": drop(before_base), "after": drop(after_base)}}
+    return table
 
 
 if __name__ == "__main__":

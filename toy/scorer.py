@@ -22,11 +22,13 @@ How it works, per video (no learning, no parameters fitted to data):
 The scores returned by `predict` are a hard decision (10 for the pick, 0 elsewhere), not calibrated probabilities.
 """
 
+import functools
 import math
 
 import numpy as np
 import torch
 
+from toy import world
 from toy.world import COLOURS, MOTIONS, SHAPES, shape_coverage
 
 # hue in degrees of each chromatic named colour; white is told apart by saturation, not hue
@@ -258,3 +260,78 @@ class ToyScorer:
             a = self.analyse(video)
             results.append((a["colour"], a["shape"]))
         return results
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# leakage: how close a video comes to a training clip in what its prompt did not ask for
+#
+# The paper's copy score (SSCD) asks whether a generated video reproduces a training video. In the toy world a prompt
+# names a colour, a shape and a motion; everything else is drawn at random for every clip: the background (grey level,
+# tint, gradient), the shape's size and where it moves. A model that has memorised its examples brings that unasked
+# appearance along. So each video is reduced to those unasked features (leak_features), compared with every training
+# clip in units of the world's own spread of each feature (leak_similarity, 1 = identical), and scored by its nearest
+# training clip. Colour is not among them: every evaluation prompt asks for one (the colour+shape copy rate covers a
+# training look that replaces the asked one). The threshold comes from held-out clips (calibrate_leakage).
+
+LEAK_FEATURES = ("background R", "background G", "background B", "gradient x", "gradient y", "size", "x", "y")
+
+
+def leak_features(a: dict) -> np.ndarray:
+    """(8,) unasked appearance of one analysed video (ToyScorer.analyse): the background's mean colour and its grey-level
+    change across the frame (x, y), the shape's size (sqrt of its mean area, px) and position (mean centroid, px)."""
+    bg = a["background"]  # (H, W, 3), the plane fitted to the border
+    grey = bg.mean(-1)  # (H, W)
+    gx, gy = grey[:, -1].mean() - grey[:, 0].mean(), grey[-1].mean() - grey[0].mean()
+    return np.array([*bg.mean((0, 1)), gx, gy, math.sqrt(a["areas"].mean()), *a["centres"].mean(0)])
+
+
+@functools.lru_cache(maxsize=4)
+def leak_scale(frames: int = 8, size: int = 32) -> np.ndarray:
+    """(8,) the spread (std) of each leak feature over 200 random clips of every motion: the unit of leak_similarity."""
+    scorer = ToyScorer()
+    clips = world.make_dataset(200, MOTIONS, seed=31_337, frames=frames, height=size)
+    return np.stack([leak_features(scorer.analyse(c.video)) for c in clips]).std(0)
+
+
+def leak_similarity(gen: np.ndarray, train: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(N, M) exp(-mean_k ((g_k - t_k) / scale_k)^2 / 2) between N videos' and M clips' leak features: 1 = the same
+    unasked appearance, ~0.4 = one world-std apart in every feature."""
+    z = (gen[:, None, :] - train[None, :, :]) / scale  # (N, M, 8)
+    return np.exp(-0.5 * (z ** 2).mean(-1))
+
+
+def copy_scores(scorer, videos, train_videos) -> tuple:
+    """(score (N,), nearest training clip (N,)): each video's highest leak_similarity to any training clip."""
+    gen = np.stack([leak_features(scorer.analyse(v)) for v in videos])
+    train = np.stack([leak_features(scorer.analyse(v)) for v in train_videos])
+    frames, size = int(videos[0].shape[1]), int(min(videos[0].shape[2:]))  # (3, F, H, W)
+    sim = leak_similarity(gen, train, leak_scale(frames, size))
+    return sim.max(1), sim.argmax(1)
+
+
+@functools.lru_cache(maxsize=16)
+def calibrate_leakage(motion: str, examples: int = 8, sets: int = 6, per_set: int = 20, frames: int = 8,
+                      size: int = 32, fpr: float = 0.05) -> dict:
+    """The copy threshold for training sets of `examples` clips of `motion`, from held-out clips: for `sets` training
+    sets (seeds no demo uses), `per_set` independent clips in the evaluation looks (HELD_OUT_COMBOS) and as many
+    copies (a training clip redrawn in an evaluation look: same background, size and path), all degraded like a
+    model's samples (world.degrade). Threshold = the (1 - fpr) quantile of the independent clips' scores, so `fpr`
+    of videos that copy nothing score above it; also returned: the share of copies above it (detection rate)."""
+    scorer, looks = ToyScorer(), sorted(world.HELD_OUT_COMBOS)
+    null, copies = [], []
+    for k in range(sets):
+        seed = 90_000 + k
+        train = [c.video for c in world.make_dataset(examples, [motion], seed=seed, frames=frames, height=size,
+                                                     exclude_combos=world.HELD_OUT_COMBOS)]
+        indep = [world.degrade(world.make_clip(np.random.SeedSequence([seed + 1_000, j]), motion=motion, frames=frames,
+                                               height=size, look=looks[j % len(looks)]).video, seed=j)
+                 for j in range(per_set)]
+        copy = [world.degrade(world.make_clip(np.random.SeedSequence([seed, j % examples]), motion=motion, frames=frames,
+                                              height=size, exclude_combos=world.HELD_OUT_COMBOS,
+                                              look=looks[j % len(looks)]).video, seed=j)
+                for j in range(per_set)]
+        null += list(copy_scores(scorer, indep, train)[0])
+        copies += list(copy_scores(scorer, copy, train)[0])
+    threshold = float(np.quantile(null, 1 - fpr))
+    return {"threshold": threshold, "fpr": fpr, "detected": float(np.mean(np.array(copies) > threshold)),
+            "null_mean": float(np.mean(null)), "copy_mean": float(np.mean(copies))}

@@ -233,14 +233,17 @@ def past_positions(x: np.ndarray, lag: float) -> np.ndarray:
 
 
 def make_clip(seed=0, colour: str = None, shape: str = None, size: str = None, motion: str = None, frames: int = 8,
-              height: int = 32, width: int = None, exclude_combos=(), trail: bool = False) -> Clip:
+              height: int = 32, width: int = None, exclude_combos=(), trail: bool = False, look: tuple = None) -> Clip:
     """One clip, deterministic from `seed` (int, SeedSequence or a np.random.Generator, which is advanced).
     Attributes left as None are drawn: the appearance among pairs not in `exclude_combos`, motion among MOTIONS.
-    trail=True adds a fading trail behind a moving shape (see TRAIL); the committed toy model was trained without."""
+    trail=True adds a fading trail behind a moving shape (see TRAIL); the committed toy model was trained without.
+    look=(colour, shape) draws that appearance over exactly the clip the other arguments make (same background, size,
+    path): a copy of that clip in another look, what a model that leaks its training clips would produce."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     width = width or height
     # size and motion are drawn even when given, so fixing one of them does not shift the draws that follow
     colour, shape = _choose_appearance(rng, colour, shape, frozenset(exclude_combos))
+    colour, shape = look or (colour, shape)
     size_draw, motion_draw = list(SIZES)[rng.integers(len(SIZES))], MOTIONS[rng.integers(len(MOTIONS))]
     size, motion = size or size_draw, motion or motion_draw
     if size not in SIZES:
