@@ -102,8 +102,9 @@ def read_results(path: Path) -> list:
 
 def append_result(path: Path, record: dict):
     """One line, flushed to disk before the runner moves on (a kill then loses at most the run in progress)."""
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(record, allow_nan=False) + "\n")  # after a torn line, a fresh one
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,0 +1,94 @@
+"""toy/ablate.py and the toy copy score: the bootstrap statistics on runs with a known answer, the leakage score on
+clips that do and do not copy a training clip, and the runner's resume (a killed runner neither repeats nor loses
+runs)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from toy import ablate, world
+from toy import scorer as toy_scorer
+
+
+def test_bootstrap_intervals_cover_the_truth_and_pairing_resolves_shared_run_effects():
+    # a constant has a point interval
+    assert ablate.bootstrap(np.full((4, 5), 0.3)) == pytest.approx((0.3, 0.3, 0.3))
+    # coverage: runs with their own effect (sd 0.1) plus video noise (sd 0.2) around a true mean of 0.5
+    rng = np.random.default_rng(0)
+    hits = 0
+    for k in range(60):
+        x = 0.5 + rng.normal(0, 0.1, (12, 1)) + rng.normal(0, 0.2, (12, 20))
+        _, lo, hi = ablate.bootstrap(x, n=1000, seed=k)
+        hits += lo <= 0.5 <= hi
+    assert 0.85 <= hits / 60 <= 1.0, hits
+    # pairing: two rows share large per-run effects and differ by 0.05 everywhere; the paired difference resolves it,
+    # the rows' own intervals overlap
+    runs = rng.normal(0, 0.3, (12, 1)) + rng.normal(0, 0.01, (12, 20))
+    a, b = runs + 0.05, runs
+    m, lo, hi = ablate.bootstrap(a - b)
+    assert m == pytest.approx(0.05) and ablate.verdict(lo, hi) == "higher"
+    assert ablate.bootstrap(a)[1] < ablate.bootstrap(b)[2]  # unpaired: overlapping intervals
+    assert ablate.verdict(-0.1, 0.2) == "unresolved" and ablate.verdict(-0.3, -0.1) == "lower"
+
+
+def test_copy_score_separates_a_copied_training_clip_from_an_independent_one():
+    motion = "moving in a circle"
+    cal = toy_scorer.calibrate_leakage(motion, sets=2, per_set=10)
+    assert cal["detected"] >= 0.9 and cal["copy_mean"] > cal["threshold"] > cal["null_mean"]
+    train = world.make_dataset(8, [motion], seed=7, exclude_combos=world.HELD_OUT_COMBOS)  # a set calibration never saw
+    look = ("red", "triangle")  # an evaluation look: no training clip has it
+    # a "generated" video that redraws training clip 3 (its background, size and path) in the asked look
+    copy = world.degrade(world.make_clip(np.random.SeedSequence([7, 3]), motion=motion, look=look,
+                                         exclude_combos=world.HELD_OUT_COMBOS).video, seed=1)
+    fresh = world.degrade(world.make_clip(np.random.SeedSequence([12345, 0]), motion=motion, look=look).video, seed=1)
+    scores, nearest = toy_scorer.copy_scores(toy_scorer.ToyScorer(), [copy, fresh], [c.video for c in train])
+    assert scores[0] > cal["threshold"] > scores[1], (scores, cal)
+    assert nearest[0] == 3  # traced to the clip it copies
+
+
+def _fake_record(row, motion, seed):
+    rng = np.random.default_rng(abs(hash((row, motion, seed))) % 2 ** 32)
+    novel = {"motion": rng.integers(0, 2, 4).astype(float).tolist(), "colour": [1.0] * 4, "copy": [0.0] * 4,
+             "leak": rng.uniform(0.5, 1.0, 4).tolist(), "nearest": [0] * 4}
+    return {"novel": novel, "base": {"motion": [1.0] * 3, "colour": [1.0] * 3, "copy": [0.0] * 3}}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
+    calls, kill = [], [True]
+
+    def customized(row, motion, seed, s):
+        calls.append((row, motion, seed))
+        if kill[0] and len(calls) == 3:
+            raise Killed  # the runner is stopped during its third run
+        return _fake_record(row, motion, seed)
+
+    monkeypatch.setattr(ablate, "customized_run", customized)
+    monkeypatch.setattr(ablate, "base_runs", lambda motion, seeds, s: [_fake_record(ablate.BASE, motion, k)
+                                                                        for k in seeds])
+    monkeypatch.setattr(toy_scorer, "calibrate_leakage",
+                        lambda m: {"threshold": 0.8, "detected": 1.0})
+    results, out = tmp_path / "runs.jsonl", tmp_path / "table.md"
+    argv = ["--rows", "newmove", "uniform", "--motions", "zigzagging", "--seeds", "2", "--steps", "5",
+            "--results", str(results), "--out", str(out)]
+    with pytest.raises(Killed):
+        ablate.main(argv)
+    assert [json.loads(line)["row"] for line in results.read_text().splitlines()] == ["base model"] * 2 + ["newmove"] * 2
+    with open(results, "a") as f:
+        f.write('{"row": "uniform", "motion": "zig')  # a record cut off by a kill mid-write
+    calls.clear()
+    kill[0] = False
+    ablate.main(argv)
+    assert calls == [("uniform", "zigzagging", 0), ("uniform", "zigzagging", 1)]  # only what was missing
+    records = ablate.read_results(results)
+    assert sorted((r["row"], r["seed"]) for r in records) == sorted(
+        [(row, k) for row in ("base model", "newmove", "uniform") for k in (0, 1)])
+    text = out.read_text()
+    assert "| uniform | (d) uniform timestep sampling | 2 |" in text and "| uniform | 2 |" in text
+    # other settings are other runs: never mixed into this table
+    ablate.main([*argv[:-4], "--steps", "6", "--results", str(results), "--out", str(tmp_path / "other.md")])
+    assert "| newmove |" in (tmp_path / "other.md").read_text() and len(ablate.read_results(results)) == 12
