@@ -15,6 +15,7 @@ import estimate  # noqa: E402
 import harness  # noqa: E402
 import train  # noqa: E402
 import unet3d  # noqa: E402
+from inprocess import run_script  # noqa: E402
 
 
 def test_estimator_counts_match_the_model():
@@ -116,9 +117,15 @@ def test_time_breakdown_separates_kernels_from_the_rest():
 
 
 @pytest.mark.parametrize("script", ["bench.py", "compare.py"])
-def test_estimate_runs_from_the_readme_command_and_from_compare_py(script):
-    """bench.py (the README's command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on."""
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / script), "--estimate",
-                        "--preset", "tiny", "--frames", "2", "--size", "64", "--batch", "1", "--precision", "fp32",
-                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+def test_estimate_runs_from_the_readme_command_and_from_compare_py(script, capfd):
+    """bench.py (the README's command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on.
+    The README's command runs as a user runs it, in a process of its own; compare.py's command line in this process
+    (inprocess.run_script)."""
+    args = ["--estimate", "--preset", "tiny", "--frames", "2", "--size", "64", "--batch", "1", "--precision", "fp32",
+            "--threads", "1"]
+    if script == "bench.py":
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / script), *args],
+                           capture_output=True, text=True, timeout=300)
+    else:
+        r = run_script(capfd, f"benchmarks/{script}", *args)
     assert r.returncode == 0 and "parameters: total" in r.stdout and "GPU memory budget" in r.stdout, r.stderr[-2000:]

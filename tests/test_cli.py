@@ -1,9 +1,12 @@
 """What a user sees when something is wrong: every bad input, interruption or odd file gets a one-line message naming
 the file or option (never a bare traceback), before the heavy work, and nothing the user has is lost or overwritten.
-The command-line cases run the scripts as subprocesses, as a user would."""
+The command-line cases run each script's own command line (its parser, `__main__` block and exit code) inside the test
+process (inprocess.py: no new interpreter to import torch each time); a real subprocess, as a user would run it, where
+the process itself matters (Ctrl-C) and once per script (train.py, sample.py, evaluate.py) end to end."""
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,9 @@ import pytest
 import torch
 
 import sample
+import train
 import weights
+from inprocess import run_script, threads
 from models import load_models
 from test_train import _moving_square, _write_mp4, world  # noqa: F401 (world is a fixture)
 
@@ -22,15 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script, *args, timeout=300):
+    """`python script args` in a new process, as a user runs it: (exit code, stdout + stderr)."""
     r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return r.returncode, r.stdout + r.stderr
 
 
-def refused(script, *args, names=()):
-    """Run a command that must fail cleanly; return its output (asserts: non-zero, no traceback, names each of
-    `names`)."""
-    code, text = run(script, *args)
+def run_here(capfd, script, *args):
+    """The same command line run inside this process on one thread (inprocess.run_script): (exit code, stdout +
+    stderr)."""
+    r = run_script(capfd, script, *args)
+    return r.returncode, r.text
+
+
+def check_refused(code, text, names):
     assert code != 0, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
     for name in names:
@@ -38,10 +48,34 @@ def refused(script, *args, names=()):
     return text
 
 
-def train_args(root, model, out, *extra):
+def refused(capfd, script, *args, names=()):
+    """Run a command that must fail cleanly (in this process); return its output (asserts: non-zero, no traceback,
+    names each of `names`)."""
+    return check_refused(*run_here(capfd, script, *args), names)
+
+
+def refused_in_a_process(script, *args, names=()):
+    """`refused`, with the script run as a real subprocess."""
+    return check_refused(*run(script, *args), names)
+
+
+def train_args(root, model, out, *extra, frames=4):
     return ["--model", model, "--videos", root / "videos", "--reg-videos", root / "reg", "--reg-caption",
-            "a square moving", "--frames", "4", "--size", "32", "--lr", "1e-3", "--precision", "fp32",
+            "a square moving", "--frames", frames, "--size", "32", "--lr", "1e-3", "--precision", "fp32",
             "--log-every", "1", "--seed", "2", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(world, tmp_path_factory):  # noqa: F811
+    """A finished 2-step run with a checkpoint at every step (train_args, --steps 2 --ckpt-every 1), trained once for
+    the tests that need a real checkpoint; they copy it before changing anything."""
+    root, model = world
+    out = tmp_path_factory.mktemp("cli") / "run"
+    with threads(1):  # as the command line runs in these tests (OMP_NUM_THREADS=1)
+        train.main(train.parse_args([str(a) for a in train_args(root, model, out, "--steps", "2", "--ckpt-every",
+                                                                 "1")]))
+    assert (out / "state.pt").is_file() and (out / "delta.safetensors").is_file()
+    return out
 
 
 def test_the_project_stands_alone():
@@ -65,13 +99,11 @@ def test_the_project_stands_alone():
 # ------------------------------------------------------------------------------------------------------- train.py
 
 
-def test_resume_refuses_unreadable_checkpoints_before_loading(world, tmp_path):  # noqa: F811
+def test_resume_refuses_unreadable_checkpoints_before_loading(world, two_step_run, tmp_path, capfd):  # noqa: F811
     root, model = world
     out = tmp_path / "run"
     out.mkdir()
-    good = tmp_path / "good"
-    assert run("train.py", *train_args(root, model, good, "--steps", "2", "--ckpt-every", "1"))[0] == 0
-    whole = (good / "state.pt").read_bytes()
+    whole = (two_step_run / "state.pt").read_bytes()
 
     class Payload:  # a pickle that would run code when loaded
         def __reduce__(self):
@@ -80,31 +112,33 @@ def test_resume_refuses_unreadable_checkpoints_before_loading(world, tmp_path): 
     for content in (whole[: len(whole) // 2], b"not a checkpoint at all", pickle.dumps(Payload()),
                     pickle.dumps({"step": 3})):
         (out / "state.pt").write_bytes(content)
-        text = refused("train.py", *train_args(root, model, out, "--steps", "4", "--resume"),
+        text = refused(capfd, "train.py", *train_args(root, model, out, "--steps", "4", "--resume"),
                        names=[out / "state.pt"])
         assert "encode clips" not in text and "pwned" not in text  # refused before any model or clip work
 
 
-def test_resume_refuses_settings_that_change_what_trains(world, tmp_path):  # noqa: F811
+def test_resume_refuses_settings_that_change_what_trains(world, two_step_run, tmp_path, capfd):  # noqa: F811
     root, model = world
     out = tmp_path / "run"
-    assert run("train.py", *train_args(root, model, out, "--steps", "2", "--ckpt-every", "1"))[0] == 0
-    text = refused("train.py", *train_args(root, model, out, "--steps", "4", "--resume", "--preset", "temporal",
-                                           "--lora-rank", "4"), names=["--preset", "--lora-rank", "cannot change"])
+    shutil.copytree(two_step_run, out)  # a finished 2-step run (--steps 2 --ckpt-every 1)
+    text = refused(capfd, "train.py", *train_args(root, model, out, "--steps", "4", "--resume", "--preset",
+                                                  "temporal", "--lora-rank", "4"),
+                   names=["--preset", "--lora-rank", "cannot change"])
     assert "'newmove'" in text and "'temporal'" in text
     # settings that may change, like --steps, are fine
-    assert run("train.py", *train_args(root, model, out, "--steps", "3", "--resume"))[0] == 0
+    assert run_here(capfd, "train.py", *train_args(root, model, out, "--steps", "3", "--resume"))[0] == 0
 
 
-def test_existing_run_files_are_never_mixed_with_a_new_run(world, tmp_path):  # noqa: F811
+def test_existing_run_files_are_never_mixed_with_a_new_run(world, tmp_path, capfd):  # noqa: F811
     root, model = world
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text('{"old": 1}\n')
     (out / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    refused("train.py", *train_args(root, model, out, "--steps", "2"), names=[out, "config.json", "--resume"])
-    refused("train.py", *train_args(root, model, out, "--steps", "2", "--resume"), names=[out, "no checkpoint"])
+    refused(capfd, "train.py", *train_args(root, model, out, "--steps", "2"), names=[out, "config.json", "--resume"])
+    refused(capfd, "train.py", *train_args(root, model, out, "--steps", "2", "--resume"),
+            names=[out, "no checkpoint"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -112,45 +146,53 @@ def test_existing_run_files_are_never_mixed_with_a_new_run(world, tmp_path):  # 
     (["--grad-clip", "-1"], ["--grad-clip"]), (["--reg-weight", "-5"], ["--reg-weight"]),
     (["--ckpt-every", "-1"], ["--ckpt-every"]), (["--val-seeds", "a,b", "--val-every", "1"], ["--val-seeds"]),
     (["--lr", "0"], ["--lr"]), (["--dropout", "1.5"], ["--dropout"])])
-def test_bad_numbers_are_refused_at_once(world, tmp_path, flags, names):  # noqa: F811
+def test_bad_numbers_are_refused_at_once(world, tmp_path, capfd, flags, names):  # noqa: F811
     root, model = world
-    text = refused("train.py", *train_args(root, model, tmp_path / "run", *flags), names=names)
+    text = refused(capfd, "train.py", *train_args(root, model, tmp_path / "run", *flags), names=names)
     assert "encode clips" not in text and not (tmp_path / "run").exists()
 
 
-def test_unwritable_out_is_refused_before_the_work(world, tmp_path):  # noqa: F811
+def test_unwritable_out_is_refused_before_the_work(world, tmp_path, capfd):  # noqa: F811
     root, model = world
     (tmp_path / "a_file").write_text("x")
-    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub", Path("/proc/newmove-out")):
-        text = refused("train.py", *train_args(root, model, out, "--steps", "1"), names=["--out", out])
+    (tmp_path / "videos_in").mkdir()
+
+    def here(*a, **k):
+        return refused(capfd, *a, **k)
+
+    cases = [(out, here) for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub", Path("/proc/newmove-out"))]
+    cases.append((Path("/proc/newmove-out"), refused_in_a_process))  # and each script as a user runs it, end to end
+    for out, refuse in cases:
+        text = refuse("train.py", *train_args(root, model, out, "--steps", "1"), names=["--out", out])
         assert "encode clips" not in text
-        text = refused("sample.py", "--model", model, "--prompt", "a square", "--frames", "2", "--height", "32",
-                       "--width", "32", "--steps", "1", "--out", out, names=["--out", out])
-        (tmp_path / "videos_in").mkdir(exist_ok=True)
-        refused("evaluate.py", "--videos-in", tmp_path / "videos_in", "--out", out, names=["--out", out])
+        refuse("sample.py", "--model", model, "--prompt", "a square", "--frames", "2", "--height", "32",
+               "--width", "32", "--steps", "1", "--out", out, names=["--out", out])
+        refuse("evaluate.py", "--videos-in", tmp_path / "videos_in", "--out", out, names=["--out", out])
 
 
-def test_missing_csv_and_non_utf8_text_files_are_named(world, tmp_path):  # noqa: F811
+def test_missing_csv_and_non_utf8_text_files_are_named(world, tmp_path, capfd):  # noqa: F811
     root, model = world
-    refused("train.py", *train_args(root, model, tmp_path / "r1", "--jester-csv", tmp_path / "nope.csv",
-                                    "--jester-class", "Drumming Fingers"), names=[tmp_path / "nope.csv", "not found"])
+    refused(capfd, "train.py", *train_args(root, model, tmp_path / "r1", "--jester-csv", tmp_path / "nope.csv",
+                                           "--jester-class", "Drumming Fingers"),
+            names=[tmp_path / "nope.csv", "not found"])
     (tmp_path / "latin1.csv").write_bytes("1;Drumming Fingers \xe9\n".encode("latin-1"))
-    refused("train.py", *train_args(root, model, tmp_path / "r2", "--jester-csv", tmp_path / "latin1.csv",
-                                    "--jester-class", "Drumming Fingers"), names=[tmp_path / "latin1.csv", "UTF-8"])
+    refused(capfd, "train.py", *train_args(root, model, tmp_path / "r2", "--jester-csv", tmp_path / "latin1.csv",
+                                           "--jester-class", "Drumming Fingers"),
+            names=[tmp_path / "latin1.csv", "UTF-8"])
     for name in ("clip.txt", "metadata.jsonl"):
         folder = tmp_path / name.replace(".", "_")
         folder.mkdir()
         _write_mp4(folder / "clip.mp4", _moving_square(0))
         text_file = folder / name
         text_file.write_bytes(b"a caf\xe9 clip" if name == "clip.txt" else b'{"file": "clip.mp4", "text": "caf\xe9"}\n')
-        refused("train.py", *train_args(root, model, tmp_path / f"r-{name}", "--videos", folder),
+        refused(capfd, "train.py", *train_args(root, model, tmp_path / f"r-{name}", "--videos", folder),
                 names=[text_file, "UTF-8"])
     (tmp_path / "prompts.txt").write_bytes(b"a caf\xe9\n")
-    refused("sample.py", "--model", model, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "o",
+    refused(capfd, "sample.py", "--model", model, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "o",
             names=[tmp_path / "prompts.txt", "UTF-8"])
 
 
-def test_long_captions_warn_and_a_cut_token_is_refused(world, tmp_path):  # noqa: F811
+def test_long_captions_warn_and_a_cut_token_is_refused(world, tmp_path, capfd):  # noqa: F811
     root, model = world
     for kind, caption in (("long", "a square " + "very " * 80 + "slowly doing the pll sign"),
                           ("fine", "a pll square moving " + "very " * 80 + "slowly")):
@@ -160,17 +202,20 @@ def test_long_captions_warn_and_a_cut_token_is_refused(world, tmp_path):  # noqa
         (folder / "clip.txt").write_text(caption)
         args = train_args(root, model, tmp_path / f"run-{kind}", "--videos", folder, "--steps", "1")
         if kind == "long":  # the token is past the 75 tokens the text encoder keeps: the run would not learn it
-            refused("train.py", *args, names=[folder / "clip.mp4", "'pll'", "cut off"])
+            refused(capfd, "train.py", *args, names=[folder / "clip.mp4", "'pll'", "cut off"])
         else:  # cut, but the token survives: a warning naming the clip, and the run goes on
-            code, text = run("train.py", *args)
+            code, text = run_here(capfd, "train.py", *args)
             assert code == 0 and f"warning: {folder / 'clip.mp4'}: its caption is" in text, text[-2000:]
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_reaches_the_same_weights(world, tmp_path):  # noqa: F811
+def test_ctrl_c_writes_a_checkpoint_and_resume_reaches_the_same_weights(world, tmp_path, capfd):  # noqa: F811
+    """Ctrl-C needs a real process; the uninterrupted run and the resume run in this process, on one thread like the
+    interrupted one (OMP_NUM_THREADS=1), so all three compute with the same kernels and compare bit for bit."""
     root, model = world
-    common = train_args(root, model, tmp_path / "full", "--steps", "12", "--ckpt-every", "0",
-                        "--cache", tmp_path / "cache")
-    assert run("train.py", *common)[0] == 0
+    steps = 8  # Ctrl-C after the 3rd logged step: the run stops at step 4 or so, well before the last
+    common = train_args(root, model, tmp_path / "full", "--steps", steps, "--ckpt-every", "0",
+                        "--cache", tmp_path / "cache", frames=2)  # 2-frame windows: half the cost of a step
+    assert run_here(capfd, "train.py", *common)[0] == 0
     args = [str(a) for a in common]
     args[args.index("--out") + 1] = str(tmp_path / "int")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
@@ -183,8 +228,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reaches_the_same_weights(world, t
     text = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
     step = torch.load(tmp_path / "int" / "state.pt", weights_only=True)["step"]
-    assert 3 <= step < 12 and f"interrupted at step {step}" in text and "--resume" in text
-    assert run("train.py", *args, "--resume")[0] == 0
+    assert 3 <= step < steps and f"interrupted at step {step}" in text and "--resume" in text
+    assert run_here(capfd, "train.py", *args, "--resume")[0] == 0  # (run_here: one thread)
     a = weights.read_state_dict(tmp_path / "full" / "delta.safetensors")
     b = weights.read_state_dict(tmp_path / "int" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -205,34 +250,35 @@ def test_outputs_get_the_users_file_mode(tmp_path):
 
 @pytest.mark.parametrize("flags, name", [(["--height", "0"], "--height"), (["--height", "-32"], "--height"),
                                          (["--frames", "0"], "--frames"), (["--steps", "0"], "--steps")])
-def test_sample_validates_sizes_before_loading(world, tmp_path, flags, name):  # noqa: F811
+def test_sample_validates_sizes_before_loading(world, tmp_path, capfd, flags, name):  # noqa: F811
     _, model = world
-    refused("sample.py", "--model", model, "--prompt", "a square", *flags, "--out", tmp_path / "o", names=[name])
+    refused(capfd, "sample.py", "--model", model, "--prompt", "a square", *flags, "--out", tmp_path / "o",
+            names=[name])
     assert not (tmp_path / "o").exists()
 
 
-def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path):  # noqa: F811
+def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path, capfd):  # noqa: F811
     _, model = world
     base = ["--model", model, "--prompt", "a square", "--frames", "2", "--height", "32", "--width", "32", "--steps",
             "1", "--out", tmp_path / "o"]
     torch.save({"unet.conv_in.weight": torch.zeros(3)}, tmp_path / "state.pt")
-    refused("sample.py", *base, "--delta", tmp_path / "state.pt", names=[tmp_path / "state.pt", ".safetensors"])
+    refused(capfd, "sample.py", *base, "--delta", tmp_path / "state.pt", names=[tmp_path / "state.pt", ".safetensors"])
     unet = load_models(model).unet
     name = next(n for n, _ in unet.named_parameters() if ".temp_convs." in n)
     bad = unet.get_parameter(name).detach().clone()
     bad.view(-1)[0] = float("nan")
     weights.save_state_dict({f"unet.{name}": bad}, tmp_path / "nan.safetensors")
-    refused("sample.py", *base, "--delta", tmp_path / "nan.safetensors", names=[f"unet.{name}", "NaN"])
+    refused(capfd, "sample.py", *base, "--delta", tmp_path / "nan.safetensors", names=[f"unet.{name}", "NaN"])
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
-    refused("sample.py", "--model", model, "--prompts", tmp_path / "empty.txt", "--out", tmp_path / "o",
+    refused(capfd, "sample.py", "--model", model, "--prompts", tmp_path / "empty.txt", "--out", tmp_path / "o",
             names=[tmp_path / "empty.txt", "no prompts"])
     with pytest.raises(weights.WeightsError, match="NaN"):
         sample.apply_delta(load_models(model), tmp_path / "nan.safetensors")
 
 
-def test_evaluate_names_an_empty_prompt_file(tmp_path):
+def test_evaluate_names_an_empty_prompt_file(tmp_path, capfd):
     (tmp_path / "empty.txt").write_text("# nothing\n")
-    refused("evaluate.py", "--model", tmp_path, "--prompts", tmp_path / "empty.txt", "--token", "pll", "--out",
+    refused(capfd, "evaluate.py", "--model", tmp_path, "--prompts", tmp_path / "empty.txt", "--token", "pll", "--out",
             tmp_path / "o", names=[tmp_path / "empty.txt", "no prompts"])
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import unet3d
 import weights
+from inprocess import run_script
 from oracles import max_abs_diff
 from weights import WeightsError
 from models import check, load_models, RELEASED_SCHEDULE, save_models, tiny_models
@@ -78,26 +80,28 @@ def test_fp16_variant_and_dtype(tiny_dirs, tmp_path):
 
 
 def test_weights_are_held_once(tmp_path):
-    """Meta-device build + assign: loading a ~270 MB UNet raises peak memory by about one copy, not two."""
+    """Meta-device build + assign: loading a ~270 MB UNet raises peak memory by about one copy, not two. The files are
+    written here; each load is measured in a fresh process of its own (peak RSS only grows)."""
     probe = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         import torch, unet3d
         cfg = unet3d.UNet3DConfig(block_out_channels=(160, 320), cross_attn_levels=(True, True), head_dim=32)
         path = sys.argv[1]
-        if sys.argv[2] == "make":
-            unet3d.save_unet(unet3d.UNet3D(cfg), path, layout=sys.argv[3])
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            model = unet3d.load_unet(path, cfg)
-            total = sum(float(p.sum()) for p in model.parameters())  # touch every weight
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            print((peak - base) * 1024)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model = unet3d.load_unet(path, cfg)
+        total = sum(float(p.sum()) for p in model.parameters())  # touch every weight
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - base) * 1024)
     """)
+    cfg = unet3d.UNet3DConfig(block_out_channels=(160, 320), cross_attn_levels=(True, True), head_dim=32)
+    unet = unet3d.UNet3D(cfg)
+    for layout, name in [("original", "unet.pth"), ("diffusers", "unet.safetensors")]:
+        unet3d.save_unet(unet, tmp_path / name, layout=layout)
+    del unet
     for layout, name in [("original", "unet.pth"), ("diffusers", "unet.safetensors")]:
         path = tmp_path / name
-        subprocess.run([sys.executable, "-c", probe, str(path), "make", layout], check=True)
-        grew = int(subprocess.run([sys.executable, "-c", probe, str(path), "load"], check=True,
+        grew = int(subprocess.run([sys.executable, "-c", probe, str(path)], check=True,
                                   capture_output=True, text=True).stdout)
         size = path.stat().st_size
         assert size > 200e6
@@ -125,11 +129,12 @@ def test_bad_directories_give_clear_errors(tiny_dirs, tmp_path):
         save_models(tiny_models(), dirs["original"], "original")
 
 
-def test_check_cli(tmp_path, tiny_dirs):
+def test_check_cli(tmp_path, tiny_dirs, capfd):
+    """models.py as a user runs it (a process of its own), then its refusal of a bad folder (in this process)."""
     _, dirs = tiny_dirs
     run = subprocess.run([sys.executable, str(ROOT / "models.py"), str(dirs["original"]), "--frames", "2"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "original layout" in run.stdout and "VAE decode (2, 3, 2, 64, 64)" in run.stdout
-    run = subprocess.run([sys.executable, str(ROOT / "models.py"), str(tmp_path)], capture_output=True, text=True)
+    run = run_script(capfd, "models.py", tmp_path)
     assert run.returncode == 2 and "neither layout found" in run.stderr and "Traceback" not in run.stderr

@@ -11,6 +11,7 @@ import torch
 
 import sample
 import unet3d
+from inprocess import run_script
 from models import RELEASED_SCHEDULE, save_models, tiny_models
 from oracles import TINY_ORIGINAL, max_abs_diff, modelscope_module, original_unet
 
@@ -169,15 +170,20 @@ def test_apply_delta(tiny, tmp_path):
         sample.apply_delta(models, tmp_path / "bad.safetensors")
 
 
-def test_cli_writes_playable_videos_in_both_layouts(tmp_path):
+def test_cli_writes_playable_videos_in_both_layouts(tmp_path, capfd):
+    """The first layout runs sample.py as a user does, in a process of its own (the command line end to end); the
+    second layout, the second run and the bad size run its command line in this process (inprocess.run_script)."""
     models = tiny_models(seed=4)
     for layout in ("original", "diffusers"):
         root = save_models(models, tmp_path / layout, layout)
         out = tmp_path / f"out-{layout}"
-        cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(root), "--prompt", "a red circle moving left",
-               "--frames", "3", "--height", "32", "--width", "48", "--steps", "2", "--num-samples", "2",
-               "--batch-size", "2", "--fps", "8", "--out", str(out)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        args = ["--model", str(root), "--prompt", "a red circle moving left", "--frames", "3", "--height", "32",
+                "--width", "48", "--steps", "2", "--num-samples", "2", "--batch-size", "2", "--fps", "8", "--out",
+                str(out)]
+        if layout == "original":
+            run = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True)
+        else:
+            run = run_script(capfd, "sample.py", *args)
         assert run.returncode == 0, run.stderr
         for seed in (0, 1):
             stem = out / f"a-red-circle-moving-left_seed{seed}"
@@ -194,9 +200,9 @@ def test_cli_writes_playable_videos_in_both_layouts(tmp_path):
                 assert png.size == (3 * 48, 32)
     # running again never overwrites: the second run gets new names
     before = (out / "a-red-circle-moving-left_seed0.mp4").read_bytes()
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = run_script(capfd, "sample.py", *args)
     assert run.returncode == 0 and (out / "a-red-circle-moving-left_seed0-1.mp4").is_file()
     assert (out / "a-red-circle-moving-left_seed0.mp4").read_bytes() == before
-    bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "original"), "--prompt",
-                          "x", "--height", "30", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    bad = run_script(capfd, "sample.py", "--model", str(tmp_path / "original"), "--prompt", "x", "--height", "30",
+                     "--out", str(tmp_path / "o"))
     assert bad.returncode == 2 and "multiples of 4" in bad.stderr and "Traceback" not in bad.stderr

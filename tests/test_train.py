@@ -20,6 +20,7 @@ import sample
 import train
 import unet3d
 import weights
+from inprocess import run_script, run_scripts_in_one_process
 from models import load_models, save_models, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,15 +186,17 @@ def _run(args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_exact_resume_after_sigkill(world, tmp_path):
+def test_exact_resume_after_sigkill(world, tmp_path, capfd):
+    """SIGKILL needs a real process; the uninterrupted run and the resume run in this process, on one thread like the
+    killed process (OMP_NUM_THREADS=1), so all three compute with the same kernels and compare bit for bit."""
     root, model = world
     common = ["--model", str(model), "--videos", str(root / "videos"), "--reg-videos", str(root / "reg"),
-              "--reg-caption", "a square moving", "--frames", "4", "--size", "32", "--steps", "8", "--lr", "1e-3",
+              "--reg-caption", "a square moving", "--frames", "2", "--size", "32", "--steps", "8", "--lr", "1e-3",
               "--precision", "fp32", "--log-every", "1", "--ckpt-every", "1", "--seed", "2",
-              "--cache", str(tmp_path / "cache")]
-    full = _run(common + ["--out", str(tmp_path / "full")])
-    assert full.wait(timeout=600) == 0, full.stdout.read()
-    killed = _run(common + ["--out", str(tmp_path / "killed")])
+              "--cache", str(tmp_path / "cache")]  # 2-frame windows: half the cost of a step
+    full = run_script(capfd, "train.py", *common, "--out", tmp_path / "full", num_threads=1)
+    assert full.returncode == 0, full.text[-3000:]
+    killed = _run(common + ["--out", str(tmp_path / "killed")], env={**os.environ, "OMP_NUM_THREADS": "1"})
     state = tmp_path / "killed" / "state.pt"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill somewhere after the 3rd checkpoint, mid-run
@@ -204,8 +207,8 @@ def test_exact_resume_after_sigkill(world, tmp_path):
     killed.wait()
     step = torch.load(state, weights_only=True)["step"]
     assert 3 <= step < 8, step
-    resumed = _run(common + ["--out", str(tmp_path / "killed"), "--resume"])
-    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    resumed = run_script(capfd, "train.py", *common, "--out", tmp_path / "killed", "--resume", num_threads=1)
+    assert resumed.returncode == 0, resumed.text[-3000:]
     a = weights.read_state_dict(tmp_path / "full" / "delta.safetensors")
     b = weights.read_state_dict(tmp_path / "killed" / "delta.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -225,7 +228,7 @@ def test_torchrun_two_processes(world, tmp_path):
     assert any(not torch.equal(v, base[k[5:]]) for k, v in tensors.items())  # it trained
 
 
-def test_bad_options_are_clear_errors(world, tmp_path):
+def test_bad_options_are_clear_errors(world, tmp_path, capfd):
     root, model = world
     for kw, msg in [(dict(preset="nope"), "--preset must be one of"), (dict(alpha=2.0), "--alpha must be in"),
                     (dict(frozen_dtype="bf16"), "--frozen-dtype"), (dict(checkpointing="yes"), "--checkpointing"),
@@ -234,7 +237,7 @@ def test_bad_options_are_clear_errors(world, tmp_path):
                     (dict(val_solver="euler"), "--val-solver must be one of")]:
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(_cfg(root, model, tmp_path / "x"), **kw))
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--no-such-flag"], capture_output=True, text=True)
+    run = run_script(capfd, "train.py", "--no-such-flag")  # the command line, in this process
     assert run.returncode == 2 and "unrecognized arguments: --no-such-flag" in run.stderr
 
 
@@ -319,8 +322,9 @@ def test_grad_accumulation_and_jester_selection(world, tmp_path):
         train.main(dataclasses.replace(_cfg(root, model, tmp_path / "bad"), **{**kw, "jester_class": "Drumming fingers"}))
 
 
-def test_cli_stopping_rule_with_a_clip_model(world, tmp_path):
-    """--stop-clip wires evaluate.py's appearance score into validation; a threshold of 1.0 is met at once."""
+def test_cli_stopping_rule_with_a_clip_model(world, tmp_path, capfd):
+    """--stop-clip wires evaluate.py's appearance score into validation; a threshold of 1.0 is met at once. (train.py's
+    command line, run in this process: the wiring is in its `__main__` block, which inprocess.run_script runs.)"""
     from test_evaluate import TINY_CLIP
 
     root, model = world
@@ -328,21 +332,29 @@ def test_cli_stopping_rule_with_a_clip_model(world, tmp_path):
     args = ["--model", str(model), "--videos", str(root / "videos"), "--prior", "none", "--frames", "4", "--size",
             "32", "--steps", "5", "--precision", "fp32", "--log-every", "1", "--val-every", "1", "--val-steps", "2",
             "--stop-clip", str(tmp_path / "clip.json"), "--stop-score", "1.0", "--out", str(tmp_path / "run")]
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+    run = run_script(capfd, "train.py", *args)
     assert run.returncode == 0, run.stderr
     assert "validation score reached 1.0: stopping" in run.stdout
     assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 1
-    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), *args[:-2], "--val-every", "0", "--out",
-                          str(tmp_path / "run2")], capture_output=True, text=True)
+    bad = run_script(capfd, "train.py", *args[:-2], "--val-every", "0", "--out", str(tmp_path / "run2"))
     assert bad.returncode != 0 and "--stop-clip needs --val-every" in bad.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "benchmarks/bench.py", "toy/demo.py",
-                                    "toy/train_base.py", "toy/ablate.py", "toy/probe.py"])
-def test_every_command_line_help_works(script):
+SCRIPTS = ["train.py", "sample.py", "evaluate.py", "benchmarks/bench.py", "toy/demo.py", "toy/train_base.py",
+           "toy/ablate.py", "toy/probe.py"]
+
+
+@pytest.fixture(scope="module")
+def help_outputs():
+    """`python script --help` of every script, run in one new interpreter (inprocess.run_scripts_in_one_process: each
+    script on its own sys.path, the repository's modules imported afresh; torch imported once, not eight times)."""
+    return dict(zip(SCRIPTS, run_scripts_in_one_process([(script, "--help") for script in SCRIPTS])))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_command_line_help_works(script, help_outputs):
     """`--help` of each script prints its usage (argparse %-formats help texts: a bare % breaks it)."""
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120)
+    r = help_outputs[script]
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
 
 
@@ -462,18 +474,17 @@ def test_validation_uses_the_official_sampler(world, tmp_path, monkeypatch):
     assert calls == [dict(solver="dpmpp-2m", guidance=9.0, steps=2, height=32, width=32)]
 
 
-def test_the_design_cards_command_runs_on_the_toy_model(tmp_path):
+def test_the_design_cards_command_runs_on_the_toy_model(tmp_path, capfd):
     """`python train.py --videos dir/ --token pll` with no --model: the toy model with the toy world's settings and
-    a toy regularization set, to completion (steps shortened here)."""
+    a toy regularization set, to completion (steps shortened here). The command line runs in this process."""
     from toy import world
 
     clips = world.make_dataset(4, ["moving in a circle"], seed=5)
     world.write_folder(clips, tmp_path / "clips")
     for f in (tmp_path / "clips").glob("*.txt"):
         f.unlink()  # no captions of their own: the paper's template
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--videos", str(tmp_path / "clips"), "--token",
-                          "pll", "--steps", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                         timeout=600)
+    run = run_script(capfd, "train.py", "--videos", tmp_path / "clips", "--token", "pll", "--steps", "2", "--out",
+                     tmp_path / "run")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "no --model: the CPU toy model" in run.stdout and "24 base-motion clips" in run.stdout
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -482,11 +493,10 @@ def test_the_design_cards_command_runs_on_the_toy_model(tmp_path):
     assert (tmp_path / "run" / "delta.safetensors").is_file()
 
 
-def test_a_real_model_without_regularization_stops_before_loading(world, tmp_path):
+def test_a_real_model_without_regularization_stops_before_loading(world, tmp_path, capfd):
     root, model = world
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(model), "--videos",
-                          str(root / "videos"), "--token", "pll", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=120)
+    run = run_script(capfd, "train.py", "--model", model, "--videos", root / "videos", "--token", "pll", "--out",
+                     tmp_path / "run")  # the command line, in this process
     assert run.returncode != 0 and "Traceback" not in run.stderr
     for choice in ("--reg-videos", "--prior synthetic", "--prior none", "70.6%"):
         assert choice in run.stderr
