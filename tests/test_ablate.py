@@ -61,14 +61,14 @@ class Killed(Exception):
 def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
     calls, kill = [], [True]
 
-    def customized(row, motion, seed, s):
+    def customized(row, motion, seed, s, threads):
         calls.append((row, motion, seed))
         if kill[0] and len(calls) == 3:
             raise Killed  # the runner is stopped during its third run
         return _fake_record(row, motion, seed)
 
     monkeypatch.setattr(ablate, "customized_run", customized)
-    monkeypatch.setattr(ablate, "base_runs", lambda motion, seeds, s: [_fake_record(ablate.BASE, motion, k)
+    monkeypatch.setattr(ablate, "base_runs", lambda motion, seeds, s, threads: [_fake_record(ablate.BASE, motion, k)
                                                                         for k in seeds])
     monkeypatch.setattr(toy_scorer, "calibrate_leakage",
                         lambda m: {"threshold": 0.8, "detected": 1.0})
@@ -77,13 +77,15 @@ def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
             "--results", str(results), "--out", str(out)]
     with pytest.raises(Killed):
         ablate.main(argv)
-    assert [json.loads(line)["row"] for line in results.read_text().splitlines()] == ["base model"] * 2 + ["newmove"] * 2
+    # seed-major: the base model (both seeds), then every row on seed 0, then seed 1; killed during newmove seed 1
+    assert [(r["row"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())] == [
+        ("base model", 0), ("base model", 1), ("newmove", 0), ("uniform", 0)]
     with open(results, "a") as f:
         f.write('{"row": "uniform", "motion": "zig')  # a record cut off by a kill mid-write
     calls.clear()
     kill[0] = False
     ablate.main(argv)
-    assert calls == [("uniform", "zigzagging", 0), ("uniform", "zigzagging", 1)]  # only what was missing
+    assert calls == [("newmove", "zigzagging", 1), ("uniform", "zigzagging", 1)]  # only what was missing
     records = ablate.read_results(results)
     assert sorted((r["row"], r["seed"]) for r in records) == sorted(
         [(row, k) for row in ("base model", "newmove", "uniform") for k in (0, 1)])
@@ -92,3 +94,27 @@ def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
     # other settings are other runs: never mixed into this table
     ablate.main([*argv[:-4], "--steps", "6", "--results", str(results), "--out", str(tmp_path / "other.md")])
     assert "| newmove |" in (tmp_path / "other.md").read_text() and len(ablate.read_results(results)) == 12
+
+
+def fake_task(task):
+    """A run in a worker process: a fake record naming the process it ran in."""
+    import os
+    row, motion, seeds, s, threads = task
+    return [{"row": row, "motion": motion, "seed": k, "settings": s, **_fake_record(row, motion, k), "seconds": 0.0,
+             "threads": threads, "pid": os.getpid()} for k in seeds]
+
+
+def test_parallel_runner_runs_in_worker_processes_with_one_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "run_task", fake_task)  # looked up at submit: the workers import it from this module
+    monkeypatch.setattr(toy_scorer, "calibrate_leakage", lambda m: {"threshold": 0.8, "detected": 1.0})
+    results = tmp_path / "runs.jsonl"
+    argv = ["--rows", "newmove", "token", "--motions", "zigzagging", "bouncing", "--seeds", "2", "--jobs", "2",
+            "--results", str(results), "--out", str(tmp_path / "table.md")]
+    ablate.main(argv)
+    records = ablate.read_results(results)
+    assert sorted((r["row"], r["motion"], r["seed"]) for r in records) == sorted(
+        (row, m, k) for row in ("base model", "newmove", "token") for m in ("zigzagging", "bouncing") for k in (0, 1))
+    import os
+    assert os.getpid() not in {r["pid"] for r in records} and {r["threads"] for r in records} == {1}
+    ablate.main(argv)  # nothing left to do
+    assert len(ablate.read_results(results)) == 12

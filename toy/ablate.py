@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 import omp  # noqa: E402, F401
 
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import shlex
 import time
@@ -117,25 +119,26 @@ def key(r: dict) -> tuple:
 # one run
 
 
-def demo_argv(motion: str, seed: int, s: dict) -> list:
+def demo_argv(motion: str, seed: int, s: dict, threads: int = 2) -> list:
     return ["--motion", motion, "--seed", str(seed), "--steps", str(s["steps"]), "--lr", str(s["lr"]),
-            "--seeds", str(s["sample_seeds"]), "--base-seeds", str(s["base_seeds"]), "--no-before", "--samples", ""]
+            "--seeds", str(s["sample_seeds"]), "--base-seeds", str(s["base_seeds"]), "--no-before", "--samples", "",
+            "--jobs", "1", "--threads", str(threads)]
 
 
-def customized_run(row: str, motion: str, seed: int, s: dict) -> dict:
+def customized_run(row: str, motion: str, seed: int, s: dict, threads: int = 2) -> dict:
     """Customize with the row's overrides, then score the evaluation prompts (toy/demo.py)."""
-    r = demo.main(demo_argv(motion, seed, s), overrides=ROWS[row][1], quiet=True, full=True)
+    r = demo.main(demo_argv(motion, seed, s, threads), overrides=ROWS[row][1], quiet=True, full=True)
     return {"novel": r["novel"]["after"]["per_video"], "base": r["base"]["after"]["per_video"]}
 
 
-def base_runs(motion: str, seeds: list, s: dict) -> list:
+def base_runs(motion: str, seeds: list, s: dict, threads: int = 2) -> list:
     """The base model on the same prompts, once; its leakage scored against each seed's training clips."""
     import torch
 
     from models import load_models
 
-    args = demo.parser().parse_args(demo_argv(motion, 0, s))
-    torch.set_num_threads(2)
+    args = demo.parser().parse_args(demo_argv(motion, 0, s, threads))
+    torch.set_num_threads(args.threads)
     models, scorer = load_models(args.model), toy_scorer.ToyScorer()
     novel, base, base_want = demo.prompts_for(motion, args.token, args.seeds, args.base_seeds)
     n = demo.score(models, [p for p, _ in novel], [k for _, k in novel], [motion] * len(novel), args, scorer,
@@ -151,6 +154,17 @@ def base_runs(motion: str, seeds: list, s: dict) -> list:
                          copy=[float(lk in looks and lk != a) for lk, a in zip(n["looks"], asked)])
         out.append({"novel": per_video, "base": b["per_video"]})
     return out
+
+
+def run_task(task: tuple) -> list:
+    """One unit of work, in the runner or a worker process: (row, motion, seeds, settings, threads) -> one record per
+    seed (the base model: every seed of a motion from one sampling pass; a customized row: one seed)."""
+    row, motion, seeds, s, threads = task
+    t0 = time.time()
+    recs = base_runs(motion, seeds, s, threads) if row == BASE else [customized_run(row, motion, seeds[0], s, threads)]
+    seconds = round((time.time() - t0) / len(seeds), 1)
+    return [{"row": row, "motion": motion, "seed": k, "settings": s, **rec, "seconds": seconds, "threads": threads}
+            for k, rec in zip(seeds, recs)]
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -227,10 +241,12 @@ def main(argv=None):
     p.add_argument("--sample-seeds", type=int, default=4, help="sampling seeds per novel prompt: x 5 looks = videos")
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (x 30)")
     p.add_argument("--results", default=str(ROOT / "toy" / "ablation.jsonl"), help="JSON-lines results (appended)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes with one torch thread "
+                   "each (2 on a 2-core machine: about twice the runs per hour, toy/speed.md)")
     p.add_argument("--table", action="store_true", help="only write the markdown table from --results")
     p.add_argument("--out", default=str(ROOT / "toy" / "ablation.md"), help="the markdown table (rewritten)")
     args = p.parse_args(argv)
-    for flag in ("seeds", "steps", "sample_seeds", "base_seeds"):
+    for flag in ("seeds", "steps", "sample_seeds", "base_seeds", "jobs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     settings = {"steps": args.steps, "lr": args.lr, "sample_seeds": args.sample_seeds, "base_seeds": args.base_seeds}
@@ -246,26 +262,36 @@ def main(argv=None):
 
     if args.table:
         return write_table()
-    seeds = list(range(args.seeds))
-    for motion in args.motions:
-        done = {key(r) for r in read_results(results)}
-        todo = [s for s in seeds if (BASE, motion, s, json.dumps(settings, sort_keys=True)) not in done]
-        if todo:
-            t0 = time.time()
-            for s, rec in zip(todo, base_runs(motion, todo, settings)):
-                append_result(results, {"row": BASE, "motion": motion, "seed": s, "settings": settings, **rec,
-                                        "seconds": round((time.time() - t0) / len(todo), 1)})
-        for row in args.rows:
-            for s in seeds:
-                if (row, motion, s, json.dumps(settings, sort_keys=True)) in done:
-                    continue
-                t0 = time.time()
-                rec = customized_run(row, motion, s, settings)
-                append_result(results, {"row": row, "motion": motion, "seed": s, "settings": settings, **rec,
-                                        "seconds": round(time.time() - t0, 1)})
-                print(f"{row} | {motion} | seed {s}: novel-motion accuracy {100 * np.mean(rec['novel']['motion']):.0f}%"
-                      f", {time.time() - t0:.0f} s", flush=True)
-        write_table()  # after every motion, so a long run that is stopped still leaves a table of what it finished
+    # the work not yet in the results file, seed-major (every row and motion on seed 0 first), so a runner stopped
+    # early leaves a table over all motions; the base model first, once per motion for all its seeds
+    done = {key(r) for r in read_results(results)}
+    missing = lambda row, m, s: (row, m, s, json.dumps(settings, sort_keys=True)) not in done  # noqa: E731
+    threads = 1 if args.jobs > 1 else 2  # the toy's ops are too small for 2 threads each (toy/speed.md)
+    tasks = [(BASE, m, [s for s in range(args.seeds) if missing(BASE, m, s)], settings, threads) for m in args.motions]
+    tasks = [t for t in tasks if t[2]] + [(row, m, [s], settings, threads) for s in range(args.seeds)
+                                          for m in args.motions for row in args.rows if missing(row, m, s)]
+    print(f"{len(tasks)} tasks to run ({len(done)} records in {results}), {args.jobs} at a time", flush=True)
+
+    def finished(recs):
+        for rec in recs:
+            append_result(results, rec)
+            print(f"{rec['row']} | {rec['motion']} | seed {rec['seed']}: novel-motion accuracy "
+                  f"{100 * np.mean(rec['novel']['motion']):.0f}%, {rec['seconds']:.0f} s", flush=True)
+
+    # separate processes for --jobs > 1 (spawned: a fresh interpreter each, no forked torch state); records are
+    # appended here, in the order runs finish
+    pool = cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 else None
+    try:
+        outs = map(run_task, tasks) if pool is None else \
+            (f.result() for f in cf.as_completed([pool.submit(run_task, t) for t in tasks]))
+        for n, recs in enumerate(outs):
+            finished(recs)
+            if (n + 1) % 10 == 0:
+                write_table()  # now and then, so a stopped runner still leaves a table of what it finished
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)  # a failed run or Ctrl-C: start nothing new
+    write_table()
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 import omp  # noqa: E402, F401
 
 import argparse
+import concurrent.futures as cf
 import json
 import math
+import multiprocessing
 import shlex
 import tempfile
 import time
@@ -66,6 +68,27 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
         per_video.update(leak=leak.tolist(), nearest=nearest.tolist())
     return {**{k: sum(v) / len(prompts) for k, v in per_video.items() if k in ("motion", "colour", "copy")},
             "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}
+
+
+def score_sets(args, sets: dict, delta, when: str, quiet: bool) -> dict:
+    """score() of each set {name: (prompts, seeds, wanted motions, score() extras)} with the model plus `delta`
+    (None: the base model), in this process (or a worker's: everything it needs comes in the arguments)."""
+    models = load_models(args.model)
+    if delta is not None:
+        sample.apply_delta(models, delta)
+    scorer = ToyScorer()
+    return {name: score(models, prompts, seeds, wants, args, scorer, desc=f"{when}: {name} prompts", quiet=quiet, **extra)
+            for name, (prompts, seeds, wants, extra) in sets.items()}
+
+
+class Done:
+    """A finished result with a future's .result(), so --jobs 1 runs the same steps as --jobs 2."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def examples_for(motion: str, n: int, seed: int, token: str) -> list:
@@ -140,6 +163,9 @@ def parser():
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: score the base model in a second process "
+                   "while this one trains (one thread each); 1: everything in this process with --threads")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads with --jobs 1")
     p.add_argument("--out", default="", help="keep the run here ('' = a temporary folder)")
     p.add_argument("--no-before", action="store_true", help="skip scoring the base model (the ablation runner)")
     p.add_argument("--samples", default=None, help="keep the sampled videos and their index.json here (a new or "
@@ -152,10 +178,10 @@ def main(argv=None, overrides=None, quiet=False, full=False):
     {name: (before, after)}; with full=True {"rows": those, "novel": {"before", "after"}, "base": {...}}: score()'s
     results, with leakage scores for the novel prompts (toy/ablate.py)."""
     args = parser().parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     keep = samples_folder(args.samples, quiet)  # before the work: a bad --samples fails now, not after 15 min
-    torch.set_num_threads(2)
     t0 = time.time()
-    scorer = ToyScorer()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out) if args.out else Path(tmp)
@@ -165,32 +191,42 @@ def main(argv=None, overrides=None, quiet=False, full=False):
         world.write_regularization_set(work / "reg", args.reg, args.seed)
         train_looks = {(c.colour, c.shape) for c in examples}
 
-        # 2. prompts with appearance pairs the base model never saw
+        # 2. prompts with appearance pairs the base model never saw: (prompts, seeds, wanted motions, extras) per set
         novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)
-        models = load_models(args.model)
-        nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
+        sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
+                          {"train_looks": train_looks, "train_videos": [c.video for c in examples] if full else None}),
+                "base": ([p for p, _ in base], [k for _, k in base], base_want, {})}
+        if not base:
+            del sets["base"]
+        # --jobs 2: a second process (one thread each: the toy's ops gain little from a second thread, toy/speed.md)
+        # scores the base model while this one trains, then the novel set of the customized model while this one
+        # scores its base set; --jobs 1: all here, with --threads
+        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                                      initargs=(1,)) if args.jobs > 1 else None
+        torch.set_num_threads(1 if pool else args.threads)
+        try:
+            run = (lambda f, *a: pool.submit(f, *a)) if pool else (lambda f, *a: Done(f(*a)))  # noqa: E731
+            before = None if args.no_before else run(score_sets, args, sets, None, "base model", quiet)
 
-        def evaluate(when):  # (novel, base) scores of the current weights on the fixed prompts and seeds
-            n = score(models, [p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel), args, scorer,
-                      train_looks, desc=f"{when}: novel prompts", quiet=quiet,
-                      train_videos=[c.video for c in examples] if full else None)
-            b = score(models, [p for p, _ in base], [k for _, k in base], base_want, args, scorer,
-                      desc=f"{when}: base prompts", quiet=quiet) if base else nan
-            return n, b
+            # 3. NewMove customization with train.py's defaults, toy-scale lr/steps
+            cfg = train.Config(model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"),
+                               reg_caption="a shape moving", token=args.token, frames=8, size=32, steps=args.steps,
+                               lr=args.lr, batch_size=args.batch_size, precision="fp32", log_every=25, ckpt_every=0,
+                               out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
+                               **(overrides or {}))
+            delta = train.main(cfg)
 
-        before_novel, before_base = (nan, nan) if args.no_before else evaluate("base model")
-
-        # 3. NewMove customization with train.py's defaults, toy-scale lr/steps
-        cfg = train.Config(model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"),
-                           reg_caption="a shape moving", token=args.token, frames=8, size=32, steps=args.steps,
-                           lr=args.lr, batch_size=args.batch_size, precision="fp32", log_every=25, ckpt_every=0,
-                           out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
-                           **(overrides or {}))
-        delta = train.main(cfg)
-
-        # 4. the same prompts and seeds, customized
-        sample.apply_delta(models, delta)
-        after_novel, after_base = evaluate("customized")
+            # 4. the same prompts and seeds, customized
+            there = run(score_sets, args, {"novel": sets["novel"]}, delta, "customized", quiet)
+            here = score_sets(args, {k: v for k, v in sets.items() if k != "novel"}, delta, "customized", quiet)
+            after = {**there.result(), **here}
+            before = before.result() if before else {}
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+    nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
+    before_novel, before_base = before.get("novel", nan), before.get("base", nan)
+    after_novel, after_base = after["novel"], after.get("base", nan)
 
     rows = [("novel-motion accuracy", before_novel["motion"], after_novel["motion"]),
             ("appearance (colour) accuracy, novel prompts", before_novel["colour"], after_novel["colour"]),
