@@ -124,7 +124,7 @@ class Config:
 TOY_MODEL = Path(__file__).resolve().parent / "toy" / "model"  # the committed toy base model (toy/train_base.py)
 # With no --model, the toy world's settings replace the 1.7B ones (toy/demo.py uses the same): 8-frame 32x32 clips,
 # a toy-scale lr and step count, and 24 base-motion regularization clips from toy/world.py unless --reg-videos is given.
-TOY_SETTINGS = dict(frames=8, size=32, lr=2e-4, steps=600, batch_size=4, log_every=25)
+TOY_SETTINGS = dict(frames=8, size=32, lr=6e-4, steps=200, batch_size=4, log_every=25)
 TOY_REG_CLIPS = 24
 
 

@@ -488,7 +488,7 @@ def test_the_design_cards_command_runs_on_the_toy_model(tmp_path, capfd):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "no --model: the CPU toy model" in run.stdout and "24 base-motion clips" in run.stdout
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (cfg["frames"], cfg["size"], cfg["lr"], cfg["steps"]) == (8, 32, 2e-4, 2)  # toy settings; --steps as given
+    assert (cfg["frames"], cfg["size"], cfg["lr"], cfg["steps"]) == (8, 32, 6e-4, 2)  # toy settings; --steps as given
     assert len(list((tmp_path / "run" / "toy-reg").glob("*.mp4"))) == train.TOY_REG_CLIPS
     assert (tmp_path / "run" / "delta.safetensors").is_file()
 

@@ -128,7 +128,7 @@ def demo_argv(motion: str, seed: int, s: dict, threads: int = 2) -> list:
 def customized_run(row: str, motion: str, seed: int, s: dict, threads: int = 2) -> dict:
     """Customize with the row's overrides, then score the evaluation prompts (toy/demo.py)."""
     r = demo.main(demo_argv(motion, seed, s, threads), overrides=ROWS[row][1], quiet=True, full=True)
-    return {"novel": r["novel"]["after"]["per_video"], "base": r["base"]["after"]["per_video"]}
+    return {"novel": r["novel"]["after"]["per_video"], "base": r["base"]["after"]["per_video"], "parts": r["seconds"]}
 
 
 def base_runs(motion: str, seeds: list, s: dict, threads: int = 2) -> list:
@@ -236,12 +236,12 @@ def main(argv=None):
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--motions", nargs="*", default=list(world.NOVEL_MOTIONS), choices=list(world.NOVEL_MOTIONS))
     p.add_argument("--seeds", type=int, default=3, help="customization seeds per (row, motion) (default 3)")
-    p.add_argument("--steps", type=int, default=600, help="customization steps (the demo's 600)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=200, help="customization steps (the demo's 200)")
+    p.add_argument("--lr", type=float, default=6e-4, help="learning rate (the demo's 6e-4)")
     p.add_argument("--sample-seeds", type=int, default=4, help="sampling seeds per novel prompt: x 5 looks = videos")
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (x 30)")
     p.add_argument("--results", default=str(ROOT / "toy" / "ablation.jsonl"), help="JSON-lines results (appended)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes with one torch thread "
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, in separate processes with one torch thread "
                    "each (2 on a 2-core machine: about twice the runs per hour, toy/speed.md)")
     p.add_argument("--table", action="store_true", help="only write the markdown table from --results")
     p.add_argument("--out", default=str(ROOT / "toy" / "ablation.md"), help="the markdown table (rewritten)")
