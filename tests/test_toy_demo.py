@@ -31,10 +31,24 @@ def test_short_customization_teaches_the_novel_motion():
     the threshold leaves a margin below what this exact run measured (see the README's toy-world section)."""
     from toy import demo
 
-    rows = demo.main(["--steps", str(CI_STEPS), "--lr", "2e-4", "--seeds", "2", "--base-seeds", "0", "--reg", "8"],
-                     quiet=True)
+    rows = demo.main(["--steps", str(CI_STEPS), "--lr", "2e-4", "--seeds", "2", "--base-seeds", "0", "--reg", "8",
+                      "--jobs", "1"], quiet=True)
     before, after = rows["novel-motion accuracy"]
     assert after >= before + CI_GAIN, f"novel-motion accuracy {before:.2f} -> {after:.2f} after {CI_STEPS} steps"
+
+
+def test_demo_scores_the_same_in_two_processes_as_in_one():
+    """--jobs 2 (the base model scored in a worker process while training, the customized scoring split) is only a
+    schedule: the same per-video scores as --jobs 1 with one thread on a short run (one thread in both, as the float
+    sums of a kernel may split differently over two threads)."""
+    from toy import demo
+
+    argv = ["--steps", "2", "--seeds", "1", "--base-seeds", "0", "--reg", "2", "--sample-steps", "5", "--samples", ""]
+    one, two = (demo.main(argv + extra, quiet=True, full=True) for extra in (["--jobs", "1", "--threads", "1"],
+                                                                             ["--jobs", "2"]))
+    for when in ("before", "after"):
+        assert len(one["novel"][when]["per_video"]["leak"]) == 5
+        assert one["novel"][when]["per_video"] == two["novel"][when]["per_video"], when
 
 
 def test_probe_measures_prompt_sensitivity():
