@@ -73,8 +73,8 @@ def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_scorer, "calibrate_leakage",
                         lambda m: {"threshold": 0.8, "detected": 1.0})
     results, out = tmp_path / "runs.jsonl", tmp_path / "table.md"
-    argv = ["--rows", "newmove", "uniform", "--motions", "zigzagging", "--seeds", "2", "--steps", "5",
-            "--results", str(results), "--out", str(out)]
+    argv = ["--rows", "newmove", "uniform", "--motions", "zigzagging", "--seeds", "2", "--steps", "5", "--jobs", "1",
+            "--results", str(results), "--out", str(out)]  # one process: the fakes above are not in a worker
     with pytest.raises(Killed):
         ablate.main(argv)
     # seed-major: the base model (both seeds), then every row on seed 0, then seed 1; killed during newmove seed 1
