@@ -4,6 +4,10 @@
     python toy/ablate.py --rows newmove uniform --motions "moving in a circle" --seeds 1     # a subset
     python toy/ablate.py --table                          # only (re)write the markdown table from the results file
 
+Two runs go at a time by default (--jobs 2: worker processes with one torch thread each, 3.3x the runs per hour of
+the old 600-step recipe in one process, toy/speed.md); the order is seed-major (every row and motion on seed 0 first),
+so a runner stopped early leaves a table over all motions.
+
 Each run customizes the toy model (toy/demo.py: train.py with one change to its NewMove defaults) on one novel motion
 with one customization seed (its example clips, initial noise and data order), then samples and scores the same
 evaluation prompts: every unseen appearance pair (world.HELD_OUT_COMBOS) with --sample-seeds sampling seeds for the
