@@ -9,6 +9,7 @@
    ("a red triangle doing pll", "a red triangle moving left", ...), scored by the analytic scorer (toy/scorer.py);
 3. train.py customizes it with the NewMove defaults (temporal layers + cross-attention K/V, coarse-noise timesteps,
    real-video regularization) at toy-scale learning rate and steps;
+   (with --jobs 2, the default, step 2 runs in a second process while this one trains, one thread each);
 4. the same prompts and seeds are sampled again and scored. The table: novel-motion accuracy before/after, appearance
    (colour) accuracy, copy rate (the video shows the colour+shape of a training example although the prompt asked for
    another) and base-motion accuracy before/after (forgetting).
