@@ -204,6 +204,9 @@ def table(records: list, settings: dict) -> str:
         stats = [fmt(*bootstrap(np.stack([data[row][k][name] for k in runs]))) for name, _, _ in METRICS]
         lines.append(f"| {row} | {ROWS[row][0] if row in ROWS else 'no customization'} | {len(runs)} | "
                      + " | ".join(stats) + " |")
+    lines += ["", "A row's motions and seeds are the cells it has run (the runs column; the base model is scored on every "
+              "motion and seed). With one run the interval resamples only its videos and says nothing about seed-to-seed "
+              "variation; rows are compared in the paired table below, on shared cells only."]
     lines += ["", "Paired differences to NewMove (row minus NewMove, percentage points, same motions, seeds, prompts and "
               "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0:", "",
               "| row | pairs | novel-motion accuracy | verdict | paper | copy score > threshold | verdict | paper | "
