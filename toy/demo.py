@@ -82,16 +82,6 @@ def score_sets(args, sets: dict, delta, when: str, quiet: bool) -> dict:
             for name, (prompts, seeds, wants, extra) in sets.items()}
 
 
-class Done:
-    """A finished result with a future's .result(), so --jobs 1 runs the same steps as --jobs 2."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 def examples_for(motion: str, n: int, seed: int, token: str) -> list:
     """The demo's example clips of `motion` (world clips, never in an evaluation look), captioned with the token."""
     clips = world.make_dataset(n, [motion], seed=1000 + seed, exclude_combos=world.HELD_OUT_COMBOS)
@@ -207,7 +197,13 @@ def main(argv=None, overrides=None, quiet=False, full=False):
                                       initargs=(1,)) if args.jobs > 1 else None
         torch.set_num_threads(1 if pool else args.threads)
         try:
-            run = (lambda f, *a: pool.submit(f, *a)) if pool else (lambda f, *a: Done(f(*a)))  # noqa: E731
+            def run(f, *a):  # a future: run by the worker (--jobs 2) or here, at once (--jobs 1)
+                if pool:
+                    return pool.submit(f, *a)
+                done = cf.Future()
+                done.set_result(f(*a))
+                return done
+
             before = None if args.no_before else run(score_sets, args, sets, None, "base model", quiet)
 
             # 3. NewMove customization with train.py's defaults, toy-scale lr/steps
