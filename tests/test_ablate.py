@@ -42,7 +42,7 @@ def test_copy_score_separates_a_copied_training_clip_from_an_independent_one():
     copy = world.degrade(world.make_clip(np.random.SeedSequence([7, 3]), motion=motion, look=look,
                                          exclude_combos=world.HELD_OUT_COMBOS).video, seed=1)
     fresh = world.degrade(world.make_clip(np.random.SeedSequence([12345, 0]), motion=motion, look=look).video, seed=1)
-    scores, nearest = toy_scorer.copy_scores(toy_scorer.ToyScorer(), [copy, fresh], [c.video for c in train])
+    scores, nearest = toy_scorer.copy_scores([copy, fresh], [c.video for c in train])
     assert scores[0] > cal["threshold"] > scores[1], (scores, cal)
     assert nearest[0] == 3  # traced to the clip it copies
 

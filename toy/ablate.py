@@ -150,7 +150,7 @@ def base_runs(motion: str, seeds: list, s: dict, threads: int = 2) -> list:
     out = []
     for seed in seeds:
         examples = demo.examples_for(motion, args.examples, seed, args.token)
-        leak, nearest = toy_scorer.copy_scores(scorer, n["videos"], [c.video for c in examples])
+        leak, nearest = toy_scorer.copy_scores(n["videos"], [c.video for c in examples])
         looks = {(c.colour, c.shape) for c in examples}
         asked = [tuple(p.split()[1:3]) for p, _ in novel]
         per_video = dict(n["per_video"], leak=leak.tolist(), nearest=nearest.tolist(),

@@ -58,14 +58,14 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
     videos = torch.cat([sample.generate(models, prompts[i:i + 16], seeds[i:i + 16], frames=8, height=32, width=32,
                                         steps=args.sample_steps, guidance=args.guidance, batch_size=16, progress=False)
                         for i in tqdm(chunks, desc=desc, unit="batch", disable=quiet)])  # (N, 3, F, H, W) uint8
-    motions = [scorer.class_names[i] for i in scorer.predict(videos).argmax(1).tolist()]
-    looks = scorer.appearance(videos)
+    found = [scorer.analyse(v) for v in videos]  # one analysis per video: motion, colour and shape
+    motions, looks = [a["motion"] for a in found], [(a["colour"], a["shape"]) for a in found]
     asked = [tuple(p.split()[1:3]) for p in prompts]  # "a red triangle ..." -> ("red", "triangle")
     per_video = {"motion": [float(m == w) for m, w in zip(motions, want_motions)],
                  "colour": [float(lk[0] == a[0]) for lk, a in zip(looks, asked)],
                  "copy": [float(lk in train_looks and lk != a) for lk, a in zip(looks, asked)]}
     if train_videos is not None:
-        leak, nearest = toy_scorer.copy_scores(scorer, videos, train_videos)
+        leak, nearest = toy_scorer.copy_scores(videos, train_videos)
         per_video.update(leak=leak.tolist(), nearest=nearest.tolist())
     return {**{k: sum(v) / len(prompts) for k, v in per_video.items() if k in ("motion", "colour", "copy")},
             "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}

@@ -116,18 +116,20 @@ def foreground(x: np.ndarray) -> tuple:
 _UNIT_AREA = {s: shape_coverage(s, 50.0, 50.0, 40.0, 100, 100, ss=2).sum() / 40.0 ** 2 for s in SHAPES}
 
 
+@functools.lru_cache(maxsize=64)
+def gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) row-normalised Gaussian weights between pixel indices (cached: every video of a size reuses them)."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    g = np.exp(-d ** 2 / (2 * sigma ** 2))
+    return g / g.sum(1, keepdims=True)
+
+
 def blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of a 2-d array as G_h @ img @ G_w^T (zero padding: templates are zero at the border anyway)."""
     if sigma <= 0:
         return img
     H, W = img.shape
-
-    def gauss(n):  # (n, n) row-normalised Gaussian weights between pixel indices
-        d = np.arange(n)[:, None] - np.arange(n)[None, :]
-        g = np.exp(-d ** 2 / (2 * sigma ** 2))
-        return g / g.sum(1, keepdims=True)
-
-    return gauss(H) @ img @ gauss(W).T
+    return gauss_matrix(H, sigma) @ img @ gauss_matrix(W, sigma).T
 
 
 # Templates are compared sharp and blurred: a blurry video's alpha is a blurred mask, and against a sharp template
@@ -222,6 +224,20 @@ def motion_of(f: dict) -> str:
 # the classifier interface
 
 
+def layout(video) -> dict:
+    """Where the shape is in one video: frames x (F, H, W, 3), alpha and its denoised mask (F, H, W), area and
+    centroid per frame, the fitted background bg (H, W, 3). The part of ToyScorer.analyse the leak score needs."""
+    x = as_frames(video)  # (F, H, W, 3)
+    F_, H, W, _ = x.shape
+    alpha, bg = foreground(x)
+    mask = np.where(alpha > 0.1, alpha, 0.0)  # drop faint noise: over ~900 pixels it would add up to real area
+    areas = mask.sum(axis=(1, 2))  # (F,)
+    yy, xx = np.mgrid[0:H, 0:W]
+    total = np.maximum(areas, 1e-6)
+    centres = np.stack([(mask * xx).sum(axis=(1, 2)) / total, (mask * yy).sum(axis=(1, 2)) / total], 1)  # (F, 2)
+    return dict(x=x, alpha=alpha, mask=mask, areas=areas, centres=centres, bg=bg)
+
+
 class ToyScorer:
     """`class_names` (= toy.world.MOTIONS) and `predict(videos) -> (N, C)` as evaluate.py expects of a motion
     classifier, plus `appearance(videos) -> [(colour, shape)]` and `analyse(video) -> dict`."""
@@ -230,21 +246,16 @@ class ToyScorer:
         self.class_names = list(MOTIONS)
 
     def analyse(self, video) -> dict:
-        x = as_frames(video)  # (F, H, W, 3)
-        F_, H, W, _ = x.shape
-        alpha, bg = foreground(x)
-        mask = np.where(alpha > 0.1, alpha, 0.0)  # drop faint noise: over ~900 pixels it would add up to real area
-        areas = mask.sum(axis=(1, 2))  # (F,)
-        yy, xx = np.mgrid[0:H, 0:W]
-        total = np.maximum(areas, 1e-6)
-        centres = np.stack([(mask * xx).sum(axis=(1, 2)) / total, (mask * yy).sum(axis=(1, 2)) / total], 1)  # (F, 2)
+        a = layout(video)
+        x, alpha, mask, areas, centres = a["x"], a["alpha"], a["mask"], a["areas"], a["centres"]
+        H, W = alpha.shape[1:]
         solid = alpha > 0.7  # the shape's interior: its true colour, without edge blending into the background
         pixels = x[solid] if solid.sum() >= 3 else x.reshape(-1, 3)[np.argsort(alpha.ravel())[-3:]]
         rgb = np.median(pixels, axis=0)
         shapes = shape_scores(mask, areas, centres)
         features = motion_features(centres, areas, min(H, W))
         return dict(colour=colour_name(rgb), rgb=rgb, shape=max(shapes, key=shapes.get), shape_scores=shapes,
-                    motion=motion_of(features), features=features, centres=centres, areas=areas, background=bg)
+                    motion=motion_of(features), features=features, centres=centres, areas=areas, background=a["bg"])
 
     def predict(self, videos) -> torch.Tensor:
         """uint8 (N, 3, F, H, W) (or a list of single videos) -> float32 (N, len(class_names)), 10 at the pick."""
@@ -277,9 +288,9 @@ LEAK_FEATURES = ("background R", "background G", "background B", "gradient x", "
 
 
 def leak_features(a: dict) -> np.ndarray:
-    """(8,) unasked appearance of one analysed video (ToyScorer.analyse): the background's mean colour and its grey-level
+    """(8,) unasked appearance of one video's layout(): the background's mean colour and its grey-level
     change across the frame (x, y), the shape's size (sqrt of its mean area, px) and position (mean centroid, px)."""
-    bg = a["background"]  # (H, W, 3), the plane fitted to the border
+    bg = a["bg"]  # (H, W, 3), the plane fitted to the border
     grey = bg.mean(-1)  # (H, W)
     gx, gy = grey[:, -1].mean() - grey[:, 0].mean(), grey[-1].mean() - grey[0].mean()
     return np.array([*bg.mean((0, 1)), gx, gy, math.sqrt(a["areas"].mean()), *a["centres"].mean(0)])
@@ -288,9 +299,8 @@ def leak_features(a: dict) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def leak_scale(frames: int = 8, size: int = 32) -> np.ndarray:
     """(8,) the spread (std) of each leak feature over 200 random clips of every motion: the unit of leak_similarity."""
-    scorer = ToyScorer()
     clips = world.make_dataset(200, MOTIONS, seed=31_337, frames=frames, height=size)
-    return np.stack([leak_features(scorer.analyse(c.video)) for c in clips]).std(0)
+    return np.stack([leak_features(layout(c.video)) for c in clips]).std(0)
 
 
 def leak_similarity(gen: np.ndarray, train: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -300,10 +310,10 @@ def leak_similarity(gen: np.ndarray, train: np.ndarray, scale: np.ndarray) -> np
     return np.exp(-0.5 * (z ** 2).mean(-1))
 
 
-def copy_scores(scorer, videos, train_videos) -> tuple:
+def copy_scores(videos, train_videos) -> tuple:
     """(score (N,), nearest training clip (N,)): each video's highest leak_similarity to any training clip."""
-    gen = np.stack([leak_features(scorer.analyse(v)) for v in videos])
-    train = np.stack([leak_features(scorer.analyse(v)) for v in train_videos])
+    gen = np.stack([leak_features(layout(v)) for v in videos])
+    train = np.stack([leak_features(layout(v)) for v in train_videos])
     frames, size = int(videos[0].shape[1]), int(min(videos[0].shape[2:]))  # (3, F, H, W)
     sim = leak_similarity(gen, train, leak_scale(frames, size))
     return sim.max(1), sim.argmax(1)
@@ -317,7 +327,7 @@ def calibrate_leakage(motion: str, examples: int = 8, sets: int = 6, per_set: in
     copies (a training clip redrawn in an evaluation look: same background, size and path), all degraded like a
     model's samples (world.degrade). Threshold = the (1 - fpr) quantile of the independent clips' scores, so `fpr`
     of videos that copy nothing score above it; also returned: the share of copies above it (detection rate)."""
-    scorer, looks = ToyScorer(), sorted(world.HELD_OUT_COMBOS)
+    looks = sorted(world.HELD_OUT_COMBOS)
     null, copies = [], []
     for k in range(sets):
         seed = 90_000 + k
@@ -330,8 +340,8 @@ def calibrate_leakage(motion: str, examples: int = 8, sets: int = 6, per_set: in
                                               height=size, exclude_combos=world.HELD_OUT_COMBOS,
                                               look=looks[j % len(looks)]).video, seed=j)
                 for j in range(per_set)]
-        null += list(copy_scores(scorer, indep, train)[0])
-        copies += list(copy_scores(scorer, copy, train)[0])
+        null += list(copy_scores(indep, train)[0])
+        copies += list(copy_scores(copy, train)[0])
     threshold = float(np.quantile(null, 1 - fpr))
     return {"threshold": threshold, "fpr": fpr, "detected": float(np.mean(np.array(copies) > threshold)),
             "null_mean": float(np.mean(null)), "copy_mean": float(np.mean(copies))}
