@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import data
 import sample
+from delta import apply_delta
 from weights import WeightsError, atomic_write, read_state_dict, read_text, writable_dir, write_json
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation (OpenAI clip/clip.py `_transform`)
@@ -640,6 +641,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("videos: generate them, or score a folder")
     g.add_argument("--model", help="model directory (either release layout, models.py)")
     g.add_argument("--delta", help="customized weights written by train.py")
+    g.add_argument("--delta-from-t", type=float, default=None, metavar="TAU",
+                   help="use --delta only for sampling steps with t >= TAU, the base model below (delta.py)")
     g.add_argument("--prompts", help="templates, one per line, each holding {token} once (prompts/appearance_100.txt)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one video per (prompt, seed)")
     g.add_argument("--token", default="pll", help="the learned token that replaces {token} in generation prompts")
@@ -679,6 +682,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.videos_in and not (args.model and args.prompts):
         p.error("give --model and --prompts to generate, or --videos-in to score existing videos")
+    if args.delta_from_t is not None and not (args.delta and not args.videos_in):
+        p.error("--delta-from-t needs --delta (and generated videos, not --videos-in)")
     if args.classifier and not args.classes:
         p.error("--classifier needs --classes (the class-names file)")
     return args
@@ -719,7 +724,7 @@ def main(argv=None) -> int:
             try:
                 models = load_models(args.model)
                 if args.delta:
-                    sample.apply_delta(models, args.delta)
+                    apply_delta(models, args.delta, args.delta_from_t)
             except (WeightsError, ValueError) as e:
                 raise EvalError(str(e)) from None
             for m in (models.unet, models.vae, models.text_encoder):

@@ -46,6 +46,7 @@ class Models:
     schedule: dict  # RELEASED_SCHEDULE's keys, read from the directory
     layout: str  # "original" or "diffusers"
     root: Path
+    gate: object = None  # a delta.NoiseGate: customized weights at high noise only (delta.apply_delta(from_t=...))
 
 
 def _pick(folder: Path, stems, variant: str | None, what: str) -> Path:

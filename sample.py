@@ -4,6 +4,7 @@
     python sample.py --model zeroscope_v2_576w --width 576 --height 320 --frames 24 --solver dpmpp-2m --steps 25 \\
         --prompts prompts.txt --seed 0 --num-samples 4 --precision fp16 --out out/
     python sample.py --model text-to-video-ms-1.7b --delta runs/pll/delta.safetensors --prompt "..." --out out/
+    python sample.py --model text-to-video-ms-1.7b --delta runs/pll/delta.safetensors --delta-from-t 400 ...
 
 Defaults are the original pipeline's (modelscope.md §5): 50 DDIM steps at t = 981, 961, ..., 1, eta 0, classifier-free
 guidance 9.0 against the empty prompt, 16 frames at 256x256, latents / 0.18215, per-frame VAE decode,
@@ -22,7 +23,6 @@ Notable differences from upstream:
 import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from weights import WeightsError, atomic_write, read_state_dict, read_text, writable_dir
+from delta import apply_delta
+from weights import WeightsError, atomic_write, read_text, writable_dir
 from models import Models, load_models
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -116,46 +117,6 @@ def sample_dpmpp_2m(eps_fn, x, abar: torch.Tensor, steps: int = 25, progress=Non
 # generation
 
 
-def apply_delta(models: Models, path) -> dict:
-    """Load a customized-weights file written by train.py onto the base models, strictly; returns its metadata.
-
-    Format (safetensors): `unet.<name>` tensors replace those UNet parameters; `text_encoder.placeholder_embeddings`
-    plus the metadata entry `placeholder_words` (a JSON list) restore learned tokens.
-    """
-    from safetensors import safe_open
-
-    import text_encoder as te
-
-    path = Path(path)
-    if path.suffix != ".safetensors":  # train.py writes nothing else; a .pt here is most likely a state.pt
-        raise WeightsError(f"{path}: a delta must be the .safetensors file train.py writes (delta.safetensors), "
-                           f"not a {path.suffix or 'suffix-less'} file")
-    sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # a diverged run: applying it would give black videos
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise WeightsError(f"{path}: {bad[0]} holds NaN or Inf values{more}; this delta comes from a diverged run")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    unet_sd = models.unet.state_dict()
-    for key, value in sd.items():
-        if key.startswith("unet."):
-            name = key[len("unet."):]
-            if name not in unet_sd:
-                raise WeightsError(f"{path}: {name} is not a parameter of this UNet (wrong base model?)")
-            if unet_sd[name].shape != value.shape:
-                raise WeightsError(f"{path}: shape mismatch for {name}: file has {tuple(value.shape)}, "
-                                   f"model expects {tuple(unet_sd[name].shape)}")
-            unet_sd[name].copy_(value)
-        elif key != "text_encoder.placeholder_embeddings":
-            raise WeightsError(f"{path}: unexpected tensor {key} (expected unet.* or text_encoder.placeholder_embeddings)")
-    if "text_encoder.placeholder_embeddings" in sd:
-        words = json.loads(meta.get("placeholder_words", "[]"))
-        te.load_placeholder_state({"words": words, "embeddings": sd["text_encoder.placeholder_embeddings"]},
-                                  models.tokenizer, models.text_encoder)
-    return meta
-
-
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -193,6 +154,8 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, F, h, w)
 
         def eps_fn(x, t):
+            if models.gate:  # a noise-gated delta (delta.py): the customized weights only while t >= its from_t
+                models.gate.at(t)
             # classifier-free guidance, both halves in one UNet call: eps_u + g * (eps_c - eps_u)
             with _autocast(device, dtype):
                 e = unet(torch.cat([x, x]), torch.full((2 * B,), t, device=device), context).float()
@@ -216,6 +179,8 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         # upstream tensor2vid: x*0.5+0.5, clamp, *255, truncate to uint8
         videos.append((video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8).cpu())
         latents_out.append(x.cpu())
+    if models.gate:  # leave the model as it was given: customized
+        models.gate.at(math.inf)
     out = torch.cat(videos)
     return (out, torch.cat(latents_out)) if return_latents else out
 
@@ -302,6 +267,9 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model directory in either release layout")
     p.add_argument("--delta", help="customized weights (.safetensors) written by train.py")
+    p.add_argument("--delta-from-t", type=float, default=None, metavar="TAU", help="use --delta only for steps with "
+                   "t >= TAU, the base model below: motion from the delta, appearance finished by the base model "
+                   "(0 = the delta at every step; 1000 = the base model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="text file with one prompt per line (blank lines and #comments ignored)")
     p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
@@ -339,8 +307,10 @@ def main(argv=None):
             p.error(f"--guidance must be a number and --eta in [0, 1], got {args.guidance} and {args.eta}")
         writable_dir(args.out, "--out")  # before the sampling work, not after it
         models = load_models(args.model, variant=args.variant)
+        if args.delta_from_t is not None and not args.delta:
+            p.error("--delta-from-t needs --delta")
         if args.delta:
-            apply_delta(models, args.delta)
+            apply_delta(models, args.delta, args.delta_from_t)
         for m in (models.unet, models.vae, models.text_encoder):
             m.to(args.device)
         pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sample
+from delta import apply_delta
 import train
 import weights
 from inprocess import run_script, threads
@@ -266,11 +266,14 @@ def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path, capfd
     bad.view(-1)[0] = float("nan")
     weights.save_state_dict({f"unet.{name}": bad}, tmp_path / "nan.safetensors")
     refused(capfd, "sample.py", *base, "--delta", tmp_path / "nan.safetensors", names=[f"unet.{name}", "NaN"])
+    refused(capfd, "sample.py", *base, "--delta-from-t", "400", names=["--delta-from-t needs --delta"])
+    refused(capfd, "sample.py", *base, "--delta", tmp_path / "nan.safetensors", "--delta-from-t", "1001",
+            names=["--delta-from-t", "0..1000"])
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     refused(capfd, "sample.py", "--model", model, "--prompts", tmp_path / "empty.txt", "--out", tmp_path / "o",
             names=[tmp_path / "empty.txt", "no prompts"])
     with pytest.raises(weights.WeightsError, match="NaN"):
-        sample.apply_delta(load_models(model), tmp_path / "nan.safetensors")
+        apply_delta(load_models(model), tmp_path / "nan.safetensors")
 
 
 def test_evaluate_names_an_empty_prompt_file(tmp_path, capfd):

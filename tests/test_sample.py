@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample
+from delta import apply_delta
 import unet3d
 from inprocess import run_script
 from models import RELEASED_SCHEDULE, save_models, tiny_models
@@ -162,12 +163,12 @@ def test_apply_delta(tiny, tmp_path):
     new = torch.randn_like(models.unet.conv_in.weight)
     save_state_dict({"unet.conv_in.weight": new, "text_encoder.placeholder_embeddings": torch.randn(1, 64)},
                     tmp_path / "delta.safetensors", metadata={"placeholder_words": json.dumps(["<pll>"])})
-    sample.apply_delta(models, tmp_path / "delta.safetensors")
+    apply_delta(models, tmp_path / "delta.safetensors")
     assert torch.equal(models.unet.conv_in.weight, new)
     assert models.tokenizer("a <pll> sign")[0, 2].item() == te.TEXT_PRESETS["tiny"].vocab_size
     save_state_dict({"unet.nope.weight": new}, tmp_path / "bad.safetensors")
     with pytest.raises(WeightsError, match="nope.weight is not a parameter"):
-        sample.apply_delta(models, tmp_path / "bad.safetensors")
+        apply_delta(models, tmp_path / "bad.safetensors")
 
 
 def test_cli_writes_playable_videos_in_both_layouts(tmp_path, capfd):

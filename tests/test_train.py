@@ -17,6 +17,7 @@ import torch
 
 import latents
 import sample
+from delta import apply_delta
 import train
 import unet3d
 import weights
@@ -141,7 +142,7 @@ def test_train_smoke_delta_changes_samples(world, tmp_path):
     kw = dict(frames=4, height=32, width=32, steps=3, progress=False)
     base = load_models(model)
     before = sample.generate(base, ["a person doing the pll sign"], [0], **kw)
-    sample.apply_delta(base, delta)
+    apply_delta(base, delta)
     after = sample.generate(base, ["a person doing the pll sign"], [0], **kw)
     assert not torch.equal(before, after)
     with pytest.raises(SystemExit, match="already holds a run"):  # never overwrites a finished run
@@ -255,7 +256,7 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     d = weights.read_state_dict(path)
     assert d["text_encoder.placeholder_embeddings"].shape == (1, te.TEXT_PRESETS["tiny"].width)
     m = load_models(model)
-    sample.apply_delta(m, path)
+    apply_delta(m, path)
     assert m.tokenizer("a person doing the pll sign")[0, 5].item() == te.TEXT_PRESETS["tiny"].vocab_size
     exported = unet3d.load_unet(tmp_path / "tok" / "unet" / "diffusion_pytorch_model.safetensors", m.unet.cfg)
     assert all(torch.equal(exported.get_parameter(k[5:]), v) for k, v in d.items() if k.startswith("unet."))

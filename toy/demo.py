@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import sample
 import train
+from delta import apply_delta
 import weights
 from models import load_models
 from toy import world
@@ -71,12 +72,13 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
             "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}
 
 
-def score_sets(args, sets: dict, delta, when: str, quiet: bool) -> dict:
-    """score() of each set {name: (prompts, seeds, wanted motions, score() extras)} with the model plus `delta`
-    (None: the base model), in this process (or a worker's: everything it needs comes in the arguments)."""
+def score_sets(args, sets: dict, delta_path, when: str, quiet: bool) -> dict:
+    """score() of each set {name: (prompts, seeds, wanted motions, score() extras)} with the model plus the delta
+    (None: the base model; noise-gated with --delta-from-t), in this process (or a worker's: everything it needs
+    comes in the arguments)."""
     models = load_models(args.model)
-    if delta is not None:
-        sample.apply_delta(models, delta)
+    if delta_path is not None:
+        apply_delta(models, delta_path, args.delta_from_t)
     scorer = ToyScorer()
     return {name: score(models, prompts, seeds, wants, args, scorer, desc=f"{when}: {name} prompts", quiet=quiet, **extra)
             for name, (prompts, seeds, wants, extra) in sets.items()}
@@ -160,6 +162,10 @@ def parser():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads with --jobs 1")
     p.add_argument("--out", default="", help="keep the run here ('' = a temporary folder)")
     p.add_argument("--no-before", action="store_true", help="skip scoring the base model (the ablation runner)")
+    p.add_argument("--delta", default=None, help="score this delta (e.g. a kept run's --out/run/delta.safetensors) "
+                   "instead of training one; the other options must match the run's")
+    p.add_argument("--delta-from-t", type=float, default=None, metavar="TAU", help="customized weights only for "
+                   "sampling steps with t >= TAU, the base model below (delta.py)")
     p.add_argument("--samples", default=None, help="keep the sampled videos and their index.json here (a new or "
                    "empty folder; default: a new demo_out/<date-time>; '' = do not keep them)")
     return p
@@ -213,7 +219,7 @@ def main(argv=None, overrides=None, quiet=False, full=False):
                                out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
                                **(overrides or {}))
             t_train = time.time()
-            delta = train.main(cfg)
+            delta = args.delta or train.main(cfg)
             t_train = time.time() - t_train
 
             # 4. the same prompts and seeds, customized

@@ -1,0 +1,236 @@
+"""Customized weights ("deltas") on a base model: load them, gate them by noise level, and shrink them to share.
+
+    python delta.py compress --model BASE --delta run/delta.safetensors --rank 16 --out run/delta-r16.safetensors
+    python delta.py compress --model BASE --delta run/delta.safetensors --energy 0.9 --dtype bf16 --out small.safetensors
+    python delta.py sizes                       # a 1.7B NewMove delta's file size at each rank (meta device)
+
+A delta file (safetensors, written by train.py; sample.py/evaluate.py --delta load it) holds
+    unet.<name>                           a trained UNet tensor, whole (float32, or train.py --save-dtype bf16/fp16)
+    lowrank.<name>.up / lowrank.<name>.down  a compressed one: W = W_base + (up @ down).reshape(W.shape)
+    text_encoder.placeholder_embeddings   learned token rows, with the metadata entry placeholder_words (JSON list)
+
+Noise gating (`apply_delta(..., from_t=TAU)`): NewMove's premise is that high-noise steps lay down motion and layout
+and low-noise steps appearance (paper §3, "coarse-noise timesteps"). With a gate the customized tensors are used for
+steps with t >= TAU and the base model's below, so the learned motion is kept while the untouched base model finishes
+the appearance, where the training clips' look would otherwise leak in.
+
+Compression is not LoRA training (the paper finds LoRA learns the motion poorly, Table 2): it is a truncated SVD of the
+change a full fine-tune made, per weight, after the fact. Conv kernels are matrices (out, in * kernel size).
+"""
+
+import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from weights import WeightsError, read_state_dict, save_state_dict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# loading, with an optional noise gate
+
+
+class NoiseGate:
+    """The customized UNet tensors for steps with t >= from_t, the base model's below. Samplers go from high t to
+    low t, so a video switches to the base weights once and the next batch switches back: `at(t)` before every UNet
+    call is all a sampler does. The changed tensors are held twice (the UNet holds one set), nothing else."""
+
+    def __init__(self, unet, base: dict, from_t: float):
+        self.params = {n: unet.get_parameter(n) for n in base}
+        self.spare, self.from_t, self.custom, self.switches = base, from_t, True, 0
+
+    def at(self, t: float):
+        """Put the weights that step t uses in the UNet."""
+        if (t >= self.from_t) == self.custom:
+            return
+        for n, p in self.params.items():  # exchange the storages: no copy, both sets stay bit-exact
+            self.spare[n], p.data = p.data, self.spare[n].to(p.device, p.dtype)
+        self.custom, self.switches = not self.custom, self.switches + 1
+
+
+def apply_delta(models, path, from_t: float | None = None) -> dict:
+    """Load a delta file (train.py's, or `compress`'s) onto the base models, strictly; returns its metadata.
+    from_t: use the customized UNet tensors only for steps with t >= from_t (a NoiseGate in models.gate)."""
+    from safetensors import safe_open
+
+    import text_encoder as te
+
+    path = Path(path)
+    if path.suffix != ".safetensors":  # train.py writes nothing else; a .pt here is most likely a state.pt
+        raise WeightsError(f"{path}: a delta must be the .safetensors file train.py writes (delta.safetensors), "
+                           f"not a {path.suffix or 'suffix-less'} file")
+    T = models.schedule["num_train_timesteps"]
+    if from_t is not None and not 0 <= from_t <= T:  # T: the base model at every step (t <= T - 1)
+        raise WeightsError(f"--delta-from-t must be in 0..{T}, got {from_t}")
+    if models.gate is not None:
+        raise WeightsError(f"{path}: these models already carry a noise-gated delta; load one gated delta at a time")
+    sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run: applying it would give black videos
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise WeightsError(f"{path}: {bad[0]} holds NaN or Inf values{more}; this delta comes from a diverged run")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    new = unet_values(sd, models.unet.state_dict(), path)  # {name: the customized tensor}
+    unet_sd, base = models.unet.state_dict(), {}
+    for name, value in new.items():
+        if from_t is not None:
+            base[name] = unet_sd[name].clone()
+        unet_sd[name].copy_(value)
+    if "text_encoder.placeholder_embeddings" in sd:  # the prompt is encoded once: a learned token acts at every step
+        words = json.loads(meta.get("placeholder_words", "[]"))
+        te.load_placeholder_state({"words": words, "embeddings": sd["text_encoder.placeholder_embeddings"]},
+                                  models.tokenizer, models.text_encoder)
+    if from_t is not None:
+        models.gate = NoiseGate(models.unet, base, from_t)
+    return meta
+
+
+def unet_values(sd: dict, unet_sd: dict, path) -> dict:
+    """{UNet parameter name: its customized value} from a delta's tensors, low-rank pairs expanded on the base."""
+    out = {}
+    for key, value in sd.items():
+        if key == "text_encoder.placeholder_embeddings":
+            continue
+        kind, _, name = key.partition(".")
+        if kind == "lowrank":
+            name, _, half = name.rpartition(".")
+            if half == "down":
+                continue  # read with its "up"
+            down = sd.get(f"lowrank.{name}.down")
+            if half != "up" or down is None:
+                raise WeightsError(f"{path}: {key} has no partner (low-rank pairs are lowrank.<name>.up and .down)")
+        elif kind != "unet":
+            raise WeightsError(f"{path}: unexpected tensor {key} (expected unet.*, lowrank.* or "
+                               "text_encoder.placeholder_embeddings)")
+        if name not in unet_sd:
+            raise WeightsError(f"{path}: {name} is not a parameter of this UNet (wrong base model?)")
+        base = unet_sd[name]
+        if kind == "lowrank":  # W_base + up @ down, in float32 whatever the file's dtype
+            value = base.float() + (value.float() @ down.float()).reshape(base.shape)
+        if value.shape != base.shape:
+            raise WeightsError(f"{path}: shape mismatch for {name}: file has {tuple(value.shape)}, "
+                               f"model expects {tuple(base.shape)}")
+        out[name] = value
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# compression: a truncated SVD of each change
+
+
+def low_rank(change: torch.Tensor, rank: int = 0, energy: float = 0.0) -> tuple:
+    """(up (out, r), down (r, rest)) with up @ down the best rank-r approximation of `change` as an (out, rest)
+    matrix (Eckart-Young). r = `rank`, or the fewest singular values holding `energy` of the squared norm."""
+    m = change.reshape(change.shape[0], -1).double()  # float64: full rank reproduces the change to ~1e-15
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    if energy:
+        kept = (S ** 2).cumsum(0) / (S ** 2).sum().clamp_min(1e-300)
+        rank = int((kept < energy).sum()) + 1
+    r = max(1, min(rank, len(S)))
+    return (U[:, :r] * S[:r]).float(), Vh[:r].float()
+
+
+def compress(sd: dict, unet_sd: dict, rank: int = 0, energy: float = 0.0) -> dict:
+    """A delta's tensors with every matrix (and conv kernel) change stored low-rank where that is smaller; vectors
+    (biases, norms) and learned token rows are kept whole."""
+    out = {}
+    for key, value in sd.items():
+        name = key[len("unet."):]
+        if not key.startswith("unet.") or value.dim() < 2:
+            out[key] = value
+            continue
+        up, down = low_rank(value.float() - unet_sd[name].float(), rank, energy)
+        if up.numel() + down.numel() < value.numel():
+            out[f"lowrank.{name}.up"], out[f"lowrank.{name}.down"] = up, down
+        else:  # at this rank the factors would be larger than the tensor itself
+            out[key] = value
+    return out
+
+
+def cast(sd: dict, dtype: str) -> dict:
+    """Floating tensors of a delta in `dtype` (fp32/bf16/fp16; the loader computes in float32 either way)."""
+    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def file_bytes(shapes: list, rank: int, itemsize: int) -> int:
+    """Bytes of the tensors (not the header) of a delta of weights with these shapes, compressed at `rank` (0: whole)."""
+    total = 0
+    for s in shapes:
+        n, rows = math.prod(s), s[0]
+        lr = rank * (rows + n // rows) if rank and len(s) >= 2 else n
+        total += min(n, lr)
+    return total * itemsize
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="a delta's weight changes as truncated SVDs (loads like any delta)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", required=True, help="the base model directory the delta was trained from")
+    c.add_argument("--delta", required=True, help="delta.safetensors written by train.py")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="singular values kept per weight")
+    g.add_argument("--energy", type=float, help="or: the share of each change's squared norm to keep, e.g. 0.9")
+    c.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the stored factors")
+    c.add_argument("--out", required=True, help="the compressed file (.safetensors; never overwritten)")
+    s = sub.add_parser("sizes", help="file size of a NewMove delta of the released 1.7B UNet at each rank")
+    s.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 0], help="0 = whole tensors")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "sizes":
+            return print_sizes(args.ranks)
+        if args.rank is not None and args.rank < 1 or args.energy is not None and not 0 < args.energy <= 1:
+            p.error(f"--rank must be >= 1 and --energy in (0, 1], got {args.rank} and {args.energy}")
+        if Path(args.out).suffix != ".safetensors":
+            p.error(f"--out {args.out}: the compressed delta must be a .safetensors file")
+        from models import load_models
+        from safetensors import safe_open
+
+        sd = read_state_dict(args.delta, "customized weights (.safetensors from train.py)")
+        unet_sd = load_models(args.model).unet.state_dict()
+        unet_values(sd, unet_sd, args.delta)  # the same checks as loading it (names, shapes, pairs)
+        small = cast(compress(sd, unet_sd, args.rank or 0, args.energy or 0.0), args.dtype)
+        with safe_open(str(args.delta), "pt") as f:
+            meta = dict(f.metadata() or {})
+        meta.update(compressed_from=str(args.delta), rank=str(args.rank or ""), energy=str(args.energy or ""),
+                    dtype=args.dtype)
+        save_state_dict(small, args.out, metadata=meta)
+        size = lambda d: sum(v.numel() * v.element_size() for v in d.values())  # noqa: E731
+        print(f"wrote {args.out}: {size(small) / 1e6:.2f} MB of tensors ({size(sd) / 1e6:.2f} MB before), "
+              f"{sum(k.endswith('.up') for k in small)} of {len(sd)} tensors low-rank")
+        return 0
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def print_sizes(ranks: list) -> int:
+    """The NewMove delta of the released 1.7B UNet (shapes from the meta device) at each rank, fp32 and bf16."""
+    import train
+    import unet3d
+
+    with torch.device("meta"):
+        unet = unet3d.UNet3D(unet3d.UNET_PRESETS["modelscope-1.7b"])
+    shapes = [tuple(p.shape) for _, p in train.select_trainable(unet, "newmove")]
+    print(f"NewMove delta of the 1.7B UNet: {len(shapes)} tensors, {sum(math.prod(s) for s in shapes):,} values")
+    print("| rank | fp32 | bf16 |\n| --- | --- | --- |")
+    for r in ranks:
+        print(f"| {r or 'whole'} | {file_bytes(shapes, r, 4) / 1e6:,.1f} MB | {file_bytes(shapes, r, 2) / 1e6:,.1f} MB |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

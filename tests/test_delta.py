@@ -1,0 +1,122 @@
+"""delta.py: noise-gated deltas (exact at both ends, one switch per video) and low-rank compression (exact at full
+rank, loads like any delta), on tiny random models."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import delta
+import sample
+import train
+from models import save_models, tiny_models
+from weights import WeightsError, read_state_dict, save_state_dict
+
+KW = dict(frames=2, height=32, width=32, steps=4, progress=False)  # DDIM t = 751, 501, 251, 1
+PROMPTS, SEEDS = ["a red circle moving left", "a blue square growing"], [5, 6]
+BASE = tiny_models(seed=3)  # never changed: each test works on a copy
+
+
+def newmove_delta(models, path, scale=0.05, seed=0):
+    """A delta file changing every tensor NewMove trains (random changes of a realistic size)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"unet.{n}": p.detach() + scale * torch.randn(p.shape, generator=g)
+          for n, p in train.select_trainable(models.unet, "newmove")}
+    save_state_dict(sd, path)
+    return sd
+
+
+def videos(path=None, from_t=None, batch_size=1):
+    models = copy.deepcopy(BASE)
+    if path:
+        delta.apply_delta(models, path, from_t)
+    return models, sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, **KW)
+
+
+def test_noise_gate_is_exact_at_both_ends_and_switches_once_per_video(tmp_path):
+    path = tmp_path / "delta.safetensors"
+    sd = newmove_delta(BASE, path)
+    _, base = videos()
+    _, plain = videos(path)
+    assert not torch.equal(base, plain)  # the delta changes the videos, so the checks below can fail
+    gated0, zero = videos(path, from_t=0)
+    assert torch.equal(zero, plain) and gated0.gate.switches == 0  # TAU = 0: the delta at every step, bit for bit
+    _, above = videos(path, from_t=752)  # above the first step's t = 751: the base model at every step
+    assert torch.equal(above, base)
+    models, mid = videos(path, from_t=400)  # t = 751, 501 customized; 251, 1 base
+    assert not torch.equal(mid, plain) and not torch.equal(mid, base)
+    assert models.gate.switches == 2 * len(PROMPTS)  # per video: to base once, back to the delta for the next one
+    for key, value in sd.items():  # and the model is left customized, as it was given
+        assert torch.equal(models.unet.get_parameter(key[len("unet."):]), value)
+    models, batched = videos(path, from_t=400, batch_size=2)
+    assert models.gate.switches == 2 and (batched.int() - mid.int()).abs().max() <= 1  # one switch per batch
+    with pytest.raises(WeightsError, match="already carry a noise-gated delta"):
+        delta.apply_delta(models, path, 400)
+    with pytest.raises(WeightsError, match="must be in 0..1000"):
+        delta.apply_delta(copy.deepcopy(BASE), path, -1)
+
+
+def test_noise_gate_keeps_only_the_changed_tensors_twice(tmp_path):
+    models = copy.deepcopy(BASE)
+    sd = newmove_delta(models, tmp_path / "delta.safetensors")
+    delta.apply_delta(models, tmp_path / "delta.safetensors", 500)
+    held = sum(v.numel() for v in models.gate.spare.values())
+    assert held == sum(v.numel() for v in sd.values()) < sum(p.numel() for p in models.unet.parameters())
+
+
+def test_low_rank_delta_reproduces_at_full_rank_and_shrinks_below(tmp_path):
+    base_sd = BASE.unet.state_dict()
+    path, full, small = tmp_path / "delta.safetensors", tmp_path / "full.safetensors", tmp_path / "r2.safetensors"
+    sd = newmove_delta(BASE, path)
+    # full rank (factors of every matrix and conv kernel, even where larger than the tensor): every tensor reproduced
+    factors = {}
+    for key, value in sd.items():
+        name = key[len("unet."):]
+        if value.dim() < 2:
+            factors[key] = value
+        else:
+            factors[f"lowrank.{name}.up"], factors[f"lowrank.{name}.down"] = delta.low_rank(value - base_sd[name], 10**6)
+    save_state_dict(factors, full)
+    exact, reloaded = copy.deepcopy(BASE), copy.deepcopy(BASE)
+    delta.apply_delta(exact, path)
+    delta.apply_delta(reloaded, full)
+    for key in sd:
+        a, b = exact.unet.get_parameter(key[5:]), reloaded.unet.get_parameter(key[5:])
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, a.abs().max().item()), key
+    # rank 2 through the command: smaller, temporal convs (5-d kernels) included, loads on the unchanged base model
+    root = save_models(BASE, tmp_path / "base", "diffusers")
+    assert delta.main(["compress", "--model", str(root), "--delta", str(path), "--rank", "2", "--out", str(small)]) == 0
+    low = read_state_dict(small)
+    assert {k.split(".")[0] for k in low} == {"lowrank", "unet"}  # vectors (biases, norms) stay whole
+    assert sum(v.numel() for v in low.values()) < sum(v.numel() for v in sd.values()) / 2
+    m = copy.deepcopy(BASE)
+    delta.apply_delta(m, small)
+    conv = next(k for k in low if ".temp_convs." in k and k.endswith(".up"))[len("lowrank."):-len(".up")]
+    change = m.unet.get_parameter(conv) - base_sd[conv]
+    assert change.dim() == 5 and torch.linalg.matrix_rank(change.reshape(change.shape[0], -1)) == 2
+    # the energy rule keeps at least that share of each change's squared norm, with fewer than all singular values
+    change = sd[f"unet.{conv}"] - base_sd[conv]
+    up, down = delta.low_rank(change, energy=0.9)
+    kept = (up @ down).reshape(change.shape)
+    assert kept.pow(2).sum() >= 0.9 * change.pow(2).sum() * (1 - 1e-5) and up.shape[1] < min(up.shape[0], down.shape[1])
+
+
+def test_compress_refuses_bad_input(tmp_path, capsys):
+    root = save_models(BASE, tmp_path / "base", "diffusers")
+    save_state_dict({"unet.nope.weight": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
+    assert delta.main(["compress", "--model", str(root), "--delta", str(tmp_path / "bad.safetensors"), "--rank", "4",
+                       "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "nope.weight is not a parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        delta.main(["compress", "--model", str(root), "--delta", "x.safetensors", "--rank", "0", "--out", "o.safetensors"])
+
+
+def test_delta_sizes_of_the_released_model(capsys):
+    """The 1.7B NewMove delta counted on the meta device: 570,882,176 values (2.3 GB in float32, README)."""
+    assert delta.main(["sizes", "--ranks", "0", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "570,882,176 values" in out and f"| whole | {570_882_176 * 4 / 1e6:,.1f} MB |" in out
+    shapes = [(8, 4, 3, 1, 1), (8,)]
+    assert delta.file_bytes(shapes, 2, 4) == 4 * (2 * (8 + 12) + 8) and delta.file_bytes(shapes, 0, 2) == 2 * (96 + 8)
+    assert math.isclose(delta.file_bytes(shapes, 100, 1), 96 + 8)  # never more than whole tensors
