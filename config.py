@@ -119,6 +119,9 @@ class Config:
                             low=-1, high=1)
     cache: str = opt("", "folder for cached latents/text embeddings ('' = <out>/cache)")
     export_diffusers: bool = opt(False, "also write the full customized UNet in the diffusers layout to <out>/unet/")
+    save_dtype: str = opt("fp32", "dtype of the tensors in delta.safetensors: fp32 | bf16 | fp16 (half the file; "
+                          "training itself is unchanged; toy-world effect in the README; smaller still: delta.py "
+                          "compress)", choices=("fp32", "bf16", "fp16"))
 
 
 TOY_MODEL = Path(__file__).resolve().parent / "toy" / "model"  # the committed toy base model (toy/train_base.py)

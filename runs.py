@@ -46,7 +46,7 @@ def setup_distributed(device: str = "") -> Run:
 # settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
 RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
              "val_prompts", "val_seeds", "val_solver", "val_steps", "val_guidance", "stop_clip", "stop_clip_weights",
-             "stop_score", "export_diffusers"}
+             "stop_score", "export_diffusers", "save_dtype"}
 RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
 
 

@@ -44,6 +44,7 @@ import runs
 import sample
 import text_encoder as te
 import unet3d
+from delta import cast
 from config import PRESETS, TOY_REG_CLIPS, Config, check_config, parse_args  # noqa: F401 (as train.X too)
 from models import load_models
 from weights import WeightsError, save_state_dict, writable_dir, write_json
@@ -355,12 +356,12 @@ def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tupl
     else:
         delta = {f"unet.{n}": p.detach() for n, p in trainable if not n.startswith("text_encoder.")}
     meta = {"base_model": str(Path(cfg.model).resolve()), "token": cfg.token, "preset": cfg.preset,
-            "alpha": cfg.alpha, "reg_weight": cfg.reg_weight, "config": json.dumps(asdict(cfg))}
+            "alpha": cfg.alpha, "reg_weight": cfg.reg_weight, "config": json.dumps(asdict(cfg)), "dtype": cfg.save_dtype}
     if text is not None:
         state = te.placeholder_state(tokenizer, text)
         delta["text_encoder.placeholder_embeddings"] = state["embeddings"]
         meta["placeholder_words"] = json.dumps(state["words"])
-    return delta, meta
+    return cast(delta, cfg.save_dtype), meta  # the loader computes in float32 whatever the file holds
 
 
 # -----------------------------------------------------------------------------------------------------------------------

@@ -247,10 +247,14 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
 
     root, model = world
     base = load_models(model)
-    # LoRA on the NewMove set: the delta holds merged full weights of its Linear layers only
-    d = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "lora", steps=2, lora_rank=4)))
-    assert d and all(v.ndim == 2 for v in d.values())
-    assert any(not torch.equal(v, base.unet.get_parameter(k[5:])) for k, v in d.items())
+    # LoRA on the NewMove set: the delta holds merged full weights of its Linear layers only (here saved in bf16,
+    # --save-dtype, which loads as the bf16 values)
+    path = train.main(_cfg(root, model, tmp_path / "lora", steps=2, lora_rank=4, save_dtype="bf16"))
+    d = weights.read_state_dict(path)
+    assert d and all(v.ndim == 2 and v.dtype == torch.bfloat16 for v in d.values())
+    assert any(not torch.equal(v.float(), base.unet.get_parameter(k[5:])) for k, v in d.items())
+    apply_delta(base, path)
+    assert all(torch.equal(base.unet.get_parameter(k[5:]), v.float()) for k, v in d.items())
     # the token ablation: the delta carries the learned row, and sample.py restores the placeholder
     path = train.main(_cfg(root, model, tmp_path / "tok", steps=2, train_token=True, export_diffusers=True))
     d = weights.read_state_dict(path)
