@@ -9,7 +9,9 @@ from models import load_models
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "toy" / "model"
-CI_STEPS, CI_GAIN = 150, 0.2  # measured 0% -> 40% (4 of 10 clips) with the official defaults (no dropout), session 6
+# measured 0% -> 70% (7 of 10 clips) at 100 steps, lr 6e-4 (the demo's lr); 80 steps gave 50%, and the earlier
+# 150 steps at lr 2e-4 40%
+CI_STEPS, CI_LR, CI_GAIN = 100, "6e-4", 0.4
 
 
 def test_committed_toy_model_loads_and_samples():
@@ -31,7 +33,7 @@ def test_short_customization_teaches_the_novel_motion():
     the threshold leaves a margin below what this exact run measured (see the README's toy-world section)."""
     from toy import demo
 
-    rows = demo.main(["--steps", str(CI_STEPS), "--lr", "2e-4", "--seeds", "2", "--base-seeds", "0", "--reg", "8",
+    rows = demo.main(["--steps", str(CI_STEPS), "--lr", CI_LR, "--seeds", "2", "--base-seeds", "0", "--reg", "8",
                       "--jobs", "1"], quiet=True)
     before, after = rows["novel-motion accuracy"]
     assert after >= before + CI_GAIN, f"novel-motion accuracy {before:.2f} -> {after:.2f} after {CI_STEPS} steps"
