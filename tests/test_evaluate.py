@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import evaluate as ev
 import models
+import weights
 
 # a tiny open_clip CLIP (random weights) as a JSON model config: builds in well under a second
 TINY_CLIP = {"model_cfg": {"embed_dim": 32, "quick_gelu": True,
@@ -245,6 +246,16 @@ def test_generation_path(tmp_path):
                     "--out", str(tmp_path / "rep2")]) == 0
     rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
     assert rep2["aggregate"]["appearance_score"] == pytest.approx(rep["aggregate"]["appearance_score"], abs=0.05)
+    # a delta changes the videos; gated above the first step (--delta-from-t 1000) it gives the base model's back
+    unet = models.load_models(model_dir).unet
+    weights.save_state_dict({f"unet.{n}": p.detach() + 0.1 for n, p in unet.named_parameters() if ".temp_convs." in n},
+                            tmp_path / "d.safetensors")
+    score = {}
+    for name, extra in (("plain", []), ("gated", ["--delta-from-t", "1000"])):
+        assert ev.main(args[:-1] + [str(tmp_path / name), "--delta", str(tmp_path / "d.safetensors"), *extra,
+                        "--no-save-videos"]) == 0
+        score[name] = json.loads((tmp_path / name / "report.json").read_text())["aggregate"]["appearance_score"]
+    assert score["plain"] != rep["aggregate"]["appearance_score"] == score["gated"]
 
 
 def json_path(tmp_path):
