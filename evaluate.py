@@ -14,7 +14,8 @@ Metrics (each a small function below, with its definition and source):
   * appearance score    mean raw CLIP cosine between frames and the appearance part of the prompt (paper §4.2;
                         train.py stops at 0.265)
   * text alignment      mean raw CLIP cosine between frames and a full caption (paper §4.2)
-  * copy score          max SSCD cosine between any generated frame and any training frame; % of videos > 0.25
+  * copy score          max SSCD cosine between any generated frame and any training frame; % of videos > 0.25;
+                        per video the training clip of that frame, per training clip the % of videos copying it
   * temporal consistency  mean CLIP cosine of consecutive frames (DreamVideo / VGen, method.md §7.6)
 
 Prompt convention. Prompt lines are templates holding `{token}` once, e.g. "A female firefighter doing the {token}
@@ -338,10 +339,29 @@ def load_sscd(path, size: int = 288, device="cpu") -> Sscd:
     return Sscd(net, size, device)
 
 
-def copy_score(gen_desc: torch.Tensor, train_desc: torch.Tensor) -> float:
-    """Max cosine between any frame of one generated video (F, D) and any training frame (T, D) (paper §4.2: "the
-    maximum SSCD score between generated and training frames"; max over all frame pairs, method.md §7.8 point 1)."""
-    return (gen_desc @ train_desc.T).max().item()
+def copy_score(gen_desc: torch.Tensor, train_desc: torch.Tensor) -> tuple:
+    """(max cosine between any frame of one generated video (F, D) and any training frame (T, D), the index of that
+    training frame) (paper §4.2: "the maximum SSCD score between generated and training frames"; max over all frame
+    pairs, method.md §7.8 point 1)."""
+    best = (gen_desc @ train_desc.T).max(dim=0).values  # (T,): each training frame's best match in the video
+    t = int(best.argmax())
+    return best[t].item(), t
+
+
+def copies_per_clip(clips: list, nearest: list, copied: list) -> dict:
+    """{training clip: {"videos": k, "pct": % of all videos}}: k = videos above the copy threshold whose nearest clip
+    it is; every clip listed, most copied first (ties in the given order)."""
+    counts = dict.fromkeys(clips, 0)
+    for c, hit in zip(nearest, copied):
+        counts[c] += bool(hit)
+    n = max(1, len(nearest))
+    return {c: {"videos": k, "pct": 100.0 * k / n} for c, k in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def copies_table(per_clip: dict) -> list:
+    """copies_per_clip() as markdown table lines."""
+    return ["| training clip | videos copying it | % of videos |", "|---|---|---|"] + \
+        [f"| {c} | {v['videos']} | {v['pct']:.1f}% |" for c, v in per_clip.items()]
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -541,24 +561,36 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def sheet_row(video: torch.Tensor, height: int = 96, columns: int = 8) -> torch.Tensor:
+    """Up to `columns` evenly spaced frames of uint8 (3, F, H, W), resized to `height`, as a contact sheet."""
+    v = video[:, segment_indices(video.shape[1], min(columns, video.shape[1]))].permute(1, 0, 2, 3).float()
+    w = max(1, round(v.shape[-1] * height / v.shape[-2]))
+    v = F.interpolate(v, size=(height, w), mode="bilinear", antialias=True).round().clamp(0, 255)
+    return sample.contact_sheet(v.to(torch.uint8).permute(1, 0, 2, 3), columns)
+
+
+def write_stacked(sheets: list, path: Path):
+    """Sheets one below the other in one PNG, narrower ones padded black on the right."""
+    width = max(s.shape[-1] for s in sheets)
+    sample.write_png(torch.cat([F.pad(s, (0, width - s.shape[-1])) for s in sheets], dim=1), path)
+
+
 def write_sheets(out: Path, rows: list, videos: list, metrics: list, height: int = 96, columns: int = 8):
     """One PNG per metric: the best video's frames on the top row(s), the worst's below."""
     for m in metrics:
         scored = [(r[m], i) for i, r in enumerate(rows) if r.get(m) is not None and not math.isnan(r[m])]
-        if not scored:
-            continue
-        best, worst = max(scored)[1], min(scored)[1]
-        sheets = []
-        for i in (best, worst):
-            v = videos[i]
-            F_ = min(columns, v.shape[1])
-            v = v[:, segment_indices(v.shape[1], F_)].permute(1, 0, 2, 3).float()  # (F, 3, H, W)
-            w = max(1, round(v.shape[-1] * height / v.shape[-2]))
-            v = F.interpolate(v, size=(height, w), mode="bilinear", antialias=True).round().clamp(0, 255)
-            sheets.append(sample.contact_sheet(v.to(torch.uint8).permute(1, 0, 2, 3), columns))
-        width = max(s.shape[-1] for s in sheets)
-        sheets = [F.pad(s, (0, width - s.shape[-1])) for s in sheets]
-        sample.write_png(torch.cat(sheets, dim=1), out / f"sheet_{m}.png")
+        if scored:
+            write_stacked([sheet_row(videos[i], height, columns) for i in (max(scored)[1], min(scored)[1])],
+                          out / f"sheet_{m}.png")
+
+
+def write_copy_sheet(out: Path, rows: list, videos: list, train: dict, top: int = 4, height: int = 96,
+                     columns: int = 8):
+    """sheet_copy_pairs.png: for the `top` highest copy scores, the video's frames above its nearest training clip's."""
+    worst = sorted((i for i, r in enumerate(rows) if "copy_clip" in r), key=lambda i: -rows[i]["copy"])[:top]
+    if worst:
+        write_stacked([sheet_row(v, height, columns) for i in worst for v in (videos[i], train[rows[i]["copy_clip"]])],
+                      out / "sheet_copy_pairs.png")
 
 
 def write_markdown(path: Path, report: dict):
@@ -566,11 +598,14 @@ def write_markdown(path: Path, report: dict):
     fmt = lambda x: "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
     lines = ["# NewMove evaluation", "", f"{agg['videos']} videos; target class: {s.get('target_class')}; "
              f"CLIP: {s.get('clip')}; token: {s.get('token')}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {fmt(v)} |" for k, v in agg.items() if k != "class_histogram"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in agg.items() if not isinstance(v, dict)]  # the dicts get tables
     if agg.get("class_histogram"):
         lines += ["", "| predicted class | videos |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in agg["class_histogram"].items()]
-    keys = [k for k in ("motion_correct", "target_prob", "appearance", "text_alignment", "temporal", "copy")
+    if "copies_per_training_clip" in agg:  # which clip to drop: videos above the copy threshold, by nearest clip
+        lines += ["", f"Copied training clips (copy score > {s.get('copy_threshold')}, `sheet_copy_pairs.png`):", ""]
+        lines += copies_table(agg["copies_per_training_clip"])
+    keys = [k for k in ("motion_correct", "target_prob", "appearance", "text_alignment", "temporal", "copy", "copy_clip")
             if any(k in r for r in report["videos"])]
     lines += ["", "| video | prompt | seed | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for r in report["videos"]:
@@ -579,8 +614,9 @@ def write_markdown(path: Path, report: dict):
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), overwrite=True)
 
 
-def score(args, items: list, log=print) -> tuple:
-    """Score [(name, template, seed, video uint8 (3, F, H, W))]: (per-video rows, aggregate dict)."""
+def score(args, items: list, train=None, log=print) -> tuple:
+    """Score [(name, template, seed, video uint8 (3, F, H, W))]: (per-video rows, aggregate dict). With --sscd,
+    `train` = read_training_frames(...)'s [(name, video)]."""
     rows = [{"name": n, "template": t, "seed": s, "frames": v.shape[1]} for n, t, s, v in items]
     videos = [v for *_, v in items]
     for r in rows:
@@ -617,16 +653,17 @@ def score(args, items: list, log=print) -> tuple:
         del clip
 
     if args.sscd:
-        if not args.train_videos:
-            raise EvalError("--sscd needs --train-videos (the training clips to compare against)")
         sscd = load_sscd(args.sscd, args.sscd_size, args.device)
-        train = read_training_frames(args.train_videos, args.train_frames)
         train_desc = torch.cat([sscd.descriptors(v) for _, v in train])  # (T, 512)
+        clip_of = [name for name, v in train for _ in range(v.shape[1])]  # training frame -> its clip
         for r, v in zip(rows, videos):
-            r["copy"] = copy_score(sscd.descriptors(v), train_desc)
+            r["copy"], t = copy_score(sscd.descriptors(v), train_desc)
+            r["copy_clip"], r["copied"] = clip_of[t], r["copy"] > COPY_THRESHOLD
         agg["copy_score_mean_max"] = mean([r["copy"] for r in rows])
-        agg["copy_above_threshold_pct"] = 100.0 * mean([float(r["copy"] > COPY_THRESHOLD) for r in rows])
+        agg["copy_above_threshold_pct"] = 100.0 * mean([float(r["copied"]) for r in rows])
         agg["training_frames"] = len(train_desc)
+        agg["copies_per_training_clip"] = copies_per_clip([n for n, _ in train], [r["copy_clip"] for r in rows],
+                                                          [r["copied"] for r in rows])
     if "motion_accuracy" in agg:
         agg["motion_accuracy_pct"] = 100.0 * agg["motion_accuracy"]
     return rows, agg
@@ -686,6 +723,8 @@ def parse_args(argv=None):
         p.error("--delta-from-t needs --delta (and generated videos, not --videos-in)")
     if args.classifier and not args.classes:
         p.error("--classifier needs --classes (the class-names file)")
+    if args.sscd and not args.train_videos:
+        p.error("--sscd needs --train-videos (the training clips to compare against)")
     return args
 
 
@@ -711,8 +750,10 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     try:
         out = free_folder(Path(args.out))
-        if rank == 0:
-            writable_dir(out, "--out")  # before the generation and scoring work, not after it
+        train = None
+        if rank == 0:  # bad --out or training clips fail before the generation and scoring work, not after it
+            writable_dir(out, "--out")
+            train = read_training_frames(args.train_videos, args.train_frames) if args.sscd else None
         if args.videos_in:
             items = read_video_folder(args.videos_in)
         else:
@@ -743,7 +784,7 @@ def main(argv=None) -> int:
                       pairs[i][0], pairs[i][1], v) for i, v in got]
         if rank != 0:
             return 0
-        rows, agg = score(args, items)
+        rows, agg = score(args, items, train)
         out.mkdir(parents=True, exist_ok=True)
         if not args.videos_in and args.save_videos:
             index = []
@@ -758,12 +799,14 @@ def main(argv=None) -> int:
         report = {"aggregate": agg, "videos": rows, "settings": settings, "sha256": model_files(args)}
         write_json(report, out / "report.json")  # a new folder (free_folder): never over an old report
         write_markdown(out / "report.md", report)
-        write_sheets(out, rows, [v for *_, v in items],
-                     [m for m in ("target_prob", "appearance", "text_alignment", "temporal", "copy")
-                      if any(m in r for r in rows)])
+        videos = [v for *_, v in items]
+        write_sheets(out, rows, videos, [m for m in ("target_prob", "appearance", "text_alignment", "temporal", "copy")
+                                         if any(m in r for r in rows)])
+        if train:
+            write_copy_sheet(out, rows, videos, dict(train))
         print(f"wrote {out / 'report.json'}" + (f" ({args.out} already held a report)" if out != Path(args.out) else ""))
         for k, v in agg.items():
-            if k != "class_histogram":
+            if not isinstance(v, dict):
                 print(f"  {k}: {v}")
         return 0
     except (EvalError, WeightsError, ValueError) as e:  # DataError is a ValueError

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from toy import ablate, world
+from toy import ablate, demo, world
 from toy import scorer as toy_scorer
 
 
@@ -45,6 +45,10 @@ def test_copy_score_separates_a_copied_training_clip_from_an_independent_one():
     scores, nearest = toy_scorer.copy_scores([copy, fresh], [c.video for c in train])
     assert scores[0] > cal["threshold"] > scores[1], (scores, cal)
     assert nearest[0] == 3  # traced to the clip it copies
+    # the demo's per-clip count: the copy for clip 3 only, listed first; the fresh video for none
+    names = [f"clip{k}" for k in range(8)]
+    copies = demo.copies_per_clip({"leak": scores.tolist(), "nearest": nearest.tolist()}, names, cal["threshold"])
+    assert [v["videos"] for v in copies.values()] == [1] + [0] * 7 and next(iter(copies)) == "clip3"
 
 
 def _fake_record(row, motion, seed):

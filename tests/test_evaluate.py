@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ class Brightness(torch.nn.Module):
         m = x.mean(dim=(1, 3, 4))  # (N, T)
         d = m[:, -1] - m[:, 0]
         return torch.stack([-d, d, torch.zeros_like(d)], dim=1)  # (N, 3)
+
+
+class Pixels(torch.nn.Module):
+    """Toy SSCD descriptor: each channel minus its mean, 16x16-pooled; unrelated textures have cosine near 0."""
+
+    def forward(self, x):
+        return F.normalize(F.adaptive_avg_pool2d(x - x.mean((2, 3), keepdim=True), 16).flatten(1), dim=-1)
 
 
 def ramp(up: bool, frames=8, size=32, seed=0) -> torch.Tensor:
@@ -148,7 +156,8 @@ def test_sscd_descriptors_and_copy_score(assets):
     # generated == training: max cosine is 1
     other = ramp(False, frames=3, size=48, seed=5)
     train = torch.cat([sscd.descriptors(v), sscd.descriptors(other)])
-    assert ev.copy_score(sscd.descriptors(v), train) == pytest.approx(1.0, abs=1e-5)
+    score, t = ev.copy_score(sscd.descriptors(v), train)
+    assert score == pytest.approx(1.0, abs=1e-5) and t < 3  # one of v's own frames
     with pytest.raises(ev.EvalError, match="not an SSCD ResNet-50"):
         torch.save({"w": torch.zeros(1)}, assets / "bad_sscd.pt")
         ev.load_sscd(assets / "bad_sscd.pt")
@@ -198,6 +207,7 @@ def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     assert agg["videos"] == 3 and agg["motion_accuracy"] == pytest.approx(2 / 3)
     assert agg["class_histogram"] == {"Getting Brighter": 2, "Getting Darker": 1}
     assert a["videos"][0]["copy"] == pytest.approx(1.0, abs=1e-5)  # the training video itself
+    assert a["videos"][0]["copy_clip"] == "t0.mp4" and a["videos"][0]["copied"]
     assert a["videos"][0]["appearance_text"] == "A person number 0"
     assert a["videos"][0]["caption"] == "A person number 0 sliding two fingers up"
     for k in ("appearance_score", "text_alignment", "temporal_consistency", "copy_score_mean_max",
@@ -206,6 +216,46 @@ def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     assert str(assets / "toy.pt") in a["sha256"] and len(a["sha256"][str(assets / "clip.pth")]) == 64
     assert (out / "report.md").read_text().startswith("# NewMove evaluation")
     assert (out / "sheet_appearance.png").is_file() and (out / "sheet_copy.png").is_file()
+    assert (out / "sheet_copy_pairs.png").is_file()
+
+
+def write_frames(video, folder):
+    """uint8 (3, F, H, W) as a lossless frame folder (00000.png, ...)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, f in enumerate(video.permute(1, 2, 3, 0).numpy()):
+        Image.fromarray(f).save(folder / f"{i:05d}.png")
+
+
+def test_copy_attribution_names_the_copied_training_clip(tmp_path):
+    """A generated video that is training clip c2 is traced to c2 (not to the clip of the same frame index: the clips
+    have 3, 5, 4 frames), counted for c2 only, and drawn above c2 in sheet_copy_pairs.png; an unrelated video is not
+    counted. Lossless frame folders and a toy descriptor on which unrelated textures score near 0."""
+    from PIL import Image
+
+    torch.jit.script(Pixels()).save(str(tmp_path / "sscd.pt"))
+    clips = {f"c{k}": ramp(True, frames=n, size=32, seed=10 + k) for k, n in enumerate((3, 5, 4))}
+    for name, v in clips.items():
+        write_frames(v, tmp_path / "train" / name)
+    write_frames(ramp(True, frames=4, size=32, seed=20), tmp_path / "gen" / "v0")  # copies nothing
+    write_frames(clips["c2"], tmp_path / "gen" / "v1")
+    out = tmp_path / "report"
+    assert ev.main(["--videos-in", str(tmp_path / "gen"), "--sscd", str(tmp_path / "sscd.pt"), "--sscd-size", "32",
+                    "--train-videos", str(tmp_path / "train"), "--device", "cpu", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    v0, v1 = rep["videos"]
+    assert v1["copy"] == pytest.approx(1.0, abs=1e-5) and v1["copy_clip"] == "c2" and v1["copied"] is True
+    assert v0["copy"] < ev.COPY_THRESHOLD and v0["copied"] is False
+    per_clip = rep["aggregate"]["copies_per_training_clip"]
+    assert per_clip == {"c2": {"videos": 1, "pct": 50.0}, "c0": {"videos": 0, "pct": 0.0},
+                        "c1": {"videos": 0, "pct": 0.0}}
+    assert list(per_clip) == ["c2", "c0", "c1"]  # most copied first
+    assert "| c2 | 1 | 50.0% |" in (out / "report.md").read_text()
+    # sheet rows (96 px each): v1, its clip c2 (the same frames), v0, v0's nearest clip
+    sheet = torch.from_numpy(np.array(Image.open(out / "sheet_copy_pairs.png")))
+    assert sheet.shape[0] == 4 * 96
+    assert torch.equal(sheet[:96], sheet[96:192]) and not torch.equal(sheet[192:288], sheet[288:])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -51,6 +51,11 @@ def test_demo_scores_the_same_in_two_processes_as_in_one():
     for when in ("before", "after"):
         assert len(one["novel"][when]["per_video"]["leak"]) == 5
         assert one["novel"][when]["per_video"] == two["novel"][when]["per_video"], when
+    # every example clip listed; the videos attributed to them are the customized ones above the copy threshold
+    copies = one["copies_per_training_clip"]
+    assert len(copies) == 8 and copies == two["copies_per_training_clip"]
+    leaked = one["rows"]["copy score > threshold, novel prompts"][1]
+    assert sum(v["videos"] for v in copies.values()) == round(5 * leaked)
 
 
 def test_probe_measures_prompt_sensitivity():

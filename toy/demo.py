@@ -12,7 +12,8 @@
    (with --jobs 2, the default, step 2 runs in a second process while this one trains, one thread each);
 4. the same prompts and seeds are sampled again and scored. The table: novel-motion accuracy before/after, appearance
    (colour) accuracy, copy rate (the video shows the colour+shape of a training example although the prompt asked for
-   another) and base-motion accuracy before/after (forgetting).
+   another), the share above the toy copy score's threshold, and base-motion accuracy before/after (forgetting);
+   then how many customized novel-motion videos copy each example clip (toy copy score above its threshold);
 5. every sampled video is kept (mp4, gif and png contact sheet, before/ and after/) with an index.json of prompt, seed
    and the scorer's reading, in --samples (default: a new folder demo_out/<date-time>), named at the end;
    `python toy/figures.py --samples <that folder>` draws the README's before/after figures from it.
@@ -40,6 +41,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import evaluate
 import sample
 import train
 from delta import apply_delta
@@ -70,6 +72,12 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
         per_video.update(leak=leak.tolist(), nearest=nearest.tolist())
     return {**{k: sum(v) / len(prompts) for k, v in per_video.items() if k in ("motion", "colour", "copy")},
             "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}
+
+
+def copies_per_clip(per_video: dict, clip_names: list, threshold: float) -> dict:
+    """evaluate.copies_per_clip on score()'s leakage scores: per example clip, the videos above `threshold` nearest it."""
+    return evaluate.copies_per_clip(clip_names, [clip_names[k] for k in per_video["nearest"]],
+                                    [x > threshold for x in per_video["leak"]])
 
 
 def score_sets(args, sets: dict, delta_path, when: str, quiet: bool) -> dict:
@@ -135,6 +143,7 @@ def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
                 colour, shape = r["looks"][i]
                 entry[when] = {"stem": stem.relative_to(folder).as_posix(), "motion": r["motions"][i],
                                "colour": colour, "shape": shape}
+                entry[when].update({k: r["per_video"][k][i] for k in ("leak", "nearest") if k in r["per_video"]})
             entries.append(entry)
     text = json.dumps({**info, "videos": entries}, indent=1, allow_nan=False) + "\n"
     return weights.atomic_write(folder / "index.json", lambda tmp: Path(tmp).write_text(text), overwrite=True)
@@ -174,7 +183,7 @@ def parser():
 def main(argv=None, overrides=None, quiet=False, full=False):
     """Run the demo; `overrides` are train.Config fields (the ablation runner uses them). Returns the table rows
     {name: (before, after)}; with full=True {"rows": those, "novel": {"before", "after"}, "base": {...}}: score()'s
-    results, with leakage scores for the novel prompts (toy/ablate.py)."""
+    results, with leakage scores for the novel prompts (toy/ablate.py), and "copies_per_training_clip"."""
     args = parser().parse_args(argv)
     if args.threads < 1:
         raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
@@ -185,14 +194,15 @@ def main(argv=None, overrides=None, quiet=False, full=False):
         work = Path(args.out) if args.out else Path(tmp)
         # 1. data: novel-motion examples bound to the token, base-motion regularization clips
         examples = examples_for(args.motion, args.examples, args.seed, args.token)
-        world.write_folder(examples, work / "videos")
+        paths = world.write_folder(examples, work / "videos")
+        clip_names = [f"{p.name} ({c.colour} {c.shape})" for p, c in zip(paths, examples)]  # the copy table's names
         world.write_regularization_set(work / "reg", args.reg, args.seed)
         train_looks = {(c.colour, c.shape) for c in examples}
 
         # 2. prompts with appearance pairs the base model never saw: (prompts, seeds, wanted motions, extras) per set
         novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)
         sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
-                          {"train_looks": train_looks, "train_videos": [c.video for c in examples] if full else None}),
+                          {"train_looks": train_looks, "train_videos": [c.video for c in examples]}),
                 "base": ([p for p, _ in base], [k for _, k in base], base_want, {})}
         if not base:
             del sets["base"]
@@ -235,10 +245,18 @@ def main(argv=None, overrides=None, quiet=False, full=False):
     nan = {"motion": float("nan"), "colour": float("nan"), "copy": float("nan")}
     before_novel, before_base = before.get("novel", nan), before.get("base", nan)
     after_novel, after_base = after["novel"], after.get("base", nan)
+    # the toy copy score's threshold (5% of held-out videos that copy nothing score above it) and, per example clip,
+    # the customized novel videos above it that are nearest to that clip: the clip a user would drop
+    threshold = toy_scorer.calibrate_leakage(args.motion, examples=args.examples)["threshold"]
+    copies = copies_per_clip(after_novel["per_video"], clip_names, threshold)
+
+    def leaked(r):  # the share of novel videos above the threshold (NaN: not scored, --no-before)
+        return sum(x > threshold for x in r["per_video"]["leak"]) / len(novel) if "per_video" in r else float("nan")
 
     rows = [("novel-motion accuracy", before_novel["motion"], after_novel["motion"]),
             ("appearance (colour) accuracy, novel prompts", before_novel["colour"], after_novel["colour"]),
             ("copy rate, novel prompts", before_novel["copy"], after_novel["copy"]),
+            ("copy score > threshold, novel prompts", leaked(before_novel), leaked(after_novel)),
             ("base-motion accuracy (forgetting)", before_base["motion"], after_base["motion"]),
             ("appearance (colour) accuracy, base prompts", before_base["colour"], after_base["colour"])]
     if not quiet:
@@ -249,13 +267,17 @@ def main(argv=None, overrides=None, quiet=False, full=False):
             print(f"| {name} | {100 * a:.0f}% | {100 * b:.0f}% |")
         print(f"\n(chance for motion: {100 / len(world.MOTIONS):.0f}%; {time.time() - t0:.0f} s in all: training "
               f"{t_train:.0f} s, scoring the customized model {t_after:.0f} s, --jobs {args.jobs})")
+        print(f"\nExample clips copied by the customized model's {len(novel)} novel-motion videos (toy copy score > "
+              f"{threshold:.3f}, nearest clip):\n")
+        print("\n".join(evaluate.copies_table(copies)))
 
     # 5. keep the samples (after all sampling and scoring: writing them draws no random numbers and changes no result)
     if keep:
         info = {"command": "python toy/demo.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                 "motion": args.motion, "token": args.token, "steps": args.steps, "seed": args.seed,
                 "sample_steps": args.sample_steps, "guidance": args.guidance, "frames": 8, "height": 32, "width": 32,
-                "table": {name: [None if math.isnan(x) else x for x in (a, b)] for name, a, b in rows}}  # NaN: not run
+                "table": {name: [None if math.isnan(x) else x for x in (a, b)] for name, a, b in rows},  # NaN: not run
+                "copy_threshold": threshold, "copies_per_training_clip": copies}
         sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
                           {"before": before_novel, "after": after_novel}),
                 "base": ([p for p, _ in base], [k for _, k in base], base_want,
@@ -268,7 +290,7 @@ def main(argv=None, overrides=None, quiet=False, full=False):
         drop = lambda r: {k: v for k, v in r.items() if k != "videos"}  # noqa: E731
         return {"rows": table, "novel": {"before": drop(before_novel), "after": drop(after_novel)},
                 "seconds": {"train": round(t_train, 1), "after": round(t_after, 1), "all": round(time.time() - t0, 1)},
-                "base": {"before": drop(before_base), "after": drop(after_base)}}
+                "base": {"before": drop(before_base), "after": drop(after_base)}, "copies_per_training_clip": copies}
     return table
 
 
