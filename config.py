@@ -109,6 +109,10 @@ class Config:
     val_every: int = opt(0, "steps between validation videos (0 = never)", low=0)
     val_prompts: str = opt("a person doing a {token} sign", "validation prompts separated by '|'")
     val_seeds: str = opt("0", "validation seeds, comma-separated")
+    val_token_check: bool = opt(True, "each validation also samples the prompts holding {token} with it deleted "
+                                "(same seeds) and logs how much the token changes the videos; warns 'the token has "
+                                "no effect yet' while that is at most 1.1x the change with the base weights. Doubles "
+                                "validation time, plus one validation of the base weights before training")
     val_solver: str = opt("dpmpp-2m", "sampler of validation videos (and of --prior synthetic): dpmpp-2m (official "
                           "validation: DPM-Solver++) | ddim", choices=("dpmpp-2m", "ddim"))
     val_steps: int = opt(25, "sampling steps for validation videos (official 25)", low=1)
@@ -175,6 +179,9 @@ def check_config(cfg: Config, given=None):
         raise SystemExit(f"error: --val-seeds must be comma-separated integers, e.g. 0,1,2; got {cfg.val_seeds!r}")
     if not any(p.strip() for p in cfg.val_prompts.split("|")):
         raise SystemExit("error: --val-prompts is empty (prompts separated by '|')")
+    if cfg.val_every and cfg.val_token_check and "{token}" not in cfg.val_prompts:
+        raise SystemExit("error: --val-token-check deletes {token} from the --val-prompts, but none holds it; write "
+                         "the token as {token} there, or pass --no-val-token-check")
     if cfg.window == "random" and cfg.max_frames < cfg.frames:
         raise SystemExit(f"error: --max-frames {cfg.max_frames} must be at least --frames {cfg.frames}")
 

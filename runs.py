@@ -45,8 +45,8 @@ def setup_distributed(device: str = "") -> Run:
 
 # settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
 RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
-             "val_prompts", "val_seeds", "val_solver", "val_steps", "val_guidance", "stop_clip", "stop_clip_weights",
-             "stop_score", "export_diffusers", "save_dtype"}
+             "val_prompts", "val_seeds", "val_token_check", "val_solver", "val_steps", "val_guidance", "stop_clip",
+             "stop_clip_weights", "stop_score", "export_diffusers", "save_dtype"}
 RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
 
 
@@ -143,6 +143,12 @@ class Stats:
         self.sums.zero_()
         self.buckets.zero_()
         self.t_last, self.step_last = time.time(), step
+
+    def note(self, rec: dict):
+        """One more record of log.jsonl, on rank 0 (validation's token check)."""
+        if self.log:
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
 
 
 class Interrupt:

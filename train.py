@@ -177,6 +177,14 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     model = DDP(unet, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
         if run.ddp and any(p.requires_grad for p in unet.parameters()) else unet
+    # the base weights' token effect, before a checkpoint replaces them (the untrained model's output already changes
+    # when a word is deleted, so "the token does nothing" is judged against this; recomputed on each resume)
+    base = None
+    if cfg.val_every and cfg.val_token_check:
+        base = token_check(cfg, models, unet, 0, amp, run, save=state is None)[2]  # videos in val/step000000/
+        if run.master:
+            print(f"base weights: token effect {base:.4f} (mean |with - without token| per pixel, in [0, 1])",
+                  flush=True)
     step = runs.resume(state, state_path, trainable, optimizer, scaler, run)
     if run.master:
         write_json(asdict(cfg), out / "config.json", overwrite=True)
@@ -226,7 +234,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         if stopping:
             interrupt.exit(step, state_path, cfg.resume, run.master)
         if cfg.val_every and step % cfg.val_every == 0 and validate(cfg, models, unet, step, amp, score_fn,
-                                                                     stop_score, run):
+                                                                     stop_score, run, stats, base):
             break
     bar.close()
 
@@ -319,23 +327,29 @@ def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
     return grad_norm
 
 
-def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, run: runs.Run) -> bool:
+# --val-token-check: "the token has no effect yet" while deleting it changes the videos by at most (1 + this) x what it
+# changes with the base weights; a ratio, as pixel differences scale with the model, size and content. Toy world
+# (README, "Does the token do anything?"): a delta of zeros gives 1.00x, 1% and 10% of a trained change 1.00x and
+# 1.05x, the working run 1.20-1.34x from step 100, with about +-15-20% of noise over 20 videos.
+TOKEN_MARGIN = 0.1
+
+
+def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, run: runs.Run, stats, base) -> bool:
     """Sample the fixed validation prompts/seeds with the current weights, with the official validation sampler
-    (DPM-Solver++, 25 steps, guidance 9, size x size); rank 0 writes mp4 + contact sheets to <out>/val/. Returns
-    whether the paper's stopping rule fired (score_fn(videos, prompts) <= stop_score; rank 0 decides)."""
-    prompts = [p.strip().replace("{token}", cfg.token) for p in cfg.val_prompts.split("|") if p.strip()]
-    pairs = [(p, int(s)) for p in prompts for s in cfg.val_seeds.split(",")]
-    unet.eval()
-    videos = sample.generate(models, [p for p, _ in pairs], [s for _, s in pairs], frames=cfg.frames,
-                             height=cfg.size, width=cfg.size, steps=cfg.val_steps, guidance=cfg.val_guidance,
-                             solver=cfg.val_solver, dtype=amp, progress=False)
-    unet.train()
-    if run.master:
-        for (p, s), v in zip(pairs, videos):
-            sample.save_video(v, Path(cfg.out) / "val" / f"step{step:06d}", f"{sample.slug(p)}_seed{s}")
+    (DPM-Solver++, 25 steps, guidance 9, size x size); rank 0 writes mp4 + contact sheets to <out>/val/. With the
+    base weights' token effect `base` (--val-token-check), also without the token: rank 0 prints and logs the effect,
+    flagged when it is at most (1 + TOKEN_MARGIN) x base. Returns whether the paper's stopping rule fired
+    (score_fn(videos, prompts) <= stop_score; rank 0 decides)."""
+    videos, prompts, effect = token_check(cfg, models, unet, step, amp, run, check=base is not None)
+    if base is not None and run.master:
+        flat = effect <= (1 + TOKEN_MARGIN) * base
+        warn = f"; warning: the token has no effect yet (not above {1 + TOKEN_MARGIN:g}x the base's)" if flat else ""
+        print(f"step {step}: token effect {effect:.4f}, base weights {base:.4f}{warn}", flush=True)
+        stats.note({"step": step, "token_effect": round(effect, 6), "token_effect_base": round(base, 6),
+                    "token_no_effect_yet": flat})
     if score_fn is None or stop_score is None:
         return False
-    score = score_fn(videos, [p for p, _ in pairs])
+    score = score_fn(videos, prompts)
     if run.master:
         print(f"step {step}: validation score {score:.4f}", flush=True)
     stop = torch.tensor([float(score <= stop_score)], device=run.device)
@@ -344,6 +358,35 @@ def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, ru
     if stop.item() and run.master:
         print(f"validation score reached {stop_score}: stopping", flush=True)
     return bool(stop.item())
+
+
+def token_check(cfg: Config, models, unet, step: int, amp, run: runs.Run, check=True, save=True) -> tuple:
+    """(videos uint8 (N, 3, F, H, W) of the validation pairs, their prompts, the token effect or None): with `check`,
+    each prompt holding `{token}` is also sampled with it deleted (same seeds, in the same generate call), and the
+    effect is token_effect() between those with and without. Rank 0 saves every video to <out>/val/step<N>/."""
+    templates = [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
+    seeds = [int(s) for s in cfg.val_seeds.split(",")]
+    pairs = [(p.replace("{token}", cfg.token), s) for p in templates for s in seeds]
+    # deleted, not replaced by the regularization caption: every other word of the prompt stays, so the difference
+    # is the token's alone (a caption would also change the appearance the prompt asks for)
+    ablated = [(" ".join(p.replace("{token}", " ").split()), s) for p in templates if "{token}" in p for s in seeds] \
+        if check else []
+    unet.eval()
+    videos = sample.generate(models, [p for p, _ in pairs + ablated], [s for _, s in pairs + ablated],
+                             frames=cfg.frames, height=cfg.size, width=cfg.size, steps=cfg.val_steps,
+                             guidance=cfg.val_guidance, solver=cfg.val_solver, dtype=amp, progress=False)
+    unet.train()
+    if run.master and save:
+        for (p, s), v in zip(pairs + ablated, videos):
+            sample.save_video(v, Path(cfg.out) / "val" / f"step{step:06d}", f"{sample.slug(p)}_seed{s}")
+    has = torch.tensor(["{token}" in p for p in templates for _ in seeds])  # the pairs that have an ablated twin
+    effect = token_effect(videos[:len(pairs)][has], videos[len(pairs):]) if ablated else None
+    return videos[:len(pairs)], [p for p, _ in pairs], effect
+
+
+def token_effect(with_token, without) -> float:
+    """Mean absolute per-pixel difference of uint8 videos, in [0, 1] units: how much deleting the token changes them."""
+    return (with_token.float() - without.float()).abs().mean().item() / 255
 
 
 def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tuple:

@@ -282,8 +282,11 @@ def test_validation_videos_early_stop_and_nan_guard(world, tmp_path, monkeypatch
                score_fn=lambda videos, prompts: next(scores), stop_score=0.265)
     log = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2  # stopped when the score fell to the threshold, not at step 5
-    assert sorted(p.name for p in (tmp_path / "val" / "val" / "step000001").iterdir()) == [
-        f"a-person-doing-a-pll-sign_seed{s}.{e}" for s in (0, 1) for e in ("gif", "mp4", "png")]
+    # with the token and (--val-token-check, on by default) without it; step 0 = the base weights
+    names = [f"a-person-doing-a-{w}sign_seed{s}.{e}" for w in ("pll-", "") for s in (0, 1)
+             for e in ("gif", "mp4", "png")]
+    for step in ("step000000", "step000001"):
+        assert sorted(p.name for p in (tmp_path / "val" / "val" / step).iterdir()) == names
     real_forward = unet3d.UNet3D.forward
     calls = {"n": 0}
 
@@ -476,7 +479,43 @@ def test_validation_uses_the_official_sampler(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sample, "generate", spy)
     train.main(_cfg(root, model, tmp_path / "run", steps=1, val_every=1, val_steps=2))
-    assert calls == [dict(solver="dpmpp-2m", guidance=9.0, steps=2, height=32, width=32)]
+    # the token check's base-weights validation before training, then step 1's (each with and without the token)
+    assert calls == [dict(solver="dpmpp-2m", guidance=9.0, steps=2, height=32, width=32)] * 2
+
+
+def _token_checks(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "token_effect" in r]
+
+
+def test_token_check_flags_a_delta_of_zeros(world, tmp_path, monkeypatch, capsys):
+    """Weights that never change give bit-identical videos with and without the token to the base weights', so the
+    effect equals the base effect and the run is flagged, in the log and on stdout."""
+    root, model = world
+    monkeypatch.setattr(train, "optimizer_step", lambda optimizer, *a: optimizer.zero_grad() or torch.zeros(()))
+    train.main(_cfg(root, model, tmp_path / "run", steps=1, val_every=1, val_steps=2))
+    [rec] = _token_checks(tmp_path / "run")
+    assert rec["step"] == 1 and rec["token_effect"] == rec["token_effect_base"] > 0 and rec["token_no_effect_yet"]
+    assert "step 1: token effect" in capsys.readouterr().out.split("warning: the token has no effect yet")[0]
+
+
+def test_token_check_logs_a_changed_effect(world, tmp_path, capsys):
+    """A high learning rate changes the weights a lot in one step: the token's effect is logged and differs from the
+    base weights', which a resumed run measures again before loading the checkpoint. --no-val-token-check samples
+    only the prompts with the token and logs no check."""
+    root, model = world
+    cfg = _cfg(root, model, tmp_path / "run", steps=1, lr=3e-2, val_every=1, val_steps=2)
+    train.main(cfg)
+    [rec] = _token_checks(tmp_path / "run")
+    assert rec["step"] == 1 and abs(rec["token_effect"] - rec["token_effect_base"]) > 1e-3
+    assert f"step 1: token effect {rec['token_effect']:.4f}, base weights" in capsys.readouterr().out
+    train.main(dataclasses.replace(cfg, steps=2, resume=True))
+    assert [r["token_effect_base"] for r in _token_checks(tmp_path / "run")] == [rec["token_effect_base"]] * 2
+    capsys.readouterr()
+    train.main(_cfg(root, model, tmp_path / "off", steps=1, val_every=1, val_steps=2, val_token_check=False))
+    assert not _token_checks(tmp_path / "off") and "token effect" not in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "off" / "val").iterdir()] == ["step000001"]
+    with pytest.raises(SystemExit, match="--val-token-check deletes"):
+        train.main(_cfg(root, model, tmp_path / "x", val_every=1, val_prompts="a square moving"))
 
 
 def test_the_design_cards_command_runs_on_the_toy_model(tmp_path, capfd):
