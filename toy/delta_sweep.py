@@ -74,14 +74,15 @@ def measure(motion: str, seed: int, name: str, option: dict, args, base_sd: dict
 
 
 def table(records: list, names: list) -> str:
-    """Markdown: per variant, the mean over the (motion, seed) runs of each column."""
-    lines = ["| variant | runs | novel motion | colour | leakage mean | leak above threshold | base motion | file |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown: per variant, the mean over the (motion, seed) runs of each column (and each run's novel accuracy)."""
+    lines = ["| variant | runs | novel motion (per run) | colour | leakage mean | leak above threshold | base motion | "
+             "file |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         rs = [r for r in records if r["variant"] == name]
         if rs:
             m = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-            lines.append(f"| {name} | {len(rs)} | {100 * m('novel'):.0f}% | {100 * m('colour'):.0f}% | "
+            each = ", ".join(f"{100 * r['novel']:.0f}" for r in rs)
+            lines.append(f"| {name} | {len(rs)} | {100 * m('novel'):.0f}% ({each}) | {100 * m('colour'):.0f}% | "
                          f"{m('leak_mean'):.3f} | {100 * m('leak_above'):.0f}% | {100 * m('base'):.0f}% | "
                          f"{m('bytes') / 1e6:.2f} MB |")
     return "\n".join(lines) + "\n"
