@@ -36,7 +36,8 @@ class Config:
     # model and data
     model: str = opt("", "base model directory, original or diffusers layout (ModelScope 1.7B, zeroscope_v2_576w); "
                      "'' = the CPU toy model in toy/model, with the toy world's settings (see TOY_SETTINGS)")
-    videos: str = opt("", "folder of example videos of the new motion (official: 10 Jester clips of one class)")
+    videos: str = opt("", "folder of example videos of the new motion (official: 10 Jester clips of one class); '' "
+                      "with --subject-videos: a subject-only run")
     token: str = opt("pll", "rare word that names the motion in captions (paper: 'pll'; official config: 'sks')")
     caption: str = opt("a person doing a {token} sign", "caption for clips without a sidecar .txt/metadata.jsonl "
                        "(the paper's Jester captions)")

@@ -68,7 +68,7 @@ def customize(name: str, args, work: Path):
                        subject_videos=str(work / "subject") if "subject" in sets else "",
                        subject_caption="a {subject_token}", reg_videos=str(work / "reg"), reg_caption="a shape moving",
                        token="pll", subject_token="sks", frames=8, size=32, steps=args.steps, lr=args.lr,
-                       batch_size=4, precision="fp32", log_every=25, ckpt_every=0, out=str(work / name),
+                       batch_size=4, precision="fp32", log_every=25, ckpt_every=0, out=str(work / "runs" / name),
                        seed=args.seed, cache=str(work / "cache"))
     return train.main(cfg)
 
