@@ -68,8 +68,8 @@ def customize(name: str, args, work: Path):
                        subject_videos=str(work / "subject") if "subject" in sets else "",
                        subject_caption="a {subject_token}", reg_videos=str(work / "reg"), reg_caption="a shape moving",
                        token="pll", subject_token="sks", frames=8, size=32, steps=args.steps, lr=args.lr,
-                       batch_size=4, precision="fp32", log_every=25, ckpt_every=0, out=str(work / "runs" / name),
-                       seed=args.seed, cache=str(work / "cache"))
+                       batch_size=4, precision="fp32", log_every=25, ckpt_every=0, preset=args.preset,
+                       out=str(work / "runs" / label(name, args)), seed=args.seed, cache=str(work / "cache"))
     return train.main(cfg)
 
 
@@ -95,13 +95,18 @@ def score(args, delta) -> dict:
     return out
 
 
+def label(name: str, args) -> str:
+    """A run's name in --out: its example sets, and the preset unless it is NewMove's."""
+    return name if args.preset == "newmove" or not RUNS[name] else f"{name}-{args.preset}"
+
+
 def run_one(name: str, args, work: Path) -> dict:
     """Customize (unless base) and score one run; its JSON in --out is the record (an existing one is reused)."""
-    path = Path(args.out) / f"{name}.json"
+    path = Path(args.out) / f"{label(name, args)}.json"
     if path.exists():
         return json.loads(path.read_text())
     torch.set_num_threads(1)
-    result = {"run": name, "sets": list(RUNS[name]), "steps": args.steps, "lr": args.lr, "seed": args.seed,
+    result = {"run": label(name, args), "sets": list(RUNS[name]), "preset": args.preset, "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "seeds": args.seeds, "scores": score(args, customize(name, args, work))}
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -111,9 +116,9 @@ def table(results: dict) -> str:
     """Markdown: per run, motion accuracy and subject presence for each prompt."""
     heads = [p.format(s="sks", m="pll") for p, _, _ in PROMPTS]
     lines = ["| run | " + " | ".join(f'"{h}": motion / sks' for h in heads) + " |", "| --- |" + " --- |" * len(heads)]
-    for name, r in results.items():
+    for r in results.values():
         cells = [f"{100 * r['scores'][h]['motion']:.0f}% / {100 * r['scores'][h]['subject']:.0f}%" for h in heads]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -122,6 +127,7 @@ def main(argv=None):
     p.add_argument("--model", default=str(ROOT / "toy" / "model"))
     p.add_argument("--out", required=True, help="folder for the runs, their JSON records and table.md")
     p.add_argument("--runs", default="base,both,motion,subject", help="comma-separated, of " + ", ".join(RUNS))
+    p.add_argument("--preset", default="newmove", choices=train.PRESETS, help="which weights train (train.py)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seeds", type=int, default=10, help="sampling seeds per prompt")
@@ -143,7 +149,7 @@ def main(argv=None):
         futures = {n: pool.submit(run_one, n, args, work) for n in names}
         results = {n: f.result() for n, f in futures.items()}
     text = table(results)
-    (work / "table.md").write_text(f"python toy/subject.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
+    (work / f"table{'' if args.preset == 'newmove' else '-' + args.preset}.md").write_text(f"python toy/subject.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
                                    f"{text}\n")
     print(text)
 
