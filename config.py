@@ -196,6 +196,9 @@ def check_subject(cfg: Config):
         raise SystemExit(f"error: --subject-token must be one word, got {cfg.subject_token!r}")
     if cfg.videos and cfg.subject_token == cfg.token:  # one word cannot name both the motion and the subject
         raise SystemExit(f"error: --subject-token {cfg.subject_token!r} is the motion's --token too; choose another")
+    if not cfg.videos and PRESETS[cfg.preset].get("train_token", cfg.train_token):  # it would get no gradient
+        raise SystemExit(f"error: --train-token (or --preset {cfg.preset}) learns the embedding of --token, the "
+                         f"motion's word, and a subject-only run (no --videos) has no caption with it")
     if "{class}" in cfg.subject_caption and not cfg.subject_class.strip():
         raise SystemExit(f"error: --subject-caption {cfg.subject_caption!r} uses {{class}}: give --subject-class "
                          f"(e.g. dog), or a caption without it")

@@ -573,7 +573,8 @@ def test_subject_only_run_trains_the_subject_set_only(world, subject, tmp_path, 
     (stills / "a.png").write_bytes((subject / "photo0.png").read_bytes())
     for kw, msg in [(dict(subject_class=""), "give --subject-class"), (dict(subject_token="pll"), "--subject-token"),
                     (dict(subject_videos=str(stills), subject_caption="a square"), "no caption holds the --subject"),
-                    (dict(subject_videos=str(tmp_path / "none")), "none: not a directory")]:
+                    (dict(subject_videos=str(tmp_path / "none")), "none: not a directory"),
+                    (dict(videos="", preset="custom-diffusion"), "a subject-only run")]:
         cfg = _cfg(root, model, tmp_path / "bad", subject_videos=str(subject), subject_class="square", frames=2)
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(cfg, **kw))
