@@ -146,14 +146,15 @@ def is_frame_folder(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTS and p.stem.isdigit() for p in _visible(folder) if p.is_file())
 
 
-def find_clips(root: Path, recursive: bool = False) -> list:
-    """Video files and frame folders under root, in natural order."""
-    if is_frame_folder(root):
+def find_clips(root: Path, recursive: bool = False, stills: bool = False) -> list:
+    """Video files and frame folders under root, in natural order; with `stills`, every image file is a clip too."""
+    if is_frame_folder(root) and not stills:
         return [root]  # e.g. `data/Terracotta_Warrior/001.jpg ...`: the root is the one clip
     clips, folders = [], [root]
+    exts = VIDEO_EXTS | IMAGE_EXTS if stills else VIDEO_EXTS  # a subject's photos: each one its own (static) clip
     while folders:
         for p in _visible(folders.pop(0)):
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTS:
+            if p.is_file() and p.suffix.lower() in exts:
                 clips.append(p)
             elif p.is_dir() and is_frame_folder(p):
                 clips.append(p)  # a frame folder is a leaf: its own subfolders are not searched
@@ -288,7 +289,8 @@ def read_clip(path: Path, spec: ClipSpec) -> tuple:
     handled (None, "padded", "looped", or "skipped" with frames None), the source's frame count (when short: all of
     it) and the count the spec needs. DataError if the clip is unusable."""
     if path.is_dir() or path.suffix.lower() not in VIDEO_EXTS:  # (a Jester id whose folder is missing lands here too)
-        files = list_frames(path)
+        # a still image is a clip of one frame: `short` pads it (repeat: a static clip of the same image)
+        files = [path] if path.is_file() and path.suffix.lower() in IMAGE_EXTS else list_frames(path)
         n = len(files)
         idx, short, needed = _clip_indices(n, spec, spec.stride_for(None))  # frame folders have no fps: native_fps
         if idx is None:
@@ -380,11 +382,13 @@ class VideoDataset(torch.utils.data.Dataset):
     jester_csv, jester_class: take the clips of this class (by name) from a Jester split CSV; root holds `<video_id>/`.
     limit, seed: keep at most `limit` clips, drawn in a seeded random order (bad ones are replaced by the next draw).
     strict: raise DataError on the first unusable clip instead of skipping it with a warning.
+    stills: every image file (.jpg, .png) is also a clip, of one frame (a subject's photos; `short` pads it).
     After construction: `report` (one summary line), `skipped` [(path, reason)], `short` [(path, action, n, needed)].
     """
 
     def __init__(self, root, spec: ClipSpec = None, caption: str = None, token: str = None, recursive: bool = False,
-                 strict: bool = False, jester_csv=None, jester_class: str = None, limit: int = None, seed: int = 0):
+                 strict: bool = False, jester_csv=None, jester_class: str = None, limit: int = None, seed: int = 0,
+                 stills: bool = False):
         self.root, self.spec = Path(root), spec or ClipSpec()
         self.template, self.token = caption, token
         if not self.root.is_dir():
@@ -396,7 +400,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if jester_csv is not None:
             candidates = self._jester(Path(jester_csv), jester_class)
         else:
-            candidates = find_clips(self.root, recursive)
+            candidates = find_clips(self.root, recursive, stills)
         self.metadata = read_metadata(self.root)
 
         # Probe clips in order (a seeded shuffle when only `limit` are wanted) until enough are usable. Probing decodes

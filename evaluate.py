@@ -17,13 +17,16 @@ Metrics (each a small function below, with its definition and source):
   * copy score          max SSCD cosine between any generated frame and any training frame; % of videos > 0.25;
                         per video the training clip of that frame, per training clip the % of videos copying it
   * temporal consistency  mean CLIP cosine of consecutive frames (DreamVideo / VGen, method.md §7.6)
+  * subject similarity  mean CLIP image-image cosine between a video's frames and the subject's example frames
+                        (--subject-videos: DreamBooth's CLIP-I), for a motion + subject run (train.py --subject-videos)
 
 Prompt convention. Prompt lines are templates holding `{token}` once, e.g. "A female firefighter doing the {token}
 sign". The *motion phrase* is the part matched by --motion-regex (default: "doing the {token}" as in the paper's test
 prompts, or "doing a {token}" as in its training captions, optionally followed by " sign" or " gesture"). Appearance
 text = the template with that part removed ("A female firefighter"); caption = the template with that part replaced by
 --motion-phrase ("A female firefighter sliding two fingers up"); the generation prompt = the template with `{token}`
-replaced by --token.
+replaced by --token. A template may also name a subject taught with train.py --subject-videos: `{subject_token}` is
+replaced by --subject-token everywhere ("A {subject_token} dog doing the {token} sign").
 
 Settings the paper leaves open (method.md §7.8) are flags, and every one lands in report.json: the CLIP model, the
 classifier's frame sampling, the SSCD resize. Scoring runs on rank 0 on the uint8 videos in memory; scoring the saved
@@ -249,6 +252,13 @@ def clip_text_score(clip: Clip, video: torch.Tensor, text: str) -> float:
     return (img @ txt.T).mean().item()
 
 
+def subject_similarity(clip: Clip, video: torch.Tensor, subject: torch.Tensor) -> float:
+    """Mean CLIP image-image cosine over all pairs (frame of `video`, example frame): DreamBooth's CLIP-I against the
+    subject's examples. subject: their L2-normalised features (S, D), Clip.image_features of every example frame."""
+    # the mean of the pairwise dot products is the dot product of the two means
+    return (clip.image_features(video).mean(0) @ subject.mean(0)).item()
+
+
 def temporal_consistency(clip: Clip, video: torch.Tensor) -> float:
     """Mean over consecutive frame pairs of cos(CLIP(f_i), CLIP(f_i+1)) (VGen cal_metric_DreamVideo.py; method.md
     §7.6). NaN for a single-frame video."""
@@ -468,10 +478,12 @@ def motion_predictions(classifier, videos, batch: int = 8) -> tuple:
 
 
 def read_video(path: Path) -> torch.Tensor:
-    """All frames of a video file or frame folder as uint8 (3, F, H, W)."""
+    """All frames of a video file or frame folder (or the one of a still image) as uint8 (3, F, H, W)."""
     spec = data.ClipSpec(frames=100000)  # decode_video stops at the end of the file; nothing is padded here
     if path.is_dir():
         frames = [data._read_image(p) for p in data.list_frames(path)]
+    elif path.suffix.lower() in data.IMAGE_EXTS:  # a subject's photo
+        frames = [data._read_image(path)]
     else:
         frames, _ = data.decode_video(path, spec)
     frames = np.stack(frames)
@@ -525,6 +537,21 @@ def read_training_frames(folder, frames: int) -> list:
 
 # -----------------------------------------------------------------------------------------------------------------------
 # report
+
+
+def read_subject_frames(folder) -> list:
+    """The subject's examples (videos, frame folders and still images, as train.py --subject-videos reads them): all
+    frames of each, uint8 (3, F, H, W)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"--subject-videos {folder}: not a directory")
+    try:
+        out = [read_video(p) for p in data.find_clips(folder, recursive=True, stills=True)]
+    except data.DataError as e:
+        raise EvalError(str(e)) from None
+    if not out:
+        raise EvalError(f"--subject-videos {folder}: no videos or images")
+    return out
 
 
 def sha256(path) -> str:
@@ -650,6 +677,11 @@ def score(args, items: list, train=None, log=print) -> tuple:
         agg["appearance_score"] = mean([r.get("appearance") for r in rows])
         agg["text_alignment"] = mean([r.get("text_alignment") for r in rows])
         agg["temporal_consistency"] = mean([r["temporal"] for r in rows])
+        if args.subject_videos:  # appearance of the taught subject, next to motion accuracy
+            subject = torch.cat([clip.image_features(v) for v in read_subject_frames(args.subject_videos)])
+            for r, v in zip(rows, videos):
+                r["subject_similarity"] = subject_similarity(clip, v, subject)
+            agg["subject_similarity"] = mean([r["subject_similarity"] for r in rows])
         del clip
 
     if args.sscd:
@@ -683,6 +715,8 @@ def parse_args(argv=None):
     g.add_argument("--prompts", help="templates, one per line, each holding {token} once (prompts/appearance_100.txt)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one video per (prompt, seed)")
     g.add_argument("--token", default="pll", help="the learned token that replaces {token} in generation prompts")
+    g.add_argument("--subject-token", default="", help="the subject's token (train.py --subject-token) that replaces "
+                   "{subject_token} in prompts")
     g.add_argument("--videos-in", help="score this folder instead of generating (prompts: index.json or <stem>.txt)")
     g.add_argument("--frames", type=int, default=16)
     g.add_argument("--height", type=int, default=256)
@@ -707,6 +741,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-weights", help="local weights file; omitted = random weights (testing only)")
     g.add_argument("--motion-regex", default=DEFAULT_MOTION_REGEX,
                    help="the motion phrase of a template; removed for the appearance text")
+    g.add_argument("--subject-videos", help="the subject's examples (train.py --subject-videos): subject similarity")
     g.add_argument("--motion-phrase", help="replaces the motion phrase in the text-alignment caption, e.g. "
                    "'sliding two fingers up'; no text alignment without it")
     g = p.add_argument_group("copy score")
@@ -725,16 +760,20 @@ def parse_args(argv=None):
         p.error("--classifier needs --classes (the class-names file)")
     if args.sscd and not args.train_videos:
         p.error("--sscd needs --train-videos (the training clips to compare against)")
+    if args.subject_videos and not args.clip:
+        p.error("--subject-videos needs --clip (subject similarity is a CLIP image-image score)")
     return args
 
 
-def read_templates(path) -> list:
+def read_templates(path, subject_token: str = "") -> list:
     path = _check_file(path, "prompts file")
     lines = [ln.strip() for ln in read_text(path, "prompts file").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise EvalError(f"{path}: the prompts file has no prompts (blank and '#' lines are skipped)")
-    return lines
+    if any("{subject_token}" in ln for ln in lines) and not subject_token:
+        raise EvalError(f"{path}: prompts use {{subject_token}}: give --subject-token (train.py's, e.g. sks)")
+    return [ln.replace("{subject_token}", subject_token) for ln in lines]
 
 
 def main(argv=None) -> int:
@@ -759,7 +798,7 @@ def main(argv=None) -> int:
         else:
             from models import load_models
 
-            templates = read_templates(args.prompts)
+            templates = read_templates(args.prompts, args.subject_token)
             pairs = [(t, s) for t in templates for s in args.seeds]
             mine = list(range(rank, len(pairs), world))  # rank r generates pairs r, r + world, ...
             try:

@@ -164,7 +164,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     unet.set_gradient_checkpointing({"none": False, "selective": "selective", "full": True}[cfg.checkpointing])
 
     # --- data: every clip encoded once (latents.py); choice 2, the regularization set, is `reg` ---
-    inst, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)
+    inst, subj, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)
     if not cfg.val_every and not train_token:  # validation needs the decoder and the text encoder; else free them
         del models.vae, models.text_encoder, text  # ~0.4 B frozen params gone before the loop
         if run.device.type == "cuda":
@@ -191,9 +191,12 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- the loop; choice 3, coarse-noise timesteps, is `probs` ---
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
-    n_inst, n_reg = cfg.batch_size, (cfg.batch_size * cfg.reg_ratio if reg is not None else 0)
-    w = loss_weights(n_inst, n_reg, cfg.reg_weight, run.device)  # (B,): mean over instance + lambda * mean over reg
-    stats = runs.Stats(out / "log.jsonl" if run.master else None, T, n_inst, cfg.reg_weight, run, step,
+    n_reg = cfg.batch_size * cfg.reg_ratio if reg is not None else 0
+    # the subject's examples are instance data too (motion and appearance customization): batch_size more per step,
+    # and the instance loss is the mean over both sets' clips; either set may be absent (motion-only, subject-only)
+    n_inst, n_subj = (cfg.batch_size if s is not None else 0 for s in (inst, subj))
+    w = loss_weights(n_inst + n_subj, n_reg, cfg.reg_weight, run.device)  # (B,): instance mean + lambda * reg mean
+    stats = runs.Stats(out / "log.jsonl" if run.master else None, T, n_inst + n_subj, cfg.reg_weight, run, step,
                        f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched")
     unet.train()  # as upstream; with the default --dropout 0 train and eval mode compute the same thing
     bar, interrupt = tqdm(total=cfg.steps, initial=step, disable=not run.master, desc="train"), runs.Interrupt()
@@ -203,7 +206,9 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             # one generator per (step, micro, rank): timesteps, noise, windows and posterior samples are a pure
             # function of the position in the run, so a resumed run redraws exactly what an uninterrupted one would
             g = torch.Generator(run.device).manual_seed(latents.hash_seed(cfg.seed, run.rank, step, micro))
-            clips = latents.step_clips(b, run, cfg.seed, ("instance", inst, n_inst), ("reg", reg, n_reg))
+            clips = latents.step_clips(b, run, cfg.seed, ("instance", inst, n_inst), ("reg", reg, n_reg),
+                                       ("subject", subj, n_subj))  # each set its own order, seed + its position
+            clips = sorted(clips, key=lambda c: c[0] == "reg")  # (stable) instance clips first: w and the log
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
             groups = latents.shape_groups(clips)  # usually one: all clips in ONE UNet call; else one per bucket
             for k, pos in enumerate(groups):
@@ -400,6 +405,8 @@ def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tupl
         delta = {f"unet.{n}": p.detach() for n, p in trainable if not n.startswith("text_encoder.")}
     meta = {"base_model": str(Path(cfg.model).resolve()), "token": cfg.token, "preset": cfg.preset,
             "alpha": cfg.alpha, "reg_weight": cfg.reg_weight, "config": json.dumps(asdict(cfg)), "dtype": cfg.save_dtype}
+    if cfg.subject_videos:  # the word the subject was taught under (prompts name it: "a sks doing pll")
+        meta["subject_token"] = cfg.subject_token
     if text is not None:
         state = te.placeholder_state(tokenizer, text)
         delta["text_encoder.placeholder_embeddings"] = state["embeddings"]

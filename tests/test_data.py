@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import av
 import numpy as np
@@ -306,6 +307,23 @@ def test_recursive_or_direct_children_only(tmp_path):
     assert find_clips(tmp_path / "frames") == [tmp_path / "frames"]  # a frame folder as root is the one clip
     with pytest.raises(DataError, match="pass recursive=True"):
         load(tmp_path / "nested")
+
+
+def test_stills_are_static_clips_each_with_its_own_caption(tmp_path):
+    """A subject's photos (stills=True): every image file is a one-frame clip, padded to a static clip; a numbered
+    image at the root does not turn the folder into one frame-folder clip; a video next to them is read as usual."""
+    frames = ramp(5)
+    for i in (1, 3):
+        Image.fromarray(frames[i]).save(tmp_path / f"{i}.png")
+    (tmp_path / "3.txt").write_text("a sks dog on a sofa\n")
+    write_video(tmp_path / "clip.mp4", ramp(4))
+    ds = load(tmp_path, stills=True, caption="a {token} dog", token="sks")
+    items = {Path(d["path"]).name: ds[i] for i, d in enumerate(ds.clips)}
+    assert sorted(items) == ["1.png", "3.png", "clip.mp4"]
+    assert [levels(items[f"{i}.png"]["video"]) for i in (1, 3)] == [[1] * SPEC["frames"], [3] * SPEC["frames"]]
+    assert items["1.png"]["caption"] == "a sks dog" and items["3.png"]["caption"] == "a sks dog on a sofa"
+    assert levels(items["clip.mp4"]["video"]) == list(range(SPEC["frames"]))
+    assert find_clips(tmp_path) == [tmp_path]  # without stills: the numbered images make the folder one clip
 
 
 def test_empty_folder_is_an_error_naming_it(tmp_path):

@@ -198,8 +198,9 @@ def cli_args(assets, gen, train, out):
 def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     gen, train = video_dirs
     out = tmp_path / "report"
-    assert ev.main(cli_args(assets, gen, train, out)) == 0
-    assert ev.main(cli_args(assets, gen, train, out)) == 0  # never overwrites: second report goes to report-1
+    subject = ["--subject-videos", str(train)]  # the training clip as a subject's example too: subject similarity
+    assert ev.main(cli_args(assets, gen, train, out) + subject) == 0
+    assert ev.main(cli_args(assets, gen, train, out) + subject) == 0  # never overwrites: second report goes to report-1
     a = json.loads((out / "report.json").read_text())
     b = json.loads((tmp_path / "report-1" / "report.json").read_text())
     assert a["aggregate"] == b["aggregate"] and a["videos"] == b["videos"]
@@ -211,7 +212,7 @@ def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     assert a["videos"][0]["appearance_text"] == "A person number 0"
     assert a["videos"][0]["caption"] == "A person number 0 sliding two fingers up"
     for k in ("appearance_score", "text_alignment", "temporal_consistency", "copy_score_mean_max",
-              "copy_above_threshold_pct"):
+              "copy_above_threshold_pct", "subject_similarity"):
         assert isinstance(agg[k], float)
     assert str(assets / "toy.pt") in a["sha256"] and len(a["sha256"][str(assets / "clip.pth")]) == 64
     assert (out / "report.md").read_text().startswith("# NewMove evaluation")
@@ -312,3 +313,29 @@ def json_path(tmp_path):
     p = tmp_path / "clip.json"
     p.write_text(json.dumps(TINY_CLIP))
     return str(p)
+
+
+def test_subject_similarity_and_prompts_with_both_tokens(assets, tmp_path):
+    """A motion + subject run (train.py --subject-videos): prompts name both tokens, and each video's CLIP image-image
+    similarity to the subject's examples (a still image and a video) is the mean over all frame pairs."""
+    from PIL import Image
+
+    clip = ev.load_clip(str(assets / "clip.json"), assets / "clip.pth")
+    photo, clipv, gen = ramp(True, frames=1, seed=1), ramp(False, frames=3, seed=2), ramp(True, frames=4, seed=3)
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    Image.fromarray(photo[:, 0].permute(1, 2, 0).numpy()).save(subject / "photo.png")
+    (subject / "frames").mkdir()
+    for k in range(3):  # a frame folder: lossless, so the features below are exactly those of the files
+        Image.fromarray(clipv[:, k].permute(1, 2, 0).numpy()).save(subject / "frames" / f"{k + 1:05d}.png")
+    examples = ev.read_subject_frames(subject)
+    assert sorted(v.shape[1] for v in examples) == [1, 3]
+    feats = torch.cat([clip.image_features(v) for v in examples])  # (4, D)
+    want = (clip.image_features(gen) @ feats.T).mean().item()  # every (generated frame, example frame) pair
+    got = ev.subject_similarity(clip, gen, feats)
+    assert got == pytest.approx(want, abs=1e-6) and got != pytest.approx(ev.subject_similarity(clip, clipv, feats))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A {subject_token} dog doing the {token} sign\n")
+    assert ev.read_templates(prompts, "sks") == ["A sks dog doing the {token} sign"]
+    with pytest.raises(ev.EvalError, match="give --subject-token"):
+        ev.read_templates(prompts)

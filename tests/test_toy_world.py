@@ -149,3 +149,16 @@ def test_trail_option_draws_behind_moving_shapes_only():
     diff = (trail.video.float() - plain.video.float()).abs().sum(0)  # (F, H, W)
     ys, xs = torch.nonzero(diff[4] > 30, as_tuple=True)
     assert len(xs) > 0 and xs.float().mean() > plain.centres[4, 0]
+
+
+def test_the_toy_subject_is_told_apart_from_every_named_colour():
+    """toy/subject.py's presence check: a degraded violet ring (the subject, in no pretraining clip) reads as present
+    whatever its motion; degraded shapes of each of the 8 named colours never do."""
+    from toy.subject import SUBJECT, subject_present
+
+    scorer = ToyScorer()
+    rings = [make_clip(i, motion=MOTIONS[i % len(MOTIONS)], look=SUBJECT) for i in range(10)]
+    others = [make_clip(100 + i, colour=c) for i, c in enumerate(COLOURS) for _ in range(2)]
+    read = lambda clips: [subject_present(scorer.analyse(degrade(c.video, seed=k))["rgb"])  # noqa: E731
+                          for k, c in enumerate(clips)]
+    assert all(read(rings)) and not any(read(others))

@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import latents
 import sample
@@ -545,3 +546,74 @@ def test_a_real_model_without_regularization_stops_before_loading(world, tmp_pat
     for choice in ("--reg-videos", "--prior synthetic", "--prior none", "70.6%"):
         assert choice in run.stderr
     assert not (tmp_path / "run").exists()  # nothing encoded, nothing written
+
+
+# --------------------------------------------------------------------------------- a motion and a subject (issue 19)
+
+
+@pytest.fixture(scope="module")
+def subject(world):
+    """A subject's examples: two still images (captioned by --subject-caption) and a video with a sidecar caption."""
+    from PIL import Image
+
+    root, _ = world
+    folder = root / "subject"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(_moving_square(20 + i)[0]).save(folder / f"photo{i}.png")
+    _write_mp4(folder / "clip.mp4", _moving_square(22))
+    (folder / "clip.txt").write_text("a sks square moving right\n")
+    return folder
+
+
+def _spy_batches(monkeypatch):
+    """Record, per micro-batch, the (set name, token ids) of every clip train.py puts in it."""
+    seen, real = [], latents.batch_latents
+
+    def spy(clips, *a, **k):
+        seen.append([(name, s["tokens"][i].tolist()) for name, s, i in clips])
+        return real(clips, *a, **k)
+
+    monkeypatch.setattr(latents, "batch_latents", spy)
+    return seen
+
+
+def test_motion_and_subject_in_one_run_both_tokens_trained_and_exact_resume(world, subject, tmp_path, monkeypatch):
+    root, model = world
+    seen = _spy_batches(monkeypatch)
+    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"))
+    full = train.main(_cfg(root, model, tmp_path / "full", steps=3, **kw))
+    tok = load_models(model).tokenizer
+    pll, sks = tok.encode("pll")[0], tok.encode("sks")[0]
+    first = seen[0]  # one UNet batch: a motion and a subject clip (both instance data), then a regularization clip
+    assert [name for name, _ in first] == ["instance", "subject", "reg"]
+    assert all(pll in ids and sks not in ids for name, ids in first if name == "instance")
+    assert all(sks in ids and pll not in ids for name, ids in first if name == "subject")
+    # the stills were captioned by the template ("a sks square"), the video by its sidecar
+    assert len({tuple(ids) for name, ids in sum(seen, []) if name == "subject"}) == 2
+    with safe_open(str(full), "pt") as f:
+        assert f.metadata()["subject_token"] == "sks"
+    # stopped after 2 steps and resumed to 3: bit for bit the uninterrupted run
+    train.main(_cfg(root, model, tmp_path / "resumed", steps=2, **kw))
+    resumed = train.main(_cfg(root, model, tmp_path / "resumed", steps=3, resume=True, **kw))
+    a, b = weights.read_state_dict(full), weights.read_state_dict(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_subject_only_run_trains_the_subject_set_only(world, subject, tmp_path, monkeypatch):
+    root, model = world
+    seen = _spy_batches(monkeypatch)
+    train.main(_cfg(root, model, tmp_path / "s", videos="", subject_videos=str(subject), subject_class="square",
+                    frames=2, steps=2))
+    assert [name for name, _ in seen[0]] == ["subject", "reg"] and len(seen) == 2
+    # bad subject input: one line naming the option
+    stills = tmp_path / "stills"
+    stills.mkdir()
+    (stills / "a.png").write_bytes((subject / "photo0.png").read_bytes())
+    for kw, msg in [(dict(subject_class=""), "give --subject-class"), (dict(subject_token="pll"), "--subject-token"),
+                    (dict(subject_videos=str(stills), subject_caption="a square"), "no caption holds the --subject"),
+                    (dict(subject_videos=str(tmp_path / "none")), "none: not a directory"),
+                    (dict(videos="", preset="custom-diffusion"), "a subject-only run")]:
+        cfg = _cfg(root, model, tmp_path / "bad", subject_videos=str(subject), subject_class="square", frames=2)
+        with pytest.raises(SystemExit, match=msg):
+            train.main(dataclasses.replace(cfg, **kw))

@@ -43,6 +43,10 @@ COLOURS = {
     "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# Never in any pretraining clip: the toy subject taught under its own word (toy/subject.py; make_clip(look=...)).
+# Violet's hue (267) is 46 degrees from blue and 33 from magenta, so the scorer can tell it from every named colour.
+NEW_COLOURS = {"violet": (140, 60, 235)}
+NEW_SHAPES = ("ring",)
 # radius (half the shape's extent) as a fraction of the frame's short side: at 32 x 32, 3.5, 4.5 and 5.8 pixels
 SIZES = {"small": 0.11, "medium": 0.14, "large": 0.18}
 
@@ -115,11 +119,13 @@ def shape_coverage(shape: str, cx: float, cy: float, r: float, h: int, w: int, s
     elif shape == "cross":
         # a plus sign: two bars 0.8 r wide and 2.3 r long; area 3.04 r^2
         inside = ((au <= 0.4) & (av <= 1.15)) | ((av <= 0.4) & (au <= 1.15))
+    elif shape == "ring":
+        inside = (u * u + v * v <= 1.21) & (u * u + v * v >= 0.36)  # an annulus, radii 0.6 r to 1.1 r; area 2.67 r^2
     elif shape == "triangle":
         # pointing up, apex (0, -1.3), base corners (+-1.3, 0.7); centroid at v = 0, area 2.6 r^2
         inside = (v <= 0.7) & (au <= 1.3 * (v + 1.3) / 2.0)
     else:
-        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES + NEW_SHAPES}")
     return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))  # (h, w)
 
 
@@ -252,7 +258,7 @@ def make_clip(seed=0, colour: str = None, shape: str = None, size: str = None, m
     r = SIZES[size] * min(height, width)
     centres, radii = trajectory(motion, rng, r, frames, height, width)
     bg, bg_params = make_background(rng, height, width)
-    rgb = np.array(COLOURS[colour], dtype=np.float64)
+    rgb = np.array({**COLOURS, **NEW_COLOURS}[colour], dtype=np.float64)
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     ghosts = []
     for lag, opacity in TRAIL if trail else ():
