@@ -143,7 +143,8 @@ def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
                 colour, shape = r["looks"][i]
                 entry[when] = {"stem": stem.relative_to(folder).as_posix(), "motion": r["motions"][i],
                                "colour": colour, "shape": shape}
-                entry[when].update({k: r["per_video"][k][i] for k in ("leak", "nearest") if k in r["per_video"]})
+                per_video = r.get("per_video", {})  # (a result built by hand, as toy/figures.py's tests do, has none)
+                entry[when].update({k: per_video[k][i] for k in ("leak", "nearest") if k in per_video})
             entries.append(entry)
     text = json.dumps({**info, "videos": entries}, indent=1, allow_nan=False) + "\n"
     return weights.atomic_write(folder / "index.json", lambda tmp: Path(tmp).write_text(text), overwrite=True)
