@@ -516,14 +516,15 @@ def read_video_folder(folder) -> list:
     return clips
 
 
-def read_training_frames(folder, frames: int) -> list:
-    """Up to `frames` uniformly spaced frames of every clip in `folder` (recursive): [(name, uint8 (3, f, H, W))]."""
+def read_training_frames(folder, frames: int, stills: bool = False, flag: str = "--train-videos") -> list:
+    """Up to `frames` uniformly spaced frames (0: all) of every clip in `folder` (recursive; with `stills`, each image
+    file is a one-frame clip, as train.py --subject-videos reads them): [(name, uint8 (3, f, H, W))]."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise EvalError(f"{folder}: training videos folder not found")
+        raise EvalError(f"{flag} {folder}: not a directory")
     out = []
     try:
-        for p in data.find_clips(folder, recursive=True):
+        for p in data.find_clips(folder, recursive=True, stills=stills):
             v = read_video(p)
             if frames and v.shape[1] > frames:
                 v = v[:, segment_indices(v.shape[1], frames)]
@@ -531,27 +532,12 @@ def read_training_frames(folder, frames: int) -> list:
     except data.DataError as e:
         raise EvalError(str(e)) from None
     if not out:
-        raise EvalError(f"{folder}: no training videos found")
+        raise EvalError(f"{flag} {folder}: no videos" + (" or images" if stills else "") + " found")
     return out
 
 
 # -----------------------------------------------------------------------------------------------------------------------
 # report
-
-
-def read_subject_frames(folder) -> list:
-    """The subject's examples (videos, frame folders and still images, as train.py --subject-videos reads them): all
-    frames of each, uint8 (3, F, H, W)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvalError(f"--subject-videos {folder}: not a directory")
-    try:
-        out = [read_video(p) for p in data.find_clips(folder, recursive=True, stills=True)]
-    except data.DataError as e:
-        raise EvalError(str(e)) from None
-    if not out:
-        raise EvalError(f"--subject-videos {folder}: no videos or images")
-    return out
 
 
 def sha256(path) -> str:
@@ -678,7 +664,8 @@ def score(args, items: list, train=None, log=print) -> tuple:
         agg["text_alignment"] = mean([r.get("text_alignment") for r in rows])
         agg["temporal_consistency"] = mean([r["temporal"] for r in rows])
         if args.subject_videos:  # appearance of the taught subject, next to motion accuracy
-            subject = torch.cat([clip.image_features(v) for v in read_subject_frames(args.subject_videos)])
+            subject = torch.cat([clip.image_features(v) for _, v in read_training_frames(
+                args.subject_videos, 0, stills=True, flag="--subject-videos")])
             for r, v in zip(rows, videos):
                 r["subject_similarity"] = subject_similarity(clip, v, subject)
             agg["subject_similarity"] = mean([r["subject_similarity"] for r in rows])

@@ -328,7 +328,7 @@ def test_subject_similarity_and_prompts_with_both_tokens(assets, tmp_path):
     (subject / "frames").mkdir()
     for k in range(3):  # a frame folder: lossless, so the features below are exactly those of the files
         Image.fromarray(clipv[:, k].permute(1, 2, 0).numpy()).save(subject / "frames" / f"{k + 1:05d}.png")
-    examples = ev.read_subject_frames(subject)
+    examples = [v for _, v in ev.read_training_frames(subject, 0, stills=True)]
     assert sorted(v.shape[1] for v in examples) == [1, 3]
     feats = torch.cat([clip.image_features(v) for v in examples])  # (4, D)
     want = (clip.image_features(gen) @ feats.T).mean().item()  # every (generated frame, example frame) pair
