@@ -78,9 +78,8 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
         raise WeightsError(f"{path}: {bad[0]} holds NaN or Inf values{more}; this delta comes from a diverged run")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    new = unet_values(sd, models.unet.state_dict(), path)  # {name: the customized tensor}
     unet_sd, base = models.unet.state_dict(), {}
-    for name, value in new.items():
+    for name, value in unet_values(sd, unet_sd, path).items():  # every tensor checked before the first is changed
         if from_t is not None:
             base[name] = unet_sd[name].clone()
         unet_sd[name].copy_(value)

@@ -208,7 +208,9 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             g = torch.Generator(run.device).manual_seed(latents.hash_seed(cfg.seed, run.rank, step, micro))
             clips = latents.step_clips(b, run, cfg.seed, ("instance", inst, n_inst), ("reg", reg, n_reg),
                                        ("subject", subj, n_subj))  # each set its own order, seed + its position
-            clips = sorted(clips, key=lambda c: c[0] == "reg")  # (stable) instance clips first: w and the log
+            # instance clips first (w and the log); the subject set goes last into step_clips so that the reg set keeps
+            # its order seed (seed + 1) and a run without --subject-videos draws exactly what it drew before
+            clips = sorted(clips, key=lambda c: c[0] == "reg")
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
             groups = latents.shape_groups(clips)  # usually one: all clips in ONE UNet call; else one per bucket
             for k, pos in enumerate(groups):

@@ -28,7 +28,6 @@ import torch
 import delta
 from models import load_models
 from toy import demo, world
-from toy import scorer as toy_scorer
 from weights import read_state_dict, save_state_dict
 
 
@@ -65,11 +64,10 @@ def measure(motion: str, seed: int, name: str, option: dict, args, base_sd: dict
         extra = ["--delta-from-t", str(option["tau"])] if "tau" in option else []
         res = demo.main(common + ["--delta", str(path)] + extra, quiet=True, full=True)
     novel, base = res["novel"]["after"], res["base"]["after"]
-    threshold = toy_scorer.calibrate_leakage(motion)["threshold"]
     leak = novel["per_video"]["leak"]
     return {"motion": motion, "seed": seed, "variant": name, **option, "novel": novel["motion"],
             "colour": novel["colour"], "leak_mean": sum(leak) / len(leak),
-            "leak_above": sum(x > threshold for x in leak) / len(leak), "base": base["motion"],
+            "leak_above": res["rows"]["copy score > threshold, novel prompts"][1], "base": base["motion"],
             "bytes": path.stat().st_size, "seconds": round(time.time() - t0, 1)}
 
 
