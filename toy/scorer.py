@@ -31,20 +31,6 @@ import torch
 from toy import world
 from toy.world import COLOURS, MOTIONS, SHAPES, shape_coverage
 
-# hue in degrees of each chromatic named colour; white is told apart by saturation, not hue
-_HUES = {}
-for _name, _rgb in COLOURS.items():
-    _r, _g, _b = (v / 255 for v in _rgb)
-    _mx, _mn = max(_r, _g, _b), min(_r, _g, _b)
-    if _mx - _mn > 0.3:  # chromatic
-        if _mx == _r:
-            _h = ((_g - _b) / (_mx - _mn)) % 6
-        elif _mx == _g:
-            _h = (_b - _r) / (_mx - _mn) + 2
-        else:
-            _h = (_r - _g) / (_mx - _mn) + 4
-        _HUES[_name] = 60 * _h
-
 
 def hsv(rgb) -> tuple:
     """(hue in degrees, saturation, value) of one RGB colour in [0, 255]."""
@@ -59,6 +45,10 @@ def hsv(rgb) -> tuple:
     else:
         h = (r - g) / (mx - mn) + 4
     return 60 * h, (mx - mn) / mx, mx
+
+
+# hue in degrees of each chromatic named colour (chroma above 0.3); white is told apart by saturation, not hue
+_HUES = {name: hsv(rgb)[0] for name, rgb in COLOURS.items() if (max(rgb) - min(rgb)) / 255 > 0.3}
 
 
 def colour_name(rgb) -> str:
