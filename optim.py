@@ -44,7 +44,9 @@ def make_adamw(kind: str, params, lr: float, weight_decay: float, device: torch.
 
 def state_bytes(kind: str, shapes) -> int:
     """Bytes of optimizer state for parameters of these shapes: fp32 m + v (8 B each), or bitsandbytes' 8-bit m + v
-    (1 B each + a float32 absmax per 256 values each + two 256-entry float32 code maps) for tensors of >= 4096 values."""
+    (1 B each + a float32 absmax per 256 values each) for tensors of >= 4096 values, fp32 below. Plus two 256-entry
+    float32 code maps per 8-bit tensor, as each tensor's state names them (bitsandbytes shares one pair: <= 2 KB per
+    tensor too many, 1.7 MB on the 1.7B model)."""
     total = 0
     for shape in shapes:
         n = math.prod(shape)
