@@ -68,8 +68,7 @@ class StepInBackward:
         self.opts = [make([p]) for p in params]
         self.param_groups = [g for o in self.opts for g in o.param_groups]  # GradScaler and logging look here
         self.norms = [None] * len(params)  # each gradient's norm, for the logged total norm
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(self._hook(i))
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
     def _hook(self, i: int):
         def hook(p):
@@ -92,6 +91,11 @@ class StepInBackward:
         total = torch.linalg.vector_norm(torch.stack(norms))
         self.norms = [None] * len(self.params)
         return total
+
+    def remove(self):
+        """Take the hooks off the parameters (the usual step again; benchmarks try one option after another)."""
+        for h in self.handles:
+            h.remove()
 
     def zero_grad(self, set_to_none: bool = True):
         for p in self.params:
