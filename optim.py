@@ -33,6 +33,15 @@ def bitsandbytes():
     return bnb
 
 
+def has_bitsandbytes() -> bool:
+    """Whether --optimizer adamw8bit can run here (benchmarks skip its options, and say so, when it cannot)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_adamw(kind: str, params, lr: float, weight_decay: float, device: torch.device):
     """AdamW with the official run's betas and eps: torch's (fp32 state; fused on CUDA) or bitsandbytes' 8-bit."""
     if kind == "adamw8bit":

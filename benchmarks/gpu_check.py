@@ -91,14 +91,6 @@ def run_option(model, names, inputs, device, amp, kind: str, free: bool, steps: 
     return {"peak": peak, "first_step_s": times[0], "step_s": statistics.median(times[1:]) if steps else None}
 
 
-def has_bitsandbytes() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run in seconds: tiny UNet, 64^2, 2 frames, fp32")
@@ -148,7 +140,7 @@ def main(argv=None):
             rec = {"date": stamp, "device": where, "preset": preset, "size": size, "frames": frames,
                    "batch": args.batch, "precision": precision, "checkpointing": args.checkpointing, "option": name,
                    "predicted_bytes": predicted[name]["total"]}
-            if kind == "adamw8bit" and not has_bitsandbytes():
+            if kind == "adamw8bit" and not optim.has_bitsandbytes():
                 rec["skipped"] = "bitsandbytes not installed (pip install bitsandbytes)"
             else:
                 try:
@@ -167,11 +159,11 @@ def main(argv=None):
 
 
 def _row(r: dict) -> str:
-    GB = 1e9
+    unit = 1e9 if r["predicted_bytes"] > 1e9 else 2 ** 20  # GB for the 1.7B model, MiB for --tiny
     if "skipped" in r:
-        return f"| {r['size']}² | {r['option']} | {r['predicted_bytes'] / GB:.2f} | skipped: {r['skipped']} | | |"
+        return f"| {r['size']}² | {r['option']} | {r['predicted_bytes'] / unit:.2f} | skipped: {r['skipped']} | | |"
     step = f"{r['step_s']:.2f}" if r["step_s"] is not None else "-"
-    return (f"| {r['size']}² | {r['option']} | {r['predicted_bytes'] / GB:.2f} | {r['peak'] / GB:.2f} | "
+    return (f"| {r['size']}² | {r['option']} | {r['predicted_bytes'] / unit:.2f} | {r['peak'] / unit:.2f} | "
             f"{r['measured_over_predicted']:.3f} | {step} |")
 
 
@@ -180,8 +172,10 @@ def write_results(records: list, out: Path | None, argv: str):
     if not out:
         return
     out.mkdir(parents=True, exist_ok=True)
-    head = "| size | option | predicted (GB) | max allocated (GB) | measured / predicted | step (s) |\n| --- | --- | --- | --- | --- | --- |"
     r0 = records[0]
+    unit = "GB" if r0["predicted_bytes"] > 1e9 else "MiB"
+    head = (f"| size | option | predicted ({unit}) | max allocated ({unit}) | measured / predicted | step (s) |\n"
+            f"| --- | --- | --- | --- | --- | --- |")
     text = (f"## {r0['date']}: {r0['device']}\n\n`python benchmarks/gpu_check.py {argv}`: {r0['preset']}, "
             f"{r0['frames']} frames, batch {r0['batch'] // 2}+{r0['batch'] // 2}, {r0['precision']}, checkpointing "
             f"{r0['checkpointing']}\n\n{head}\n" + "\n".join(_row(r) for r in records) + "\n")

@@ -145,7 +145,7 @@ def test_gpu_check_runs_every_memory_option_in_its_tiny_cpu_mode(tmp_path):
     assert [r["option"] for r in records] == list(estimate.OPTIONS)
     for r in records:
         if "skipped" in r:
-            assert "bitsandbytes" in r["skipped"] and not gpu_check.has_bitsandbytes(), r
+            assert "bitsandbytes" in r["skipped"] and not gpu_check.optim.has_bitsandbytes(), r
             continue
         assert abs(r["measured_over_predicted"] - 1) < 0.03, r
     lines = (tmp_path / "gpu_check.jsonl").read_text().splitlines()

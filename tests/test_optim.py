@@ -42,7 +42,7 @@ def test_state_bytes_counts_what_the_optimizers_hold():
     step: 8 B per value for AdamW; for 8-bit AdamW 2 B per value + block scales + code maps of the large tensors, and
     8 B per value of the small ones (under 4096 values)."""
     shapes = [(64, 128), (300, 3, 7), (77,), (4096,), (1, 4095)]
-    kinds = ["adamw"] + (["adamw8bit"] if _has_bitsandbytes() else [])
+    kinds = ["adamw"] + (["adamw8bit"] if optim.has_bitsandbytes() else [])
     for kind in kinds:
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
         opt = optim.make_adamw(kind, params, 1e-3, 0.01, torch.device("cpu"))
@@ -59,11 +59,3 @@ def _tensors(state):
             yield v
         elif isinstance(v, dict):
             yield from _tensors(v)
-
-
-def _has_bitsandbytes() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
