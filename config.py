@@ -102,9 +102,9 @@ class Config:
                          "adamw8bit: bitsandbytes' blockwise 8-bit AdamW (the official code's use_8bit_adam; chosen "
                          "over torchao's as it runs eagerly on CPU too and its state is plain tensors; pip install "
                          "bitsandbytes): ~2 B per param. Saves 3.40 GB on the 1.7B model (state 4.57 -> 1.17 GB, "
-                         "estimated); measured on the CPU, tiny UNet: allocator peak 43.7 -> 37.9 MiB; step time 1.13-1.26x "
-                         "on the toy CPU step. Within 3% of fp32 AdamW's weights after 300 steps of a small regression (README "
-                         "'Memory')", choices=("adamw", "adamw8bit"))
+                         "estimated); measured on the CPU, tiny UNet: allocator peak 43.7 -> 37.9 MiB; step time "
+                         "1.13-1.26x on the toy CPU step. Within 3% of fp32 AdamW's weights after 300 steps of a small "
+                         "regression (README 'Memory')", choices=("adamw", "adamw8bit"))
     free_grads: bool = opt(False, "each trained tensor's optimizer step runs inside backward as soon as its gradient "
                            "is complete, and the gradient is freed: the same weights bit for bit, without holding all "
                            "gradients. Saves memory with --checkpointing full only: 1.7B, 16 frames, 256^2 1+1: 14.13 "

@@ -97,7 +97,8 @@ def main(argv=None):
     p.add_argument("--sizes", default=None, help="comma-separated frame sizes (default 256,384; --tiny 64)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default 16; --tiny 2)")
     p.add_argument("--batch", type=int, default=2, help="clips per step, instance + reg (default 2 = 1+1)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps after the first (default 2; 0: the first only, no step time)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps after the first (default 2; 0: the first only, no step time)")
     p.add_argument("--checkpointing", default="full", choices=tuple(harness.CHECKPOINTING),
                    help="as train.py --checkpointing (default full)")
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks"), help="folder for gpu_check.jsonl and .md")
