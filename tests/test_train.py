@@ -582,7 +582,7 @@ def test_motion_and_subject_in_one_run_both_tokens_trained_and_exact_resume(worl
     root, model = world
     seen = _spy_batches(monkeypatch)
     kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"))
-    full = train.main(_cfg(root, model, tmp_path / "full", steps=2, **kw))
+    full = train.main(_cfg(root, model, tmp_path / "full", steps=3, **kw))
     tok = load_models(model).tokenizer
     pll, sks = tok.encode("pll")[0], tok.encode("sks")[0]
     first = seen[0]  # one UNet batch: a motion and a subject clip (both instance data), then a regularization clip
