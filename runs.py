@@ -46,7 +46,8 @@ def setup_distributed(device: str = "") -> Run:
 # settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
 RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
              "val_prompts", "val_seeds", "val_token_check", "val_solver", "val_steps", "val_guidance", "stop_clip",
-             "stop_clip_weights", "stop_score", "export_diffusers", "save_dtype"}
+             "stop_clip_weights", "stop_score", "export_diffusers", "save_dtype",
+             "free_grads"}  # --free-grads: the same weights, and the same optimizer state layout (optim.py)
 RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
 
 
@@ -78,7 +79,7 @@ def open_run(cfg, out: Path):
                if k not in RESUMABLE and k in saved and saved[k] != v]
     if changed:
         raise SystemExit(f"error: --resume: {'; '.join(changed)}: these settings decide what the run trains and "
-                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*)")
+                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*, --free-grads)")
     return state
 
 

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import latents
+import optim
 import runs
 import sample
 import text_encoder as te
@@ -170,10 +171,11 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # --- optimizer: AdamW, constant lr 5e-6, wd 0.01 (the official run's, method.md §2); resume ---
+    # --- optimizer: AdamW, constant lr 5e-6, wd 0.01 (the official run's, method.md §2), fp32 or 8-bit state, stepped
+    # after backward or (--free-grads) tensor by tensor inside it (optim.py); resume ---
     params = [p for _, p in trainable]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  fused=run.device.type == "cuda")
+    make = lambda ps: optim.make_adamw(cfg.optimizer, ps, cfg.lr, cfg.weight_decay, run.device)  # noqa: E731
+    optimizer = optim.StepInBackward(params, make) if cfg.free_grads else make(params)
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     model = DDP(unet, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
         if run.ddp and any(p.requires_grad for p in unet.parameters()) else unet
@@ -220,6 +222,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                     tokens = torch.stack([clips[j][1]["tokens"][clips[j][2]] for j in pos])  # (b, 77)
                     ctx = te.reencode_placeholders(text, tokens, ctx)
                 last = micro == cfg.grad_accum - 1 and k == len(groups) - 1  # DDP all-reduces in the last backward
+                if cfg.free_grads:  # earlier backward passes only accumulate; the last one steps and frees
+                    optimizer.armed = last
                 with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
                     loss, mse, t = newmove_loss(model, x0, ctx, w[pos], probs, abar, g, amp)
                     scaler.scale(loss / cfg.grad_accum).backward()
@@ -228,7 +232,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             stats.add(per_clip)
         if train_token and run.ddp:  # the token row is outside the DDP-wrapped UNet: average its gradient by hand
             dist.all_reduce(text.placeholder_embeddings.grad, op=dist.ReduceOp.AVG)
-        grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip)
+        grad_norm = optimizer.finish() if cfg.free_grads else optimizer_step(optimizer, scaler, params, cfg.grad_clip)
         step += 1
         bar.update(1)
 
@@ -325,9 +329,10 @@ def print_param_table(unet, trainable: list, cfg: Config):
 
 
 def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
-    """Unscale (fp16), clip the gradient norm, one AdamW step, clear the gradients; the norm before clipping."""
+    """Unscale (fp16), clip the gradient norm (clip 0: only measure it), one AdamW step, clear the gradients; the norm
+    before clipping."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or math.inf)  # inf: a factor of exactly 1
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,8 @@
 """The memory/FLOP budget estimator (--estimate) and the full-size 1.7B check (--full-size); what compare.py shares.
 
     python benchmarks/bench.py --estimate --preset modelscope-1.7b --frames 16 --size 256 --batch 2 --checkpointing selective
+    python benchmarks/bench.py --estimate --optimizer adamw8bit --free-grads --size 384 --checkpointing full
+    python benchmarks/bench.py --estimate --table --checkpointing full   # each memory option, 256^2/384^2, 1+1/2+2
     python benchmarks/bench.py --full-size     # BY HAND, never in CI: one 1.7B training step on CPU (~15 GB RAM, see below)
     python benchmarks/bench.py --full-size --precision fp32    # the same with fp32 frozen weights: fast on CPUs without bf16
 
@@ -22,8 +24,12 @@ budget for one configuration, all on the meta device (no weights, seconds even f
     op's internal workspace, allocator fragmentation, the CUDA context. Checked against real CPU runs (the
     cross-check below): toy preset, fp32, with no, selective and full checkpointing, within 0.5 % of the allocator's
     peak (tests/test_bench.py asserts 2 %).
-  * static: trainable weights fp32 (master), frozen weights in --frozen-dtype, AdamW m and v fp32; with bf16 autocast
-    also its cached bf16 copies of the trainable weights (2 bytes each).
+  * static: trainable weights fp32 (master), frozen weights in --frozen-dtype, AdamW m and v fp32 (--optimizer adamw8bit:
+    bitsandbytes' 8-bit state, optim.state_bytes); with bf16 autocast also its cached bf16 copies of the trainable
+    weights (2 bytes each).
+  * --free-grads (train.py's): each gradient is dropped in the trace as soon as it is complete, as the optimizer step
+    per tensor in backward does; it lowers the peak only where the peak comes after gradients exist (with full
+    checkpointing; without, the peak is at the start of backward). The cross-check runs that step for real.
   For the small presets it also runs the real step on this CPU and prints predicted vs measured (allocator) peak (in
   fp32 if this CPU emulates bf16); for modelscope-1.7b it checks the counts against performance.md, including
   diffusers' own UNet counted the same way on the meta device.
@@ -52,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+import optim
 from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from harness import (PERF_MD, TEXT_LEN, allocator_peak, amp_dtype, autocast, machine_cpu, meta_flops, meta_model,
                      parse_args, random_value, randomize_, reset_rss_peak, rss_now_bytes, rss_peak_bytes,
@@ -70,8 +77,10 @@ def count_params(cfg: UNet3DConfig, train_preset: str) -> dict:
 
 
 def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str = "newmove",
-             checkpointing: bool = False, precision: str = "bf16", frozen_dtype: str = "bf16") -> dict:
-    """Params, FLOPs and the memory budget of one training step, on the meta device."""
+             checkpointing: bool = False, precision: str = "bf16", frozen_dtype: str = "bf16", optimizer: str = "adamw",
+             free_grads: bool = False, flops: bool = True) -> dict:
+    """Params, FLOPs and the memory budget of one training step, on the meta device, with train.py's memory options
+    --optimizer (the state's bytes, optim.state_bytes) and --free-grads (each gradient dropped once complete)."""
     hw = size // 8  # the VAE's factor
     counts = count_params(cfg, train_preset)
     m = meta_model(cfg)
@@ -81,24 +90,67 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     ctx = torch.empty(batch, TEXT_LEN, cfg.cross_attention_dim, device="meta")
     bf16 = precision != "fp32"
-    mem = trace_step(m, names, x, t, ctx, amp_scale=0.5 if bf16 else 1.0)
+    mem = trace_step(m, names, x, t, ctx, amp_scale=0.5 if bf16 else 1.0, free_grads=free_grads, flops=flops)
     frozen_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[frozen_dtype]
+    state = optim.state_bytes(optimizer, [m.get_parameter(n).shape for n in names])
     budget = {
         f"trainable weights, fp32 ({counts['trainable']:,} x 4 B)": 4 * counts["trainable"],
         f"frozen weights, {frozen_dtype} ({counts['frozen']:,} x {frozen_bytes} B)": frozen_bytes * counts["frozen"],
-        "AdamW m + v, fp32 (8 B per trainable param)": 8 * counts["trainable"],
+        {"adamw": "AdamW m + v, fp32 (8 B per trainable param)",
+         "adamw8bit": f"8-bit AdamW m + v ({state / counts['trainable']:.2f} B per trainable param: codes, block "
+                      f"scales, fp32 for tensors < 4096 values)"}[optimizer]: state,
     }
     if bf16:
         budget["autocast's cached bf16 copies of the trainable weights (2 B each)"] = 2 * counts["trainable"]
-    budget["step peak: activations + gradients + transients (traced)"] = mem["peak"]
+    budget["step peak: activations + gradients + transients (traced)" if not free_grads else
+           "step peak: activations + the gradients not yet consumed + transients (traced, --free-grads)"] = mem["peak"]
     return {"counts": counts, "fwd_flops": mem["fwd_flops"], "step_flops": mem["step_flops"], "memory": mem,
-            "budget": budget,
+            "budget": budget, "optimizer_state": state, "shapes": [m.get_parameter(n).shape for n in names],
             "total": sum(budget.values())}
 
 
-def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing: bool,
+# train.py's memory options, as the table and benchmarks/gpu_check.py run them: (--optimizer, --free-grads)
+OPTIONS = {"adamw": ("adamw", False), "adamw8bit": ("adamw8bit", False), "free-grads": ("adamw", True),
+           "adamw8bit+free-grads": ("adamw8bit", True)}
+
+
+def option_budgets(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing,
                    precision: str, frozen_dtype: str) -> dict:
-    """The same step really run on this CPU (as train.py: frozen weights cast, autocast): allocator peak and time."""
+    """{option: {"static", "peak", "total"} bytes} for each of OPTIONS: two traces (gradients kept or freed); the
+    optimizer state is swapped by count (it is not in the traced step)."""
+    traces = {fg: estimate(cfg, batch, frames, size, train_preset, checkpointing, precision, frozen_dtype,
+                           free_grads=fg, flops=False) for fg in (False, True)}
+    out = {}
+    for name, (kind, fg) in OPTIONS.items():
+        e = traces[fg]
+        total = e["total"] - e["optimizer_state"] + optim.state_bytes(kind, e["shapes"])
+        out[name] = {"peak": e["memory"]["peak"], "static": total - e["memory"]["peak"], "total": total}
+    return out
+
+
+def print_table(args, precision: str, frozen: str):
+    """--table: the GPU budget of each memory option at 256^2 and 384^2, batch 1+1 and 2+2 (README "Memory")."""
+    cfg, frames, GB = UNET_PRESETS[args.preset], args.frames or 16, 1e9
+    print(f"GPU memory budget per train.py memory option: UNet3D {args.preset}, {frames} frames, precision "
+          f"{precision}, frozen weights {frozen}, checkpointing {args.checkpointing_name} (GB = 1e9 B; + CUDA context "
+          f"~0.5-1 GB and fragmentation)\n")
+    print("| size | batch | option | weights + optimizer state + autocast cache | step peak (traced) | total |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size in (256, 384):
+        for batch in (2, 4):
+            t0 = time.time()
+            for name, b in option_budgets(cfg, batch, frames, size, args.train_preset, args.checkpointing, precision,
+                                          frozen).items():
+                print(f"| {size}² | {batch // 2}+{batch // 2} | {name} | {b['static'] / GB:.2f} | {b['peak'] / GB:.2f} | "
+                      f"{b['total'] / GB:.2f} |", flush=True)
+            print(f"(traced in {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
+def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing: bool,
+                   precision: str, frozen_dtype: str, free_grads: bool = False, optimizer: str = "adamw") -> dict:
+    """The same step really run on this CPU (as train.py: frozen weights cast, autocast): allocator peak and time.
+    With free_grads, as train.py --free-grads: each tensor's `optimizer` step in backward, its gradient freed there
+    (the warm-up step makes the optimizer state, so the measured step holds only the update's temporaries)."""
     hw = size // 8
     model = randomize_(UNet3D(cfg), seed=0)
     names = trainable_names(model, train_preset)
@@ -107,7 +159,10 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     for n, p in model.named_parameters():
         if n not in keep:
             p.data = p.data.to(dtype)
-    set_trainable(model, names)
+    params = set_trainable(model, names)
+    if free_grads:
+        cpu = torch.device("cpu")
+        optim.StepInBackward(params, lambda ps: optim.make_adamw(optimizer, ps, 1e-6, 0.01, cpu)).armed = True
     model.set_gradient_checkpointing(checkpointing)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -142,12 +197,16 @@ def print_estimate(args):
     frames, precision = args.frames or 16, args.precision if args.precision != "auto" else "bf16"
     frozen = args.frozen_dtype or ("bf16" if precision == "bf16" else "fp32")
     GB, GiB = 1e9, 2 ** 30
+    if args.table:
+        return print_table(args, precision, frozen)
     t0 = time.time()
-    e = estimate(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, precision, frozen)
+    e = estimate(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, precision, frozen,
+                 args.optimizer, args.free_grads)
     c = e["counts"]
     print(f"UNet3D preset {args.preset}, train preset {args.train_preset}; batch {args.batch}, {frames} frames, "
           f"{args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents); checkpointing "
-          f"{args.checkpointing_name}; precision {precision}, frozen weights {frozen}")
+          f"{args.checkpointing_name}; precision {precision}, frozen weights {frozen}; --optimizer {args.optimizer}"
+          f"{', --free-grads' if args.free_grads else ''}")
     share = 100 * c["trainable"] / c["total"]
     print(f"\nparameters: total {c['total']:,}; trainable {c['trainable']:,} ({share:.1f} %, {c['tensors']} tensors); "
           f"frozen {c['frozen']:,}")
@@ -156,7 +215,8 @@ def print_estimate(args):
     print(f"  training step (forward + backward, grads for the trainable set"
           f"{', + checkpoint recompute' if args.checkpointing else ''}): {e['step_flops'] / 1e12:.4f} TFLOP "
           f"({e['step_flops'] / e['fwd_flops']:.2f}x forward)")
-    print("\nGPU memory budget (GB = 1e9 B; optimizer fused AdamW, no CPU offload):")
+    print(f"\nGPU memory budget (GB = 1e9 B; {'fused AdamW' if args.optimizer == 'adamw' else '8-bit AdamW'}"
+          f"{', stepped per tensor in backward' if args.free_grads else ''}, no CPU offload):")
     for k, v in e["budget"].items():
         print(f"  {v / GB:9.3f}  {k}")
     mem = e["memory"]
@@ -179,9 +239,10 @@ def print_estimate(args):
                   f"fp32, so the cross-check runs in fp32)")
             cross, frozen = "fp32", "fp32"
             pred = estimate(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, cross,
-                            frozen)["memory"]["peak"]
+                            frozen, free_grads=args.free_grads)["memory"]["peak"]
         print(f"\ncross-check: the same step ({cross}) run for real on this CPU ({torch.get_num_threads()} threads)...")
-        r = real_step_peak(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, cross, frozen)
+        r = real_step_peak(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, cross, frozen,
+                           args.free_grads, args.optimizer)
         print(f"  fwd+bwd peak above the resident model: predicted {pred / 2 ** 20:.2f} MiB, measured (allocator) "
               f"{r['peak'] / 2 ** 20:.2f} MiB, measured / predicted {r['peak'] / pred:.3f}")
         print(f"  step time {r['seconds'] * 1e3:.0f} ms = {e['step_flops'] / r['seconds'] / 1e9:.1f} GFLOP/s on this CPU")

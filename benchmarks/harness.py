@@ -327,30 +327,45 @@ def _flash_on_meta():
         F.scaled_dot_product_attention = original
 
 
-def trace_step(model, names: list, x, t, ctx, amp_scale: float = 1.0) -> dict:
+def trace_step(model, names: list, x, t, ctx, amp_scale: float = 1.0, free_grads: bool = False,
+               flops: bool = True) -> dict:
     """Forward + loss + backward (grads start as None): its FLOPs, and its live-tensor bytes over time.
 
     amp_scale weights float32 activations (0.5 predicts bf16 autocast from a float32 meta run); the trainable
-    weights' gradients always count in full (they are float32 under autocast). Returns FLOPs of the forward and of the
-    whole step, the peak live bytes, the bytes alive at the end of forward (saved activations + output), the gradient
-    bytes."""
+    weights' gradients always count in full (they are float32 under autocast). free_grads: each gradient is dropped as
+    soon as it is complete, as train.py --free-grads does after that tensor's optimizer step (the update's
+    temporaries, two tensor-sized ones for torch's unfused AdamW and none for fused CUDA AdamW, are not counted: on the
+    toy preset they never coincide with the peak). Returns FLOPs of the forward and of the whole step, the peak live
+    bytes, the bytes alive at the end of forward (saved activations + output), the gradient bytes (all of them, even
+    if they never live at once; FLOPs None with flops=False, which skips their pass and halves the time)."""
     set_trainable(model, names)
     model.train()
-    with _flash_on_meta(), flop_counter() as counter:
-        loss = model(x, t, ctx).float().square().mean()
-        fwd_flops = counter.get_total_flops()  # dropout and the loss add none: = an eval forward's FLOPs
-        loss.backward()
-    for p in model.parameters():
-        p.grad = None
+    fwd_flops = step_flops = None
+    if flops:
+        with _flash_on_meta(), flop_counter() as counter:
+            loss = model(x, t, ctx).float().square().mean()
+            fwd_flops = counter.get_total_flops()  # dropout and the loss add none: = an eval forward's FLOPs
+            loss.backward()
+        step_flops = counter.get_total_flops()
+        for p in model.parameters():
+            p.grad = None
     # a second pass for memory: the counter's module hooks keep checkpoint-recomputed tensors alive for longer
-    tracker = _storage_tracker()
+    tracker, grad_uids = _storage_tracker(), set()
+
+    def on_grad(p):  # the gradient is complete: note it (it counts in full, see amp_scale); --free-grads drops it
+        grad_uids.add(tracker.uid_of(p.grad))
+        if free_grads:
+            p.grad = None
+
+    hooks = [model.get_parameter(n).register_post_accumulate_grad_hook(on_grad) for n in names]
     with _flash_on_meta(), tracker:
         loss = model(x, t, ctx).float().square().mean()
         tracker.mark("forward")
         loss.backward()
-        grad_uids = {tracker.uid_of(model.get_parameter(n).grad) for n in names}
     tracker.on = False
-    grad_bytes = sum(model.get_parameter(n).grad.untyped_storage().nbytes() for n in names)
+    for h in hooks:
+        h.remove()
+    grad_bytes = sum(4 * model.get_parameter(n).numel() for n in names)  # float32, as the trainable weights
     now = peak = 0.0
     at_forward = None
     for i, (uid, n, fp32) in enumerate(tracker.events):
@@ -360,7 +375,7 @@ def trace_step(model, names: list, x, t, ctx, amp_scale: float = 1.0) -> dict:
         peak = max(peak, now)
     for p in model.parameters():
         p.grad = None
-    return {"fwd_flops": fwd_flops, "step_flops": counter.get_total_flops(), "peak": peak,
+    return {"fwd_flops": fwd_flops, "step_flops": step_flops, "peak": peak,
             "end_of_forward": now if at_forward is None else at_forward, "grads": grad_bytes}
 
 
@@ -417,6 +432,13 @@ def parse_args(argv=None):
                    "| full (the bare flag)")
     g.add_argument("--frozen-dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="dtype of the frozen weights (default: bf16 with bf16 precision, else fp32)")
+    g.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                   help="as train.py --optimizer: fp32 AdamW state (default) or bitsandbytes' 8-bit")
+    g.add_argument("--free-grads", action="store_true",
+                   help="as train.py --free-grads: each gradient freed once its tensor has been stepped in backward")
+    g.add_argument("--table", action="store_true",
+                   help="the budget of each memory option at 256^2 and 384^2, --frames (16), batch 1+1 and 2+2, with "
+                   "--checkpointing as given (8 meta traces: minutes for modelscope-1.7b)")
     g = p.add_argument_group("--full-size: by hand, never in CI")
     g.add_argument("--full-size", action="store_true",
                    help="one 1.7B NewMove training step on CPU: time and peak memory -> benchmarks/full_size.md")

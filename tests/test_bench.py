@@ -91,13 +91,17 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
     assert peaks["ours"] < min(0.95 * plain_peak, 0.8 * peaks["diffusers"]), (plain_peak, peaks)
 
 
-@pytest.mark.parametrize("mode", ["none", "selective", "full"])
-def test_estimator_predicts_the_measured_step_peak(mode):
-    """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode."""
+@pytest.mark.parametrize("mode,free_grads", [("none", False), ("selective", False), ("full", False), ("full", True)])
+def test_estimator_predicts_the_measured_step_peak(mode, free_grads):
+    """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode, and with
+    train.py --free-grads (AdamW stepped per tensor inside backward, gradients freed) where it saves memory: with full
+    checkpointing (without, the peak comes at the start of backward, before any gradient exists). Measured ratios
+    real / predicted: 1.0003, 1.0086, 1.0026; with --free-grads 1.022 (a constant 0.17 MiB more on the toy preset, the
+    same with a no-op update; 1.0009 on the tiny preset), hence 3% there."""
     cfg, ck = unet3d.UNET_PRESETS["toy"], harness.CHECKPOINTING[mode]
-    pred = estimate.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["memory"]["peak"]
-    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32")["peak"]
-    assert abs(real / pred - 1) < 0.02, (mode, real, pred)
+    pred = estimate.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32", free_grads=free_grads)["memory"]["peak"]
+    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32", free_grads=free_grads)["peak"]
+    assert abs(real / pred - 1) < (0.03 if free_grads else 0.02), (mode, real, pred)
     assert harness.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
 
 
@@ -129,3 +133,25 @@ def test_estimate_runs_from_the_readme_command_and_from_compare_py(script, capfd
     else:
         r = run_script(capfd, f"benchmarks/{script}", *args)
     assert r.returncode == 0 and "parameters: total" in r.stdout and "GPU memory budget" in r.stdout, r.stderr[-2000:]
+
+
+def test_gpu_check_runs_every_memory_option_in_its_tiny_cpu_mode(tmp_path):
+    """benchmarks/gpu_check.py --tiny (the CUDA check's code on the CPU): each memory option trains, its peak is measured
+    next to the estimator's total for the same step (within 3%: measured 0.993-1.003), and the results files are
+    written; 8-bit options say why they were skipped when bitsandbytes is missing."""
+    import gpu_check
+
+    # two steps: with --free-grads the first one creates the optimizer state during backward, so only the second
+    # holds all of it at its peak (the first alone measured 0.85 of the prediction)
+    records = gpu_check.main(["--tiny", "--steps", "1", "--out", str(tmp_path)])
+    assert [r["option"] for r in records] == list(estimate.OPTIONS)
+    for r in records:
+        if "skipped" in r:
+            assert "bitsandbytes" in r["skipped"] and not gpu_check.optim.has_bitsandbytes(), r
+            continue
+        assert abs(r["measured_over_predicted"] - 1) < 0.03, r
+    lines = (tmp_path / "gpu_check.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "| 64² | adamw |" in (tmp_path / "gpu_check.md").read_text()
+    # the saving each option is for: 8-bit state, gradients freed (full checkpointing, the default)
+    by = {r["option"]: r["predicted_bytes"] for r in records}
+    assert by["adamw8bit"] < by["adamw"] and by["free-grads"] < by["adamw"]

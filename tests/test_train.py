@@ -617,3 +617,48 @@ def test_subject_only_run_trains_the_subject_set_only(world, subject, tmp_path, 
         cfg = _cfg(root, model, tmp_path / "bad", subject_videos=str(subject), subject_class="square", frames=2)
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(cfg, **kw))
+
+
+# --------------------------------------------------------------------------------------------------- memory options
+
+
+def _same(a, b):
+    a, b = weights.read_state_dict(a), weights.read_state_dict(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_free_grads_gives_the_usual_weights_bit_for_bit(world, tmp_path):
+    """--free-grads (each tensor's AdamW step inside backward, its gradient freed there) vs the usual step with clipping
+    off: a step with --grad-accum 2 (the first micro-batch's backward only accumulates) taken inside backward, then
+    resumed from its checkpoint with the usual step, is the usual run: the same weights bit for bit and the same logged
+    losses and grad norms. Combinations that need every gradient before the step are refused."""
+    root, model = world
+    kw = dict(frames=2, steps=2, grad_clip=0.0, grad_accum=2, ckpt_every=1, cache=str(tmp_path / "c"))
+    plain = train.main(_cfg(root, model, tmp_path / "plain", **kw))
+    train.main(_cfg(root, model, tmp_path / "free", free_grads=True, **{**kw, "steps": 1}))  # step 1 inside backward
+    free = train.main(_cfg(root, model, tmp_path / "free", resume=True, **kw))  # step 2 by the usual step
+    assert _same(plain, free)
+    logs = [[(r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())]
+            for d in ("plain", "free")]
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    for bad, msg in [(dict(grad_clip=1.0), "--free-grads cannot clip.*--grad-clip 0"),
+                     (dict(precision="fp16"), "--free-grads does not work with --precision fp16")]:
+        with pytest.raises(SystemExit, match=msg):
+            train.main(_cfg(root, model, tmp_path / "bad", **{**kw, "free_grads": True, **bad}))
+
+
+def test_adamw8bit_resumes_bit_for_bit(world, tmp_path):
+    """--optimizer adamw8bit (bitsandbytes): its uint8 state goes through the weights-only checkpoint, and a run stopped
+    after 1 step and resumed to 2 equals the uninterrupted run bit for bit; the optimizer cannot change on resume."""
+    pytest.importorskip("bitsandbytes", reason="--optimizer adamw8bit needs bitsandbytes (requirements-test.txt)")
+    root, model = world
+    kw = dict(frames=2, optimizer="adamw8bit", cache=str(tmp_path / "c"))
+    full = train.main(_cfg(root, model, tmp_path / "full", steps=2, **kw))
+    state = torch.load(tmp_path / "full" / "state.pt", weights_only=True)
+    codes = [t for s in state["optimizer"]["state"].values() for t in s["__bnb_optimizer_quant_state__"].values()
+             if t.dtype == torch.uint8]
+    assert codes and all(t.dtype == torch.uint8 for t in codes)  # m and v held as 8-bit codes
+    train.main(_cfg(root, model, tmp_path / "resumed", steps=1, **kw))
+    assert _same(full, train.main(_cfg(root, model, tmp_path / "resumed", steps=2, resume=True, **kw)))
+    with pytest.raises(SystemExit, match="--optimizer"):  # the optimizer decides what trains: no change on resume
+        train.main(_cfg(root, model, tmp_path / "resumed", steps=4, resume=True, **{**kw, "optimizer": "adamw"}))

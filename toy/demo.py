@@ -161,6 +161,8 @@ def parser():
                    "the same, 3x slower)")
     p.add_argument("--lr", type=float, default=6e-4, help="toy-scale learning rate (the 1.7B model uses 5e-6)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                   help="train.py --optimizer (adamw8bit: bitsandbytes' 8-bit AdamW; README 'Memory')")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per novel-motion prompt")
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (0: skip the "
                    "forgetting check)")
@@ -228,7 +230,7 @@ def main(argv=None, overrides=None, quiet=False, full=False):
                                reg_caption="a shape moving", token=args.token, frames=8, size=32, steps=args.steps,
                                lr=args.lr, batch_size=args.batch_size, precision="fp32", log_every=25, ckpt_every=0,
                                out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
-                               **(overrides or {}))
+                               **{"optimizer": args.optimizer, **(overrides or {})})
             t_train = time.time()
             delta = args.delta or train.main(cfg)
             t_train = time.time() - t_train
