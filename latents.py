@@ -170,8 +170,8 @@ def encode_run_sets(cfg, models, prior: str, token_id, amp, out: Path, run) -> t
 
 def subject_clips(cfg, spec: data.ClipSpec, kw: dict) -> data.VideoDataset:
     """The subject's examples (--subject-videos): videos, and still images (a one-frame clip padded to --frames by
-    repeating it; encode_run_sets keeps one frame of it unless --still-frames static), captioned by sidecar, metadata.jsonl or --subject-caption; each must name the
-    subject token, or the run would learn the subject under no word."""
+    repeating it; encode_run_sets keeps one frame of it unless --still-frames static), captioned by sidecar,
+    metadata.jsonl or --subject-caption; each must name the subject token, or the run would learn it under no word."""
     template = cfg.subject_caption.replace("{subject_token}", cfg.subject_token).replace("{class}", cfg.subject_class)
     clips = load_clips(cfg.subject_videos, spec, template, cfg.subject_token, instance=True, stills=True, **kw)
     word = re.compile(rf"(?<!\w){re.escape(cfg.subject_token)}(?!\w)")

@@ -213,7 +213,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             # its order seed (seed + 1) and a run without --subject-videos draws exactly what it drew before
             clips = sorted(clips, key=lambda c: c[0] == "reg")
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
-            groups = latents.shape_groups(clips, cfg.frames)  # usually one: all clips in ONE UNet call; else one per bucket
+            # usually one group: all clips in ONE UNet call; else one per aspect bucket, and one for one-frame stills
+            groups = latents.shape_groups(clips, cfg.frames)
             for k, pos in enumerate(groups):
                 x0, ctx = latents.batch_latents([clips[j] for j in pos], b, cfg.seed, cfg.frames,
                                                 cfg.window == "random", g, run.device)  # (b, 4, F, h, w), (b, 77, D)
@@ -227,7 +228,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                 per_clip[pos] = mse.detach()
                 stats.by_timestep(t, mse.detach())
             stats.add(per_clip)
-        if learn_words and run.ddp:  # the token rows is outside the DDP-wrapped UNet: average its gradient by hand
+        if learn_words and run.ddp:  # the token rows are outside the DDP-wrapped UNet: average its gradient by hand
             dist.all_reduce(text.placeholder_embeddings.grad, op=dist.ReduceOp.AVG)
         grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip)
         step += 1

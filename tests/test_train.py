@@ -198,7 +198,7 @@ def test_exact_resume_after_sigkill(world, subject, tmp_path, capfd, sets):
               "--reg-caption", "a square moving", "--frames", "2", "--size", "32", "--steps", "8", "--lr", "1e-3",
               "--precision", "fp32", "--log-every", "1", "--ckpt-every", "1", "--seed", "2",
               "--cache", str(tmp_path / "cache")]  # 2-frame windows: half the cost of a step
-    if sets == "motion+subject":  # two stills (static clips) and a video with a sidecar caption
+    if sets == "motion+subject":  # two stills (one-frame clips: their own UNet call) and a video with a caption
         common += ["--subject-videos", str(subject), "--subject-class", "square"]
     full = run_script(capfd, "train.py", *common, "--out", tmp_path / "full", num_threads=1)
     assert full.returncode == 0, full.text[-3000:]

@@ -44,7 +44,7 @@ from toy.scorer import ToyScorer, hsv
 # colours only, turns violet into magenta (hue 267 -> 291-299 on circles), so no UNet can draw it (README).
 SUBJECTS = {"red triangle": ("red", "triangle"), "violet ring": ("violet", "ring")}
 SUBJECT = SUBJECTS["red triangle"]
-HUE_TOL = 17  # degrees around a new colour's hue; violet's neighbours blue and magenta read 221-231 and 300-307 degraded
+HUE_TOL = 17  # degrees around a new colour's hue: violet's neighbours blue, magenta read 221-231, 300-307 degraded
 RUNS = {"base": (), "both": ("motion", "subject"), "motion": ("motion",), "subject": ("subject",)}
 # (prompt, motion asked for, subject asked for)
 PROMPTS = (("a {s} doing {m}", "moving in a circle", True), ("a {s} moving left", "moving left", True),
