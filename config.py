@@ -47,10 +47,11 @@ class Config:
     subject_videos: str = opt("", "folder of example videos or still images (each a clip: see --still-frames) "
                               "of a new subject, trained in the same run as --videos (motion and appearance "
                               "customization, paper Table 1); alone: a subject-only run ('' = none)")
-    still_frames: str = opt("1", "a still image in --subject-videos becomes: 1 = a clip of one frame, in a UNet call "
-                            "of its own | static = a clip of --frames copies of it. 1 by default: in the toy world "
-                            "static clips also taught the subject word 'does not move' (README), one-frame clips did "
-                            "not, and cost 1/--frames of the compute", choices=("1", "static"))
+    still_frames: str = opt("static", "a still image in --subject-videos becomes: static = a clip of --frames copies "
+                            "of it | 1 = a clip of one frame, in a UNet call of its own (1/--frames of the compute). "
+                            "static by default: in the toy world's motion + subject run, prompts naming the subject "
+                            "followed the motion words far more often after static clips (README)",
+                            choices=("static", "1"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
     subject_caption: str = opt("a {subject_token} {class}", "caption for subject examples without a sidecar "

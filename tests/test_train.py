@@ -199,7 +199,7 @@ def test_exact_resume_after_sigkill(world, subject, tmp_path, capfd, sets):
               "--precision", "fp32", "--log-every", "1", "--ckpt-every", "1", "--seed", "2",
               "--cache", str(tmp_path / "cache")]  # 2-frame windows: half the cost of a step
     if sets == "motion+subject":  # two stills (one-frame clips: their own UNet call) and a video with a caption
-        common += ["--subject-videos", str(subject), "--subject-class", "square"]
+        common += ["--subject-videos", str(subject), "--subject-class", "square", "--still-frames", "1"]
     full = run_script(capfd, "train.py", *common, "--out", tmp_path / "full", num_threads=1)
     assert full.returncode == 0, full.text[-3000:]
     killed = _run(common + ["--out", str(tmp_path / "killed")], env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -585,8 +585,7 @@ def _spy_batches(monkeypatch):
 def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_path, monkeypatch):
     root, model = world
     seen = _spy_batches(monkeypatch)
-    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"),
-              still_frames="static")  # stills as static clips: every clip of a step in one UNet call
+    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"))
     full = train.main(_cfg(root, model, tmp_path / "full", steps=3, **kw))
     tok = load_models(model).tokenizer
     pll, sks = tok.encode("pll")[0], tok.encode("sks")[0]
@@ -602,8 +601,8 @@ def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_p
 
 
 def test_still_images_as_one_frame_clips_and_a_learned_subject_word(world, subject, tmp_path, monkeypatch):
-    """--still-frames 1 (the default): each still is a clip of one frame, in a UNet call of its own (F = 1) next to the
-    call of the other clips; --train-subject-token: the subject word's embedding row trains and the delta carries it."""
+    """--still-frames 1: each still is a clip of one frame, in a UNet call of its own (F = 1) next to the call of the
+    other clips; --train-subject-token: the subject word's embedding row trains and the delta carries it."""
     root, model = world
     calls, real = [], latents.batch_latents
 
@@ -614,8 +613,7 @@ def test_still_images_as_one_frame_clips_and_a_learned_subject_word(world, subje
 
     monkeypatch.setattr(latents, "batch_latents", spy)
     delta = train.main(_cfg(root, model, tmp_path / "one", subject_videos=str(subject), subject_class="square",
-                            frames=2, batch_size=3, steps=2, train_subject_token=True))
-    assert train.Config().still_frames == "1"
+                            frames=2, batch_size=3, steps=2, still_frames="1", train_subject_token=True))
     # per step: the motion clips, the subject's video and the reg clips in one call (2 frames), its stills in another
     assert len(calls) == 4 and sorted(f for _, _, f in calls) == [1, 1, 2, 2]
     assert all(names == ["subject"] * len(names) and set(lengths) == {1} for names, lengths, f in calls if f == 1)
@@ -635,7 +633,7 @@ def test_subject_only_run_trains_the_subject_set_only(world, subject, tmp_path, 
     root, model = world
     seen = _spy_batches(monkeypatch)
     train.main(_cfg(root, model, tmp_path / "s", videos="", subject_videos=str(subject), subject_class="square",
-                    frames=2, steps=2, still_frames="static"))
+                    frames=2, steps=2))
     assert [name for name, _ in seen[0]] == ["subject", "reg"] and len(seen) == 2
     # bad subject input: one line naming the option
     stills = tmp_path / "stills"

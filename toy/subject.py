@@ -6,7 +6,7 @@ then score, against a motion-only and a subject-only run.
 
 The subject (--subject) is a red triangle, a look held out of every pretraining clip that the toy VAE reconstructs, or
 the violet ring (a colour and a shape in no pretraining clip, which the toy VAE turns magenta). Its examples are 8
-still images (PNG, captioned "a sks" by --subject-caption), read by train.py as one-frame clips (--still-frames); the
+still images (PNG, captioned "a sks" by --subject-caption), read by train.py as static clips (--still-frames); the
 motion's are the demo's 8 circle clips ("a <colour> <shape> doing pll"); the regularization set, lambda, steps and lr
 are the demo's. Each model samples 3 prompts x --seeds seeds, scored by toy/scorer.py: the motion asked for, and
 whether the subject is there (subject_present). Each finished model is one JSON file in --out (a rerun skips it; a
@@ -77,7 +77,7 @@ def tags(args, sets: tuple, scored: bool = True) -> list:
     out = [args.subject.replace(" ", "-")] if scored and args.subject != "red triangle" else []
     out += [x for x in (args.preset, args.timesteps) if sets and x not in ("newmove", "coarse")]
     out += ["token"] if "subject" in sets and args.train_subject_token else []
-    return out + (["static"] if "subject" in sets and args.still_frames == "static" else [])
+    return out + (["still1"] if "subject" in sets and args.still_frames == "1" else [])
 
 
 def label(name: str, args) -> str:
@@ -184,7 +184,7 @@ def main(argv=None):
     p.add_argument("--preset", default="newmove", choices=train.PRESETS, help="which weights train (train.py)")
     p.add_argument("--timesteps", default="coarse", choices=("coarse", "uniform", "fine"), help="train.py's")
     p.add_argument("--train-subject-token", action="store_true", help="train.py's: also learn sks's embedding")
-    p.add_argument("--still-frames", default="1", choices=("1", "static"), help="train.py's")
+    p.add_argument("--still-frames", default="static", choices=("static", "1"), help="train.py's")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seeds", type=int, default=10, help="sampling seeds per prompt")
