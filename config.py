@@ -44,9 +44,14 @@ class Config:
     jester_csv: str = opt("", "Jester layout: --videos is the frames root and this `<id>;<class>` CSV picks the clips")
     jester_class: str = opt("", "Jester class name to train on, e.g. 'Drumming Fingers' (matched by name)")
     limit: int = opt(0, "use at most this many instance clips, chosen with --seed (paper: 10); 0 = all", low=0)
-    subject_videos: str = opt("", "folder of example videos or still images (each a static clip of --frames copies) "
+    subject_videos: str = opt("", "folder of example videos or still images (each a clip: see --still-frames) "
                               "of a new subject, trained in the same run as --videos (motion and appearance "
                               "customization, paper Table 1); alone: a subject-only run ('' = none)")
+    still_frames: str = opt("static", "a still image in --subject-videos becomes: static = a clip of --frames copies "
+                            "of it | 1 = a clip of one frame, in a UNet call of its own (1/--frames of the compute). "
+                            "static by default: in the toy world's motion + subject run, prompts naming the subject "
+                            "followed the motion words far more often after static clips (README)",
+                            choices=("static", "1"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
     subject_caption: str = opt("a {subject_token} {class}", "caption for subject examples without a sidecar "
@@ -79,6 +84,8 @@ class Config:
     preset: str = opt("newmove", "which weights train; see PRESETS (newmove = temporal layers + spatial cross-attn K/V)",
                       choices=PRESETS)
     train_token: bool = opt(False, "also learn an embedding for --token (ablation; not NewMove)")
+    train_subject_token: bool = opt(False, "also learn an embedding for --subject-token, as Custom Diffusion does for "
+                                    "its new word (starts as the word's own embedding; the delta carries the row)")
     lora_rank: int = opt(0, "0 = full fine-tuning of the preset (NewMove); R > 0 = LoRA of rank R on its Linear layers",
                          low=0)
     lora_scale: float = opt(1.0, "LoRA output scale (paper ablation: rank 32, scale 1)")
@@ -188,7 +195,7 @@ def check_config(cfg: Config, given=None):
     if not cfg.videos and not cfg.subject_videos:
         raise SystemExit("error: --videos is required (a folder of example videos of the new motion; or "
                          "--subject-videos alone for a subject-only run)")
-    if cfg.subject_videos:
+    if cfg.subject_videos or cfg.train_subject_token:
         check_subject(cfg)
     if cfg.frozen_dtype != "fp32" and cfg.precision != "auto" and cfg.frozen_dtype != cfg.precision:
         raise SystemExit("error: --frozen-dtype bf16/fp16 needs the same --precision (autocast)")
@@ -235,6 +242,8 @@ def check_subject(cfg: Config):
     if not cfg.videos and PRESETS[cfg.preset].get("train_token", cfg.train_token):  # it would get no gradient
         raise SystemExit(f"error: --train-token (or --preset {cfg.preset}) learns the embedding of --token, the "
                          f"motion's word, and a subject-only run (no --videos) has no caption with it")
+    if cfg.train_subject_token and not cfg.subject_videos:
+        raise SystemExit("error: --train-subject-token learns the embedding of --subject-token: give --subject-videos")
     if "{class}" in cfg.subject_caption and not cfg.subject_class.strip():
         raise SystemExit(f"error: --subject-caption {cfg.subject_caption!r} uses {{class}}: give --subject-class "
                          f"(e.g. dog), or a caption without it")

@@ -160,13 +160,14 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- choice 1, which weights train: temporal layers + spatial cross-attention K/V (PRESETS["newmove"]) ---
     chosen, trainable, token_id = make_trainable(cfg, unet, text, models.tokenizer, train_token)
+    learn_words = train_token or cfg.train_subject_token  # a text-encoder row trains too (--token's, --subject-token's)
     if run.master:
         print_param_table(unet, trainable, cfg)
     unet.set_gradient_checkpointing({"none": False, "selective": "selective", "full": True}[cfg.checkpointing])
 
     # --- data: every clip encoded once (latents.py); choice 2, the regularization set, is `reg` ---
     inst, subj, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)
-    if not cfg.val_every and not train_token:  # validation needs the decoder and the text encoder; else free them
+    if not cfg.val_every and not learn_words:  # validation needs the decoder and the text encoder; else free them
         del models.vae, models.text_encoder, text  # ~0.4 B frozen params gone before the loop
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -214,11 +215,12 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             # its order seed (seed + 1) and a run without --subject-videos draws exactly what it drew before
             clips = sorted(clips, key=lambda c: c[0] == "reg")
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
-            groups = latents.shape_groups(clips)  # usually one: all clips in ONE UNet call; else one per bucket
+            # usually one group: all clips in ONE UNet call; else one per aspect bucket, and one for one-frame stills
+            groups = latents.shape_groups(clips, cfg.frames)
             for k, pos in enumerate(groups):
                 x0, ctx = latents.batch_latents([clips[j] for j in pos], b, cfg.seed, cfg.frames,
                                                 cfg.window == "random", g, run.device)  # (b, 4, F, h, w), (b, 77, D)
-                if train_token:  # captions that use the token are re-encoded with grad through its embedding
+                if learn_words:  # captions that use a learned word are re-encoded with grad through its embedding
                     tokens = torch.stack([clips[j][1]["tokens"][clips[j][2]] for j in pos])  # (b, 77)
                     ctx = te.reencode_placeholders(text, tokens, ctx)
                 last = micro == cfg.grad_accum - 1 and k == len(groups) - 1  # DDP all-reduces in the last backward
@@ -230,7 +232,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                 per_clip[pos] = mse.detach()
                 stats.by_timestep(t, mse.detach())
             stats.add(per_clip)
-        if train_token and run.ddp:  # the token row is outside the DDP-wrapped UNet: average its gradient by hand
+        if learn_words and run.ddp:  # the token rows are outside the DDP-wrapped UNet: average its gradient by hand
             dist.all_reduce(text.placeholder_embeddings.grad, op=dist.ReduceOp.AVG)
         grad_norm = optimizer.finish() if cfg.free_grads else optimizer_step(optimizer, scaler, params, cfg.grad_clip)
         step += 1
@@ -252,7 +254,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     # --- outputs: the delta (only the trained tensors), a final checkpoint, optionally the whole diffusers UNet ---
     if not cfg.lora_rank:  # (with LoRA the adapters are merged away below; the last periodic checkpoint stays)
         runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
-    delta, meta = delta_tensors(cfg, unet, chosen, trainable, models.tokenizer, text if train_token else None)
+    delta, meta = delta_tensors(cfg, unet, chosen, trainable, models.tokenizer, text if learn_words else None)
     meta.update(base_fingerprint=fingerprint, steps=step)
     if run.master:
         save_state_dict(delta, delta_path, metadata=meta, overwrite=cfg.resume)
@@ -308,6 +310,9 @@ def make_trainable(cfg: Config, unet, text, tokenizer, train_token: bool) -> tup
     token_id = None
     if train_token:  # ablation (c) and the Textual Inversion / Custom Diffusion baselines: a learned token row
         token_id = te.add_placeholder_token(tokenizer, text, cfg.token, init_from=cfg.token)
+    if cfg.train_subject_token:  # Custom Diffusion's other half for the subject: its word's row, from the word itself
+        te.add_placeholder_token(tokenizer, text, cfg.subject_token, init_from=cfg.subject_token)
+    if train_token or cfg.train_subject_token:  # one tensor holds every learned row
         text.placeholder_embeddings.requires_grad_(True)
         trainable.append(("text_encoder.placeholder_embeddings", text.placeholder_embeddings))
     if not trainable:

@@ -10,6 +10,7 @@ Bars (measured values in brackets, 32 x 32, 8 frames, all 10 motions):
   mp4 round trip through data.VideoDataset (yuv444p crf 0 and yuv420p crf 10): motion and colour 100%.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +153,40 @@ def test_trail_option_draws_behind_moving_shapes_only():
 
 
 def test_the_toy_subject_is_told_apart_from_every_named_colour():
-    """toy/subject.py's presence check: a degraded violet ring (the subject, in no pretraining clip) reads as present
-    whatever its motion; degraded shapes of each of the 8 named colours never do."""
-    from toy.subject import SUBJECT, subject_present
+    """toy/subject.py's presence check on degraded clips: the red triangle (the default subject, a look held out of
+    pretraining) reads as present in most of them (the scorer takes 4 of these 10 blurred, JPEG'd triangles for
+    circles: the shape is the weak half of the check), red shapes of other kinds and triangles of other colours never
+    do; the violet ring (no pretraining clip has violet) is told apart from shapes of each of the 8 named colours."""
+    from toy.subject import SUBJECTS, subject_present
 
     scorer = ToyScorer()
-    rings = [make_clip(i, motion=MOTIONS[i % len(MOTIONS)], look=SUBJECT) for i in range(10)]
+    read = lambda clips, look: [subject_present(scorer.analyse(degrade(c.video, seed=k)), look)  # noqa: E731
+                                for k, c in enumerate(clips)]
+    look = SUBJECTS["red triangle"]
+    subjects = [make_clip(i, motion=MOTIONS[i % len(MOTIONS)], look=look) for i in range(10)]
+    others = [make_clip(200 + i, look=x) for i, x in enumerate([("red", s) for s in SHAPES if s != "triangle"]
+                                                               + [(c, "triangle") for c in COLOURS if c != "red"])]
+    assert sum(read(subjects, look)) == 6 and not any(read(others, look))
+    look = SUBJECTS["violet ring"]
+    rings = [make_clip(i, motion=MOTIONS[i % len(MOTIONS)], look=look) for i in range(10)]
     others = [make_clip(100 + i, colour=c) for i, c in enumerate(COLOURS) for _ in range(2)]
-    read = lambda clips: [subject_present(scorer.analyse(degrade(c.video, seed=k))["rgb"])  # noqa: E731
-                          for k, c in enumerate(clips)]
-    assert all(read(rings)) and not any(read(others))
+    assert all(read(rings, look)) and not any(read(others, look))
+
+
+def test_the_subject_measurement_is_reproducible_from_its_command(tmp_path):
+    """toy/subject.py (issue 19) in a tiny setting (one training step, one seed, 2 DDIM steps): the command it writes
+    at the top of its table, run again into a new folder, gives the same record and table."""
+    from toy import subject
+
+    first = tmp_path / "a"
+    argv = ["--out", str(first), "--runs", "subject", "--steps", "1", "--seeds", "1", "--sample-steps", "2",
+            "--jobs", "1"]
+    subject.main(argv)
+    command = (first / "table.md").read_text().splitlines()[0].split()
+    assert command[:2] == ["python", "toy/subject.py"] and command[2:] == argv
+    again = [str(tmp_path / "b") if a == str(first) else a for a in command[2:]]
+    subject.main(again)
+    a, b = (json.loads((tmp_path / d / "subject.json").read_text()) for d in "ab")
+    assert a == b and a["scores"]["a sks doing pll"]["colour"]  # every reading, not only the shares
+    tables = [(tmp_path / d / "table.md").read_text().splitlines()[1:] for d in "ab"]  # all but the command line
+    assert tables[0] == tables[1]
