@@ -164,6 +164,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     if run.master:
         print_param_table(unet, trainable, cfg)
     unet.set_gradient_checkpointing({"none": False, "selective": "selective", "full": True}[cfg.checkpointing])
+    unet.set_elementwise_recompute(cfg.elementwise_recompute)
 
     # --- data: every clip encoded once (latents.py); choice 2, the regularization set, is `reg` ---
     inst, subj, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)

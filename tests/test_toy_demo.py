@@ -1,6 +1,7 @@
 """The committed toy base model loads through the normal loaders, samples with the right shapes and fits the size
 budget, and a short customization run teaches it a novel motion."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,15 +42,19 @@ def test_short_customization_teaches_the_novel_motion(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_demo_scores_the_same_in_two_processes_as_in_one():
+def test_demo_scores_the_same_in_two_processes_as_in_one(tmp_path):
     """--jobs 2 (the base model scored in a worker process while training, the customized scoring split) is only a
     schedule: the same per-video scores as --jobs 1 with one thread on a short run (one thread in both, as the float
-    sums of a kernel may split differently over two threads)."""
+    sums of a kernel may split differently over two threads). The videos both processes write as they score are the
+    ones index.json lists."""
     from toy import demo
 
-    argv = ["--steps", "2", "--seeds", "1", "--base-seeds", "0", "--reg", "2", "--sample-steps", "5", "--samples", ""]
-    one, two = (demo.main(argv + extra, quiet=True, full=True) for extra in (["--jobs", "1", "--threads", "1"],
-                                                                             ["--jobs", "2"]))
+    argv = ["--steps", "2", "--seeds", "1", "--base-seeds", "0", "--reg", "2", "--sample-steps", "5"]
+    one, two = (demo.main(argv + extra, quiet=True, full=True) for extra in (
+        ["--jobs", "1", "--threads", "1", "--samples", ""], ["--jobs", "2", "--samples", str(tmp_path / "s")]))
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    stems = sorted(v[when]["stem"] for v in index["videos"] for when in ("before", "after"))
+    assert len(stems) == 10 and stems == sorted(f"{p.parent.name}/{p.stem}" for p in (tmp_path / "s").rglob("*.mp4"))
     for when in ("before", "after"):
         assert len(one["novel"][when]["per_video"]["leak"]) == 5
         assert one["novel"][when]["per_video"] == two["novel"][when]["per_video"], when
@@ -66,3 +71,25 @@ def test_probe_measures_prompt_sensitivity():
     rows = probe.main(["--timesteps", "999", "500", "--batch", "2"])
     assert list(rows) == [999, 500] and all(len(v) == len(probe.VARIANTS) for v in rows.values())
     assert all(0 < x < 1 for v in rows.values() for x in v)  # every changed word moves the prediction, a little
+
+
+def test_after_scoring_split_halves_the_work_and_joins_back():
+    """--jobs 2 scores the customized model's videos half in each process: the novel set and the base set's tail in the
+    worker, the base set's head here; joined() puts the base set's per-video lists back in prompt order."""
+    from toy import demo
+
+    def part(lo, hi):  # a score() result for prompts lo..hi-1, with per-video values that name their prompt
+        per_video = {"motion": [float(i % 2) for i in range(lo, hi)], "colour": [1.0] * (hi - lo), "copy": [0.0] * (hi - lo)}
+        return demo.with_means({"per_video": per_video, "videos": torch.full((hi - lo, 1), lo), "stems": None,
+                                "motions": [str(i) for i in range(lo, hi)], "looks": [("red", "circle")] * (hi - lo)})
+
+    novel = ([f"n{i}" for i in range(20)], list(range(20)), ["circle"] * 20, {"train_looks": set()})
+    base = ([f"b{i}" for i in range(30)], list(range(30)), ["left"] * 30, {})
+    there, here = demo.split_after({"novel": novel, "base": base})
+    assert there["novel"] == novel and here["base"][0] == base[0][:25] and there["base tail"][0] == base[0][25:]
+    assert len(there["novel"][0]) + len(there["base tail"][0]) == len(here["base"][0])  # 25 videos each
+    whole = demo.joined(part(0, 25), part(25, 30))
+    assert whole["motions"] == [str(i) for i in range(30)] and whole["motion"] == 15 / 30 and len(whole["videos"]) == 30
+    assert demo.split_after({"novel": novel}) == ({"novel": novel}, {})  # no base set: the worker scores novel alone
+    there, here = demo.split_after({"novel": base, "base": novel})  # more novel than base videos: all base here
+    assert "base tail" not in there and here["base"][0] == novel[0]

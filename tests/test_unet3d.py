@@ -112,6 +112,13 @@ def test_gradient_checkpointing_gives_identical_gradients():  # full and selecti
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for other in grads[1:]:
         assert all(torch.allclose(grads[0][n], other[n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    # the element-wise intermediates kept instead of recomputed (toy demo): the same ops, so the same bits
+    model.set_gradient_checkpointing(False)
+    model.set_elementwise_recompute(False)
+    model.zero_grad()
+    torch.manual_seed(0)
+    model(x, t, ctx).square().mean().backward()
+    assert all(torch.equal(grads[0][n], p.grad) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="selective"):
         model.set_gradient_checkpointing("partial")
     assert any(g.abs().sum() > 0 for g in grads[0].values())

@@ -10,7 +10,7 @@
 3. train.py customizes it with the NewMove defaults (temporal layers + cross-attention K/V, coarse-noise timesteps,
    real-video regularization) at toy-scale learning rate and steps;
    (with --jobs 2, the default, step 2 runs in a second process while this one trains, one thread each);
-4. the same prompts and seeds are sampled again and scored. The table: novel-motion accuracy before/after, appearance
+4. the same prompts and seeds are sampled again and scored (--jobs 2: half the videos in each process). The table: novel-motion accuracy before/after, appearance
    (colour) accuracy, copy rate (the video shows the colour+shape of a training example although the prompt asked for
    another), the share above the toy copy score's threshold, and base-motion accuracy before/after (forgetting);
    then how many customized novel-motion videos copy each example clip (toy copy score above its threshold);
@@ -53,10 +53,11 @@ from toy.scorer import ToyScorer
 
 
 def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), desc="sampling", quiet=False,
-          train_videos=None):
+          train_videos=None, keep=None):
     """Sample (prompt, seed) pairs and score them: motion accuracy, colour accuracy, copy rate (a training clip's
     colour+shape instead of the asked one) and, given the training clips' videos, each video's leakage score (the
-    leak_similarity of its nearest training clip, toy/scorer.py). Per-video lists under "per_video"."""
+    leak_similarity of its nearest training clip, toy/scorer.py). Per-video lists under "per_video"; with a `keep`
+    folder, every video is also written there (sample.save_video) and its file stem listed under "stems"."""
     chunks = range(0, len(prompts), 16)
     videos = torch.cat([sample.generate(models, prompts[i:i + 16], seeds[i:i + 16], frames=8, height=32, width=32,
                                         steps=args.sample_steps, guidance=args.guidance, batch_size=16, progress=False)
@@ -70,8 +71,23 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
     if train_videos is not None:
         leak, nearest = toy_scorer.copy_scores(videos, train_videos)
         per_video.update(leak=leak.tolist(), nearest=nearest.tolist())
-    return {**{k: sum(v) / len(prompts) for k, v in per_video.items() if k in ("motion", "colour", "copy")},
-            "per_video": per_video, "videos": videos, "motions": motions, "looks": looks}
+    stems = [sample.save_video(v, keep, f"{sample.slug(p)}-seed{k}") for v, p, k in zip(videos, prompts, seeds)] \
+        if keep else None  # (writing draws no random numbers: it changes no result)
+    return with_means({"per_video": per_video, "videos": videos, "motions": motions, "looks": looks, "stems": stems})
+
+
+def with_means(r: dict) -> dict:
+    """score()'s result with the set's motion / colour / copy rates (the means of its per-video lists)."""
+    return {**r, **{k: sum(v) / len(v) for k, v in r["per_video"].items() if k in ("motion", "colour", "copy")}}
+
+
+def joined(first: dict, second: dict) -> dict:
+    """One score() result from the results of two consecutive slices of a prompt set (the after-scoring split)."""
+    per_video = {k: first["per_video"][k] + second["per_video"][k] for k in first["per_video"]}
+    stems = first["stems"] + second["stems"] if first["stems"] is not None else None
+    return with_means({"per_video": per_video, "videos": torch.cat([first["videos"], second["videos"]]),
+                       "motions": first["motions"] + second["motions"], "looks": first["looks"] + second["looks"],
+                       "stems": stems})
 
 
 def copies_per_clip(per_video: dict, clip_names: list, threshold: float) -> dict:
@@ -80,16 +96,28 @@ def copies_per_clip(per_video: dict, clip_names: list, threshold: float) -> dict
                                     [x > threshold for x in per_video["leak"]])
 
 
-def score_sets(args, sets: dict, delta_path, when: str, quiet: bool) -> dict:
+def score_sets(args, sets: dict, delta_path, when: str, quiet: bool, keep=None) -> dict:
     """score() of each set {name: (prompts, seeds, wanted motions, score() extras)} with the model plus the delta
     (None: the base model; noise-gated with --delta-from-t), in this process (or a worker's: everything it needs
-    comes in the arguments)."""
+    comes in the arguments); videos written to `keep`, if given."""
     models = load_models(args.model)
     if delta_path is not None:
         apply_delta(models, delta_path, args.delta_from_t)
     scorer = ToyScorer()
-    return {name: score(models, prompts, seeds, wants, args, scorer, desc=f"{when}: {name} prompts", quiet=quiet, **extra)
+    return {name: score(models, prompts, seeds, wants, args, scorer, desc=f"{when}: {name} prompts", quiet=quiet,
+                        keep=keep, **extra)
             for name, (prompts, seeds, wants, extra) in sets.items()}
+
+
+def split_after(sets: dict) -> tuple:
+    """The customized model's prompt sets in two halves of equal work, (the worker's, this process's): the novel set
+    and the tail of the base set there, the head of the base set here (joined() puts the base set back together)."""
+    if "base" not in sets:
+        return sets, {}
+    prompts, seeds, wants, extra = sets["base"]
+    k = min(len(prompts), (len(prompts) + len(sets["novel"][0])) // 2)  # this process's share of all videos
+    there = {"novel": sets["novel"], "base tail": (prompts[k:], seeds[k:], wants[k:], extra)}
+    return ({n: v for n, v in there.items() if v[0]}, {"base": (prompts[:k], seeds[:k], wants[:k], extra)})
 
 
 def examples_for(motion: str, n: int, seed: int, token: str) -> list:
@@ -128,8 +156,8 @@ def samples_folder(arg, quiet: bool):
 
 
 def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
-    """Write every sampled video to folder/<when>/<prompt>-seed<k> (sample.save_video: mp4, gif, png contact sheet)
-    and folder/index.json: `info` plus per video its set, prompt, seed, wanted motion and, per `when`, the file stem
+    """Write every sampled video to folder/<when>/<prompt>-seed<k> (sample.save_video: mp4, gif, png contact sheet;
+    a result whose "stems" score() wrote is only indexed) and folder/index.json: `info` plus per video its set, prompt, seed, wanted motion and, per `when`, the file stem
     and the scorer's motion, colour and shape. sets: name -> (prompts, seeds, wanted motions, {when: score() result});
     a result without videos (not sampled: --no-before) is left out. Returns the index path."""
     entries = []
@@ -139,7 +167,8 @@ def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
             for when, r in results.items():
                 if "videos" not in r:
                     continue
-                stem = sample.save_video(r["videos"][i], folder / when, f"{sample.slug(prompt)}-seed{seed}")
+                stem = r["stems"][i] if r.get("stems") else sample.save_video(  # (score() wrote it already)
+                    r["videos"][i], folder / when, f"{sample.slug(prompt)}-seed{seed}")
                 colour, shape = r["looks"][i]
                 entry[when] = {"stem": stem.relative_to(folder).as_posix(), "motion": r["motions"][i],
                                "colour": colour, "shape": shape}
@@ -210,8 +239,8 @@ def main(argv=None, overrides=None, quiet=False, full=False):
         if not base:
             del sets["base"]
         # --jobs 2: a second process (one thread each: the toy's ops gain little from a second thread, toy/speed.md)
-        # scores the base model while this one trains, then the novel set of the customized model while this one
-        # scores its base set; --jobs 1: all here, with --threads
+        # scores the base model while this one trains, then half of the customized model's videos while this one
+        # scores the other half; --jobs 1: all here, with --threads
         pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                                       initargs=(1,)) if args.jobs > 1 else None
         torch.set_num_threads(1 if pool else args.threads)
@@ -223,25 +252,36 @@ def main(argv=None, overrides=None, quiet=False, full=False):
                 done.set_result(f(*a))
                 return done
 
-            before = None if args.no_before else run(score_sets, args, sets, None, "base model", quiet)
+            # the worker's queue, in order: the base model's videos (written to before/ as they are scored), then the
+            # copy score's threshold, both while this process trains
+            before = None if args.no_before else run(score_sets, args, sets, None, "base model", quiet,
+                                                     keep and keep / "before")
+            calibration = run(toy_scorer.calibrate_leakage, args.motion, args.examples)
 
-            # 3. NewMove customization with train.py's defaults, toy-scale lr/steps
+            # 3. NewMove customization with train.py's defaults, toy-scale lr/steps (and, for speed only, the
+            # element-wise intermediates kept rather than recomputed: the same gradients bit for bit, toy/speed.md)
             cfg = train.Config(model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"),
                                reg_caption="a shape moving", token=args.token, frames=8, size=32, steps=args.steps,
                                lr=args.lr, batch_size=args.batch_size, precision="fp32", log_every=25, ckpt_every=0,
                                out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
-                               **{"optimizer": args.optimizer, **(overrides or {})})
+                               elementwise_recompute=False, **{"optimizer": args.optimizer, **(overrides or {})})
             t_train = time.time()
             delta = args.delta or train.main(cfg)
             t_train = time.time() - t_train
 
-            # 4. the same prompts and seeds, customized
+            # 4. the same prompts and seeds, customized: with --jobs 2 half the videos each (split_after), else the
+            # novel set, then the base set
             t_after = time.time()
-            there = run(score_sets, args, {"novel": sets["novel"]}, delta, "customized", quiet)
-            here = score_sets(args, {k: v for k, v in sets.items() if k != "novel"}, delta, "customized", quiet)
+            there_sets, here_sets = split_after(sets) if pool else ({"novel": sets["novel"]}, {
+                k: v for k, v in sets.items() if k != "novel"})
+            there = run(score_sets, args, there_sets, delta, "customized", quiet, keep and keep / "after")
+            here = score_sets(args, here_sets, delta, "customized", quiet, keep and keep / "after")
             after = {**there.result(), **here}
+            if "base tail" in after:
+                after["base"] = joined(after["base"], after.pop("base tail"))
             t_after = time.time() - t_after
             before = before.result() if before else {}
+            threshold = calibration.result()["threshold"]
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
@@ -250,7 +290,6 @@ def main(argv=None, overrides=None, quiet=False, full=False):
     after_novel, after_base = after["novel"], after.get("base", nan)
     # the toy copy score's threshold (5% of held-out videos that copy nothing score above it) and, per example clip,
     # the customized novel videos above it that are nearest to that clip: the clip a user would drop
-    threshold = toy_scorer.calibrate_leakage(args.motion, examples=args.examples)["threshold"]
     copies = copies_per_clip(after_novel["per_video"], clip_names, threshold)
 
     def leaked(r):  # the share of novel videos above the threshold (NaN: not scored, --no-before)
@@ -274,7 +313,7 @@ def main(argv=None, overrides=None, quiet=False, full=False):
               f"{threshold:.3f}, nearest clip):\n")
         print("\n".join(evaluate.copies_table(copies)))
 
-    # 5. keep the samples (after all sampling and scoring: writing them draws no random numbers and changes no result)
+    # 5. keep the samples: the index (score() wrote the videos as it went, keep_samples any it did not)
     if keep:
         info = {"command": "python toy/demo.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                 "motion": args.motion, "token": args.token, "steps": args.steps, "seed": args.seed,
@@ -290,7 +329,7 @@ def main(argv=None, overrides=None, quiet=False, full=False):
             print(f"samples: {keep}")
     table = {name: (a, b) for name, a, b in rows}
     if full:
-        drop = lambda r: {k: v for k, v in r.items() if k != "videos"}  # noqa: E731
+        drop = lambda r: {k: v for k, v in r.items() if k not in ("videos", "stems")}  # noqa: E731
         return {"rows": table, "novel": {"before": drop(before_novel), "after": drop(after_novel)},
                 "seconds": {"train": round(t_train, 1), "after": round(t_after, 1), "all": round(time.time() - t0, 1)},
                 "base": {"before": drop(before_base), "after": drop(after_base)}, "copies_per_training_clip": copies}
