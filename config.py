@@ -114,8 +114,8 @@ class Config:
                          "regression (README 'Memory')", choices=("adamw", "adamw8bit"))
     free_grads: bool = opt(False, "each trained tensor's optimizer step runs inside backward as soon as its gradient "
                            "is complete, and the gradient is freed: the same weights bit for bit, without holding all "
-                           "gradients. Saves memory with --checkpointing full only: 1.7B, 16 frames, 256^2 1+1: 14.13 "
-                           "-> 12.54 GB, 384^2 1+1: 16.92 -> 16.11 GB (estimated); measured on the CPU, tiny UNet: "
+                           "gradients. Saves memory with --checkpointing full only: 1.7B, 16 frames, 256^2 1+1: 13.07 "
+                           "-> 12.04 GB, 384^2 1+1: 15.86 -> 15.06 GB (estimated); measured on the CPU, tiny UNet: "
                            "43.7 -> 40.5 MiB; step time 1.23-1.29x on the toy CPU step (one optimizer call per tensor). "
                            "Needs --grad-clip 0; not with fp16 or torchrun")
     precision: str = opt("auto", "autocast dtype: bf16 | fp16 | fp32 | auto = bf16 on CUDA, fp32 on CPU (CPUs without "

@@ -26,7 +26,11 @@ budget for one configuration, all on the meta device (no weights, seconds even f
     peak (tests/test_bench.py asserts 2 %).
   * static: trainable weights fp32 (master), frozen weights in --frozen-dtype, AdamW m and v fp32 (--optimizer adamw8bit:
     bitsandbytes' 8-bit state, optim.state_bytes); with bf16 autocast also its cached bf16 copies of the trainable
-    weights (2 bytes each).
+    weights (2 bytes each), which the matmul/conv nodes keep for backward. Except under full checkpointing: there
+    the copies live in the forward (autocast's cache, cleared when train.py's autocast region exits) and, in
+    backward, those of the trainable weights outside the checkpointed layers (transformer_in) and of one recomputed
+    layer at a time (bounded by the largest), so the step term is max(forward peak + all copies, backward peak +
+    those). Real CPU run, tiny preset, bf16, full checkpointing: 0.971 of that (0.860 of peak + all copies).
   * --free-grads (train.py's): each gradient is dropped in the trace as soon as it is complete, as the optimizer step
     per tensor in backward does; it lowers the peak only where the peak comes after gradients exist (with full
     checkpointing; without, the peak is at the start of backward). The cross-check runs that step for real.
@@ -59,7 +63,7 @@ from pathlib import Path
 import torch
 
 import optim
-from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
+from unet3d import UNET_PRESETS, Level, UNet3D, UNet3DConfig
 from harness import (PERF_MD, TEXT_LEN, allocator_peak, amp_dtype, autocast, machine_cpu, meta_flops, meta_model,
                      parse_args, random_value, randomize_, reset_rss_peak, rss_now_bytes, rss_peak_bytes,
                      set_trainable, start, trace_step, train_inputs, train_step_fn, trainable_names, write_atomic)
@@ -100,13 +104,41 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
          "adamw8bit": f"8-bit AdamW m + v ({state / counts['trainable']:.2f} B per trainable param: codes, block "
                       f"scales, fp32 for tensors < 4096 values)"}[optimizer]: state,
     }
-    if bf16:
-        budget["autocast's cached bf16 copies of the trainable weights (2 B each)"] = 2 * counts["trainable"]
-    budget["step peak: activations + gradients + transients (traced)" if not free_grads else
-           "step peak: activations + the gradients not yet consumed + transients (traced, --free-grads)"] = mem["peak"]
+    step = ("step peak: activations + gradients + transients (traced" if not free_grads else
+            "step peak: activations + the gradients not yet consumed + transients (traced, --free-grads")
+    cache = 2 * counts["trainable"] if bf16 else 0  # autocast's bf16 copy of each trainable weight, 2 B a value
+    if bf16 and checkpointing is True:
+        # full checkpointing: the copies are cached while the forward runs (the cache is cleared when train.py's
+        # autocast region around the UNet exits); in backward each checkpointed layer re-casts its own under its own
+        # autocast region, kept by its recomputed graph until its backward is done. Not checkpointed: transformer_in.
+        copies = {"forward": mem["forward_peak"], "all copies": cache, "backward": mem["backward_peak"],
+                  "copies held in backward": 2 * copies_in_backward(m, names)}
+        budget[f"{step}) + autocast's bf16 weight copies where they live: max(forward + all copies, backward + "
+               f"copies held in backward)"] = max(
+            mem["forward_peak"] + cache, mem["backward_peak"] + copies["copies held in backward"])
+        cache = 0
+    else:  # without checkpointing or with selective, matmul/conv nodes keep the copies for backward: resident
+        if bf16:
+            budget["autocast's cached bf16 copies of the trainable weights (2 B each; kept for backward)"] = cache
+        budget[step + ")"] = mem["peak"]
+    step_bytes = list(budget.values())[-1]
     return {"counts": counts, "fwd_flops": mem["fwd_flops"], "step_flops": mem["step_flops"], "memory": mem,
             "budget": budget, "optimizer_state": state, "shapes": [m.get_parameter(n).shape for n in names],
-            "total": sum(budget.values())}
+            "step": step_bytes, "in_step": step_bytes + cache, "total": sum(budget.values()),
+            "copies": copies if bf16 and checkpointing is True else None}
+
+
+def copies_in_backward(model: UNet3D, names: list) -> int:
+    """Trainable values whose autocast copies can be alive at once in backward under full checkpointing: those outside
+    every checkpointed layer (their copies are saved for backward as usual) + those of the largest checkpointed layer
+    (each Level._run call: a ResBlock, TemporalConv, transformer or resampler, recomputed one after the other)."""
+    trainable = {id(model.get_parameter(n)) for n in names}
+    units = [unit for level in model.modules() if isinstance(level, Level) for group in level.children()
+             for unit in group]
+    per_unit = [{id(p): p.numel() for p in u.parameters() if id(p) in trainable} for u in units]
+    inside = set().union(*per_unit)
+    outside = sum(model.get_parameter(n).numel() for n in names if id(model.get_parameter(n)) not in inside)
+    return outside + max(sum(u.values()) for u in per_unit)
 
 
 # train.py's memory options, as the table and benchmarks/gpu_check.py run them: (--optimizer, --free-grads)
@@ -124,7 +156,7 @@ def option_budgets(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     for name, (kind, fg) in OPTIONS.items():
         e = traces[fg]
         total = e["total"] - e["optimizer_state"] + optim.state_bytes(kind, e["shapes"])
-        out[name] = {"peak": e["memory"]["peak"], "static": total - e["memory"]["peak"], "total": total}
+        out[name] = {"peak": e["step"], "static": total - e["step"], "total": total}
     return out
 
 
@@ -134,7 +166,9 @@ def print_table(args, precision: str, frozen: str):
     print(f"GPU memory budget per train.py memory option: UNet3D {args.preset}, {frames} frames, precision "
           f"{precision}, frozen weights {frozen}, checkpointing {args.checkpointing_name} (GB = 1e9 B; + CUDA context "
           f"~0.5-1 GB and fragmentation)\n")
-    print("| size | batch | option | weights + optimizer state + autocast cache | step peak (traced) | total |")
+    full = args.checkpointing is True and precision != "fp32"  # the autocast copies go with the step, not the static
+    print(f"| size | batch | option | weights + optimizer state{'' if full else ' + autocast cache'} | step peak "
+          f"(traced{' + autocast copies where they live' if full else ''}) | total |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in (256, 384):
         for batch in (2, 4):
@@ -220,6 +254,9 @@ def print_estimate(args):
     for k, v in e["budget"].items():
         print(f"  {v / GB:9.3f}  {k}")
     mem = e["memory"]
+    if e["copies"]:
+        print("             (" + ", ".join(f"{k} {v / GB:.3f}" for k, v in e["copies"].items()) + "; held: those "
+              "outside the checkpointed layers, of transformer_in, + those of the largest one)")
     print(f"  {e['total'] / GB:9.3f}  total (+ CUDA context ~0.5-1 GB and allocator fragmentation; the text encoder and "
           f"VAE are freed by train.py after caching)")
     print(f"  of the step peak: gradients {mem['grads'] / GB:.3f} GB; alive at the end of forward (saved activations + "
@@ -232,14 +269,14 @@ def print_estimate(args):
         hw = args.size // 8
         if cfg.downsample_factor > hw:
             return
-        cross, pred = precision, mem["peak"]
+        cross, pred = precision, e["in_step"]
         if precision != "fp32" and matmul_gflops(amp_dtype(precision)) < 0.2 * matmul_gflops(torch.float32):
             # without native bf16 (AVX512-BF16 / AMX) the real run would take ages: check the fp32 prediction instead
             print(f"\n(this CPU ({torch.backends.cpu.get_cpu_capability()}) emulates {precision} matmuls far slower than "
                   f"fp32, so the cross-check runs in fp32)")
             cross, frozen = "fp32", "fp32"
             pred = estimate(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, cross,
-                            frozen, free_grads=args.free_grads)["memory"]["peak"]
+                            frozen, free_grads=args.free_grads)["in_step"]
         print(f"\ncross-check: the same step ({cross}) run for real on this CPU ({torch.get_num_threads()} threads)...")
         r = real_step_peak(cfg, args.batch, frames, args.size, args.train_preset, args.checkpointing, cross, frozen,
                            args.free_grads, args.optimizer)
@@ -360,7 +397,6 @@ def full_size(args):
     alloc = allocator_peak(run, device)  # the step runs once, under the profiler's allocation log
     gib = lambda n: f"{n / 2 ** 30:.3f} GiB"  # noqa: E731
     adam = 8 * sum(p.numel() for p in params)
-    cache = e["budget"].get("autocast's cached bf16 copies of the trainable weights (2 B each)", 0)
     rows = [("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
             ("command", "python benchmarks/bench.py " + " ".join(sys.argv[1:])),
             ("torch / threads / CPU", f"{torch.__version__} / {torch.get_num_threads()} / {machine_cpu()} "
@@ -377,8 +413,8 @@ def full_size(args):
              gib(seen["rss_peak"])),
             ("peak RSS growth in the step", gib(seen["rss_peak"] - rss0)),
             ("allocator peak above the resident weights (measured)", gib(alloc)),
-            ("predicted by --estimate: fwd+bwd peak (activations + grads) + autocast weight cache",
-             gib(e["memory"]["peak"] + cache)),
+            ("predicted by --estimate: fwd+bwd peak (activations + grads) + autocast weight copies where they live",
+             gib(e["in_step"])),
             ("AdamW state allocated by this first step (8 B per trainable param)", gib(adam)),
             ("load average at the end", f"{os.getloadavg()[0]:.2f}")]
     text = "\n".join([f"## {rows[0][1]}", "", "| quantity | value |", "|---|---|"]

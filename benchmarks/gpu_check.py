@@ -13,9 +13,9 @@ autocast around the UNet, loss in fp32), --checkpointing (full by default: what 
 step (AdamW clipped at 1.0 as the official run; --free-grads without clipping, which it requires). Recorded:
 torch.cuda.max_memory_allocated over those steps (the first one creates the optimizer state), the median step time
 after the first, and the estimator's total for the same step (estimate.option_budgets: weights + optimizer state +
-autocast cache + traced step peak) with measured / predicted. 8-bit options are skipped, and say so, without
-bitsandbytes. Results: one JSON line per (size, option) appended to <out>/gpu_check.jsonl, and a markdown table
-printed and appended to <out>/gpu_check.md.
+traced step peak + autocast's bf16 weight copies, with full checkpointing where they live) with measured / predicted.
+8-bit options are skipped, and say so, without bitsandbytes. Results: one JSON line per (size, option) appended to
+<out>/gpu_check.jsonl, and a markdown table printed and appended to <out>/gpu_check.md.
 
 --tiny runs the same code on the CPU (the tiny UNet, fp32 so no bf16 emulation): the peak is the CPU allocator's
 (harness.allocator_peak over the steps) plus the bytes resident before them, so the file format and every code path

@@ -336,8 +336,10 @@ def trace_step(model, names: list, x, t, ctx, amp_scale: float = 1.0, free_grads
     soon as it is complete, as train.py --free-grads does after that tensor's optimizer step (the update's
     temporaries, two tensor-sized ones for torch's unfused AdamW and none for fused CUDA AdamW, are not counted: on the
     toy preset they never coincide with the peak). Returns FLOPs of the forward and of the whole step, the peak live
-    bytes, the bytes alive at the end of forward (saved activations + output), the gradient bytes (all of them, even
-    if they never live at once; FLOPs None with flops=False, which skips their pass and halves the time)."""
+    bytes (also of the forward part, up to the loss, and of the backward part, from the loss on: what the estimator
+    adds autocast's weight copies to under full checkpointing), the bytes alive at the end of forward (saved
+    activations + output), the gradient bytes (all of them, even if they never live at once; FLOPs None with
+    flops=False, which skips their pass and halves the time)."""
     set_trainable(model, names)
     model.train()
     fwd_flops = step_flops = None
@@ -366,17 +368,19 @@ def trace_step(model, names: list, x, t, ctx, amp_scale: float = 1.0, free_grads
     for h in hooks:
         h.remove()
     grad_bytes = sum(4 * model.get_parameter(n).numel() for n in names)  # float32, as the trainable weights
-    now = peak = 0.0
+    now, peaks = 0.0, [0.0, 0.0]  # the peak of the forward part (loss included), then of the backward part
     at_forward = None
     for i, (uid, n, fp32) in enumerate(tracker.events):
         if i == tracker.marks["forward"]:
             at_forward = now
         now += n * (amp_scale if fp32 and uid not in grad_uids else 1.0)
-        peak = max(peak, now)
+        part = int(i >= tracker.marks["forward"])
+        peaks[part] = max(peaks[part], now)
     for p in model.parameters():
         p.grad = None
-    return {"fwd_flops": fwd_flops, "step_flops": step_flops, "peak": peak,
-            "end_of_forward": now if at_forward is None else at_forward, "grads": grad_bytes}
+    at_forward = now if at_forward is None else at_forward
+    return {"fwd_flops": fwd_flops, "step_flops": step_flops, "peak": max(peaks), "forward_peak": peaks[0],
+            "backward_peak": max(peaks[1], at_forward), "end_of_forward": at_forward, "grads": grad_bytes}
 
 
 def machine_cpu() -> str:
