@@ -208,7 +208,8 @@ def parser():
     p.add_argument("--delta-from-t", type=float, default=None, metavar="TAU", help="customized weights only for "
                    "sampling steps with t >= TAU, the base model below (delta.py)")
     p.add_argument("--samples", default=None, help="keep the sampled videos and their index.json here (a new or "
-                   "empty folder; default: a new demo_out/<date-time>; '' = do not keep them)")
+                   "empty folder; default: a new demo_out/<date-time>; '' = do not keep them). Videos are written as "
+                   "they are scored, index.json last: a folder without it is an interrupted run")
     return p
 
 
