@@ -79,9 +79,10 @@ def test_after_scoring_split_halves_the_work_and_joins_back():
     from toy import demo
 
     def part(lo, hi):  # a score() result for prompts lo..hi-1, with per-video values that name their prompt
-        per_video = {"motion": [float(i % 2) for i in range(lo, hi)], "colour": [1.0] * (hi - lo), "copy": [0.0] * (hi - lo)}
-        return demo.with_means({"per_video": per_video, "videos": torch.full((hi - lo, 1), lo), "stems": None,
-                                "motions": [str(i) for i in range(lo, hi)], "looks": [("red", "circle")] * (hi - lo)})
+        n = hi - lo
+        per_video = {"motion": [float(i % 2) for i in range(lo, hi)], "colour": [1.0] * n, "copy": [0.0] * n}
+        return demo.with_means({"per_video": per_video, "videos": torch.full((n, 1), lo), "stems": None,
+                                "motions": [str(i) for i in range(lo, hi)], "looks": [("red", "circle")] * n})
 
     novel = ([f"n{i}" for i in range(20)], list(range(20)), ["circle"] * 20, {"train_looks": set()})
     base = ([f"b{i}" for i in range(30)], list(range(30)), ["left"] * 30, {})

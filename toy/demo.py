@@ -10,9 +10,9 @@
 3. train.py customizes it with the NewMove defaults (temporal layers + cross-attention K/V, coarse-noise timesteps,
    real-video regularization) at toy-scale learning rate and steps;
    (with --jobs 2, the default, step 2 runs in a second process while this one trains, one thread each);
-4. the same prompts and seeds are sampled again and scored (--jobs 2: half the videos in each process). The table: novel-motion accuracy before/after, appearance
-   (colour) accuracy, copy rate (the video shows the colour+shape of a training example although the prompt asked for
-   another), the share above the toy copy score's threshold, and base-motion accuracy before/after (forgetting);
+4. the same prompts and seeds are sampled again and scored (--jobs 2: half the videos in each process). The table:
+   novel-motion accuracy before/after, appearance (colour) accuracy, copy rate (the video shows the colour+shape of
+   a training example although the prompt asked for another), the share above the toy copy score's threshold, and base-motion accuracy before/after (forgetting);
    then how many customized novel-motion videos copy each example clip (toy copy score above its threshold);
 5. every sampled video is kept (mp4, gif and png contact sheet, before/ and after/) with an index.json of prompt, seed
    and the scorer's reading, in --samples (default: a new folder demo_out/<date-time>), named at the end;
@@ -157,9 +157,10 @@ def samples_folder(arg, quiet: bool):
 
 def keep_samples(folder: Path, info: dict, sets: dict) -> Path:
     """Write every sampled video to folder/<when>/<prompt>-seed<k> (sample.save_video: mp4, gif, png contact sheet;
-    a result whose "stems" score() wrote is only indexed) and folder/index.json: `info` plus per video its set, prompt, seed, wanted motion and, per `when`, the file stem
-    and the scorer's motion, colour and shape. sets: name -> (prompts, seeds, wanted motions, {when: score() result});
-    a result without videos (not sampled: --no-before) is left out. Returns the index path."""
+    a result whose "stems" score() wrote is only indexed) and folder/index.json: `info` plus per video its set,
+    prompt, seed, wanted motion and, per `when`, the file stem and the scorer's motion, colour and shape.
+    sets: name -> (prompts, seeds, wanted motions, {when: score() result}); a result without videos (not sampled:
+    --no-before) is left out. Returns the index path."""
     entries = []
     for name, (prompts, seeds, wants, results) in sets.items():
         for i, (prompt, seed, want) in enumerate(zip(prompts, seeds, wants)):
