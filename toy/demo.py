@@ -12,8 +12,9 @@
    (with --jobs 2, the default, step 2 runs in a second process while this one trains, one thread each);
 4. the same prompts and seeds are sampled again and scored (--jobs 2: half the videos in each process). The table:
    novel-motion accuracy before/after, appearance (colour) accuracy, copy rate (the video shows the colour+shape of
-   a training example although the prompt asked for another), the share above the toy copy score's threshold, and base-motion accuracy before/after (forgetting);
-   then how many customized novel-motion videos copy each example clip (toy copy score above its threshold);
+   a training example although the prompt asked for another), the share above the toy copy score's threshold, and
+   base-motion accuracy before/after (forgetting); then how many customized novel-motion videos copy each example clip
+   (toy copy score above its threshold);
 5. every sampled video is kept (mp4, gif and png contact sheet, before/ and after/) with an index.json of prompt, seed
    and the scorer's reading, in --samples (default: a new folder demo_out/<date-time>), named at the end;
    `python toy/figures.py --samples <that folder>` draws the README's before/after figures from it.
