@@ -283,9 +283,8 @@ class GEGLU(nn.Module):
 
     recompute = True  # UNet3D.set_elementwise_recompute
 
-    def forward(self, x):
-        h = self.proj(x)  # (..., 2 * hidden): all that is kept for backward, not also gelu(gate)
-        return recomputed(_geglu, h) if self.recompute else _geglu(h)
+    def forward(self, x):  # keeps proj's output (..., 2 * hidden) only, not also gelu(gate), unless recompute is off
+        return recomputed(_geglu, self.proj(x), enabled=self.recompute)
 
 
 def _geglu(h):
@@ -596,9 +595,10 @@ class _Recomputed(torch.autograd.Function):
         return (None, *(next(grads) if t.requires_grad else None for t in inputs))
 
 
-def recomputed(fn, *tensors):
-    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def recomputed(fn, *tensors, enabled: bool = True):
+    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed); enabled=False
+    (UNet3D.set_elementwise_recompute): plain autograd, which keeps fn's intermediates."""
+    if enabled and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _Recomputed.apply(fn, *tensors)
     return fn(*tensors)
 
@@ -607,9 +607,7 @@ def group_norm_silu(norm: nn.GroupNorm, x):
     """silu(norm(x)); in training only x is kept for backward (unless set_elementwise_recompute(False))."""
     def fn(x, w, b):
         return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
-    if not getattr(norm, "recompute", True):  # UNet3D.set_elementwise_recompute(False)
-        return fn(x, norm.weight, norm.bias)
-    return recomputed(fn, x, norm.weight, norm.bias)
+    return recomputed(fn, x, norm.weight, norm.bias, enabled=getattr(norm, "recompute", True))
 
 
 class Conv2d(nn.Conv2d):
