@@ -30,6 +30,10 @@ def test_bootstrap_intervals_cover_the_truth_and_pairing_resolves_shared_run_eff
     assert m == pytest.approx(0.05) and ablate.verdict(lo, hi) == "higher"
     assert ablate.bootstrap(a)[1] < ablate.bootstrap(b)[2]  # unpaired: overlapping intervals
     assert ablate.verdict(-0.1, 0.2) == "unresolved" and ablate.verdict(-0.3, -0.1) == "lower"
+    # against the paper's direction (its Table 2 cell "lower: 62.3"): a resolved difference holds or is reversed
+    assert ablate.reading("lower", "lower: 62.3") == "lower (holds)"
+    assert ablate.reading("higher", "lower (fails)") == "higher (reversed)"
+    assert ablate.reading("unresolved", "higher: 17.0") == "unresolved" and ablate.reading("lower", "") == "lower"
 
 
 def test_copy_score_separates_a_copied_training_clip_from_an_independent_one():

@@ -87,6 +87,14 @@ def verdict(lo: float, hi: float) -> str:
     return "higher" if lo > 0 else "lower" if hi < 0 else "unresolved"
 
 
+def reading(v: str, paper: str) -> str:
+    """A resolved verdict against the paper's direction ("lower: 62.3" -> lower): holds / reversed; else as is."""
+    direction = paper.split(":")[0].split(" ")[0]
+    if v == "unresolved" or direction not in ("lower", "higher"):
+        return v
+    return f"{v} ({'holds' if v == direction else 'reversed'})"
+
+
 # -----------------------------------------------------------------------------------------------------------------------
 # the results file: one JSON object per line, appended as each run finishes
 
@@ -208,9 +216,11 @@ def table(records: list, settings: dict) -> str:
               "motion and seed). With one run the interval resamples only its videos and says nothing about seed-to-seed "
               "variation; rows are compared in the paired table below, on shared cells only."]
     lines += ["", "Paired differences to NewMove (row minus NewMove, percentage points, same motions, seeds, prompts and "
-              "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0:", "",
+              "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0; '(holds)' / '(reversed)' = "
+              "a resolved difference in / against the paper's direction:", "",
               "| row | pairs | novel-motion accuracy | verdict | paper | copy score > threshold | verdict | paper | "
               "base-motion accuracy | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    tally = {}  # holds / reversed / unresolved -> the paper's comparisons
     for row, (_, _, paper) in ROWS.items():
         if row == "newmove" or row not in data or "newmove" not in data:
             continue
@@ -218,13 +228,21 @@ def table(records: list, settings: dict) -> str:
         if not pairs:
             continue
         cols = []
-        for name in ("novel-motion accuracy", "copy score > threshold", "base-motion accuracy"):
+        paper = paper or ("", "")
+        for name, claim in (("novel-motion accuracy", paper[0]), ("copy score > threshold", paper[1]),
+                            ("base-motion accuracy", "")):
             d = np.stack([data[row][k][name] - data["newmove"][k][name] for k in pairs])
             m, lo, hi = bootstrap(d)
-            cols += [fmt(m, lo, hi), verdict(lo, hi)]
-        paper = paper or ("", "")
+            cols += [fmt(m, lo, hi), reading(verdict(lo, hi), claim)]
+            if claim:  # a comparison the paper reports: tallied below the table
+                tally.setdefault(cols[-1].split("(")[-1].rstrip(")"), []).append(
+                    f"{row} {'accuracy' if name == 'novel-motion accuracy' else 'copying'}")
         lines.append(f"| {row} | {len(pairs)} | {cols[0]} | {cols[1]} | {paper[0]} | {cols[2]} | {cols[3]} | "
                      f"{paper[1]} | {cols[4]} | {cols[5]} |")
+    if tally:
+        lines += ["", "The paper's comparisons (its direction vs NewMove in accuracy and copying): " + "; ".join(
+            f"{k} {len(tally[k])}: {', '.join(tally[k])}" for k in ("holds", "reversed", "unresolved") if k in tally)
+            + "."]
     cal = [f"{m}: threshold {c['threshold']:.3f}, copies detected {100 * c['detected']:.0f}%"
            for m in motions for c in [toy_scorer.calibrate_leakage(m)]]
     lines += ["", f"Settings: {json.dumps(settings, sort_keys=True)}; motions: {', '.join(motions)}.",
