@@ -87,12 +87,19 @@ def verdict(lo: float, hi: float) -> str:
     return "higher" if lo > 0 else "lower" if hi < 0 else "unresolved"
 
 
-def reading(v: str, paper: str) -> str:
-    """A resolved verdict against the paper's direction ("lower: 62.3" -> lower): holds / reversed; else as is."""
+def agreement(v: str, paper: str) -> str:
+    """A verdict against the paper's direction ("lower: 62.3" -> lower): holds / reversed / unresolved; "" when the
+    paper gives no direction."""
     direction = paper.split(":")[0].split(" ")[0]
-    if v == "unresolved" or direction not in ("lower", "higher"):
-        return v
-    return f"{v} ({'holds' if v == direction else 'reversed'})"
+    if direction not in ("lower", "higher"):
+        return ""
+    return "unresolved" if v == "unresolved" else "holds" if v == direction else "reversed"
+
+
+def reading(v: str, paper: str) -> str:
+    """The table's verdict cell: a resolved verdict with its agreement with the paper ("lower (holds)")."""
+    a = agreement(v, paper)
+    return f"{v} ({a})" if a and v != "unresolved" else v
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -233,9 +240,10 @@ def table(records: list, settings: dict) -> str:
                             ("base-motion accuracy", "")):
             d = np.stack([data[row][k][name] - data["newmove"][k][name] for k in pairs])
             m, lo, hi = bootstrap(d)
-            cols += [fmt(m, lo, hi), reading(verdict(lo, hi), claim)]
-            if claim:  # a comparison the paper reports: tallied below the table
-                tally.setdefault(cols[-1].split("(")[-1].rstrip(")"), []).append(
+            v = verdict(lo, hi)
+            cols += [fmt(m, lo, hi), reading(v, claim)]
+            if agreement(v, claim):  # a comparison the paper reports: tallied below the table
+                tally.setdefault(agreement(v, claim), []).append(
                     f"{row} {'accuracy' if name == 'novel-motion accuracy' else 'copying'}")
         lines.append(f"| {row} | {len(pairs)} | {cols[0]} | {cols[1]} | {paper[0]} | {cols[2]} | {cols[3]} | "
                      f"{paper[1]} | {cols[4]} | {cols[5]} |")
