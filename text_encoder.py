@@ -182,7 +182,9 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # _weight: no init in the constructor (normal_ on the meta device, where the loaders build, imports
+        # torch._dynamo: seconds per process); the random init below is for real tensors only
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))  # learned, (77, D)
         # A ModuleDict only so that the keys read `transformer.resblocks.{i}.*`, as in open_clip files.
         self.transformer = nn.ModuleDict({"resblocks": nn.ModuleList(ResidualAttentionBlock(cfg)
@@ -191,8 +193,9 @@ class TextEncoder(nn.Module):
         # Rows for placeholder ids vocab_size, vocab_size + 1, ... (see add_placeholder_token). None until one is added,
         # so the state dict of a fresh model is exactly the released key set and loading stays strict.
         self.register_parameter("placeholder_embeddings", None)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)  # open_clip's init (only matters for untrained tests)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        if not self.positional_embedding.is_meta:  # open_clip's init (only matters for untrained tests)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
 
     def embed(self, tokens):  # (B, T) int64 -> (B, T, D)
         if self.placeholder_embeddings is None:
