@@ -36,9 +36,7 @@ def test_short_customization_teaches_the_novel_motion(tmp_path, monkeypatch):
     from toy import demo
 
     monkeypatch.chdir(tmp_path)
-    # --jobs 2 (the demo's default): the base model is scored in a second process while this one trains; measured
-    # the same 0% -> 50% as with --jobs 1 (one training thread instead of two)
-    rows = demo.main(CI_ARGS + ["--seeds", "2", "--base-seeds", "0", "--reg", "8", "--jobs", "2"], quiet=True)
+    rows = demo.main(CI_ARGS + ["--seeds", "2", "--base-seeds", "0", "--reg", "8", "--jobs", "1"], quiet=True)
     before, after = rows["novel-motion accuracy"]
     assert after >= before + CI_GAIN, f"novel-motion accuracy {before:.2f} -> {after:.2f} ({' '.join(CI_ARGS)})"
     assert list(tmp_path.iterdir()) == []
