@@ -34,7 +34,7 @@ def test_schedule_and_timesteps_match_upstream():
     assert sample.ddim_timesteps(50) == list(range(981, 0, -20))
 
 
-# A smaller original UNet than the parity config: the original code runs 100 forwards per sampling loop.
+# A smaller original UNet than the parity config: the original code runs two forwards per sampling step.
 SAMPLER_UNET = dict(TINY_ORIGINAL, unet_dim_mult=[1, 2], unet_res_blocks=1)
 STEPS = 20
 

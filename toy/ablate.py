@@ -242,8 +242,8 @@ def table(records: list, settings: dict) -> str:
             m, lo, hi = bootstrap(d)
             v = verdict(lo, hi)
             cols += [fmt(m, lo, hi), reading(v, claim)]
-            if agreement(v, claim):  # a comparison the paper reports: tallied below the table
-                tally.setdefault(agreement(v, claim), []).append(
+            if a := agreement(v, claim):  # a comparison the paper reports: tallied below the table
+                tally.setdefault(a, []).append(
                     f"{row} {'accuracy' if name == 'novel-motion accuracy' else 'copying'}")
         lines.append(f"| {row} | {len(pairs)} | {cols[0]} | {cols[1]} | {paper[0]} | {cols[2]} | {cols[3]} | "
                      f"{paper[1]} | {cols[4]} | {cols[5]} |")
