@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import layouts
 import text_encoder as te
 import unet3d
 import vae
@@ -87,36 +88,36 @@ def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | 
         conf = read_json(root / "configuration.json", "ModelScope configuration.json")
         try:
             args, model_cfg = conf["model"]["model_args"], conf["model"]["model_cfg"]
-            unet_cfg = unet3d.config_from_original(model_cfg)
+            unet_cfg = layouts.unet_config_from_original(model_cfg)
             # The release fixes the VAE (LDM ddconfig in text_to_video_synthesis_model.py) and the text tower
             # (ViT-H-14); optional `vae_cfg` / `text_cfg` blocks (our extension) describe other sizes, e.g. tests.
             vae_cfg = vae.VAEConfig(**model_cfg.get("vae_cfg", {}))
             text_cfg = te.TextEncoderConfig(**model_cfg["text_cfg"]) if "text_cfg" in model_cfg else \
-                te.config_from_open_clip("ViT-H-14")
+                layouts.text_config_from_open_clip("ViT-H-14")
             steps = model_cfg.get("num_timesteps", 1000)
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{root / 'configuration.json'}: unusable ({type(e).__name__}: {e})") from None
         if model_cfg.get("mean_type", "eps") != "eps":
             raise WeightsError(f"{root / 'configuration.json'}: mean_type {model_cfg['mean_type']!r}; only eps is supported")
-        unet = unet3d.load_unet(root / args.get("ckpt_unet", "text2video_pytorch_model.pth"), unet_cfg, dtype)
-        autoencoder = vae.load_vae(root / args.get("ckpt_autoencoder", "VQGAN_autoencoder.pth"), vae_cfg, dtype)
-        text = te.load_text_encoder(root / args.get("ckpt_clip", "open_clip_pytorch_model.bin"), text_cfg, dtype)
+        unet = layouts.load_unet(root / args.get("ckpt_unet", "text2video_pytorch_model.pth"), unet_cfg, dtype)
+        autoencoder = layouts.load_vae(root / args.get("ckpt_autoencoder", "VQGAN_autoencoder.pth"), vae_cfg, dtype)
+        text = layouts.load_text_encoder(root / args.get("ckpt_clip", "open_clip_pytorch_model.bin"), text_cfg, dtype)
         schedule = {**RELEASED_SCHEDULE, "num_train_timesteps": steps}
     else:
         def config(sub):
             return read_json(root / sub / "config.json", f"diffusers {sub} config")
 
         try:
-            unet_cfg = unet3d.config_from_diffusers(config("unet"))
-            vae_cfg = vae.config_from_diffusers(config("vae"))
-            text_cfg = te.config_from_hf(config("text_encoder"))
+            unet_cfg = layouts.unet_config_from_diffusers(config("unet"))
+            vae_cfg = layouts.vae_config_from_diffusers(config("vae"))
+            text_cfg = layouts.text_config_from_hf(config("text_encoder"))
         except ValueError as e:
             if isinstance(e, WeightsError):
                 raise
             raise WeightsError(f"{root}: unsupported config ({e})") from None
-        unet = unet3d.load_unet(_pick(root / "unet", ["diffusion_pytorch_model"], variant, "UNet weights"), unet_cfg, dtype)
-        autoencoder = vae.load_vae(_pick(root / "vae", ["diffusion_pytorch_model"], variant, "VAE weights"), vae_cfg, dtype)
-        text = te.load_text_encoder(_pick(root / "text_encoder", ["model", "pytorch_model"], variant,
+        unet = layouts.load_unet(_pick(root / "unet", ["diffusion_pytorch_model"], variant, "UNet weights"), unet_cfg, dtype)
+        autoencoder = layouts.load_vae(_pick(root / "vae", ["diffusion_pytorch_model"], variant, "VAE weights"), vae_cfg, dtype)
+        text = layouts.load_text_encoder(_pick(root / "text_encoder", ["model", "pytorch_model"], variant,
                                           "text encoder weights"), text_cfg, dtype)
         schedule = dict(RELEASED_SCHEDULE)
         if (root / "scheduler" / "scheduler_config.json").is_file():
@@ -136,7 +137,7 @@ def save_models(models: Models, root, layout: str = "diffusers") -> Path:
     if root.exists() and any(root.iterdir()):
         raise WeightsError(f"{root}: already exists and is not empty; refusing to overwrite it")
     if layout == "original":
-        model_cfg = {**unet3d.config_to_original(models.unet.cfg), "num_timesteps": models.schedule["num_train_timesteps"],
+        model_cfg = {**layouts.unet_config_to_original(models.unet.cfg), "num_timesteps": models.schedule["num_train_timesteps"],
                      "mean_type": "eps", "var_type": "fixed_small", "loss_type": "mse",
                      "vae_cfg": asdict(models.vae.cfg), "text_cfg": asdict(models.text_encoder.cfg)}
         write_json({"framework": "pytorch", "task": "text-to-video-synthesis",
@@ -146,16 +147,16 @@ def save_models(models: Models, root, layout: str = "diffusers") -> Path:
                                              "ckpt_autoencoder": "VQGAN_autoencoder.pth", "max_frames": 16},
                               "model_cfg": model_cfg},
                     "pipeline": {"type": "latent-text-to-video-synthesis"}}, root / "configuration.json")
-        unet3d.save_unet(models.unet, root / "text2video_pytorch_model.pth", layout="original")
-        vae.save_vae(models.vae, root / "VQGAN_autoencoder.pth", layout="original")
-        te.save_text_encoder(models.text_encoder, root / "open_clip_pytorch_model.bin", layout="open_clip")
+        layouts.save_unet(models.unet, root / "text2video_pytorch_model.pth", layout="original")
+        layouts.save_vae(models.vae, root / "VQGAN_autoencoder.pth", layout="original")
+        layouts.save_text_encoder(models.text_encoder, root / "open_clip_pytorch_model.bin", layout="open_clip")
     elif layout == "diffusers":
         write_json({"_class_name": "TextToVideoSDPipeline"}, root / "model_index.json")
-        write_json(unet3d.config_to_diffusers(models.unet.cfg), root / "unet" / "config.json")
-        unet3d.save_unet(models.unet, root / "unet" / "diffusion_pytorch_model.safetensors")
-        write_json(vae.config_to_diffusers(models.vae.cfg), root / "vae" / "config.json")
-        vae.save_vae(models.vae, root / "vae" / "diffusion_pytorch_model.safetensors")
-        te.save_text_encoder(models.text_encoder, root / "text_encoder" / "model.safetensors", layout="hf")
+        write_json(layouts.unet_config_to_diffusers(models.unet.cfg), root / "unet" / "config.json")
+        layouts.save_unet(models.unet, root / "unet" / "diffusion_pytorch_model.safetensors")
+        write_json(layouts.vae_config_to_diffusers(models.vae.cfg), root / "vae" / "config.json")
+        layouts.save_vae(models.vae, root / "vae" / "diffusion_pytorch_model.safetensors")
+        layouts.save_text_encoder(models.text_encoder, root / "text_encoder" / "model.safetensors", layout="hf")
         write_json({"_class_name": "DDIMScheduler", **models.schedule, "clip_sample": False, "set_alpha_to_one": False,
                     "steps_offset": 1}, root / "scheduler" / "scheduler_config.json")
     else:
@@ -193,8 +194,8 @@ def check(models: Models, frames: int = 4, size: int = 64, seed: int = 0) -> tor
     t0 = time.perf_counter()
     tokens = models.tokenizer(["a person doing the pll sign", ""])  # (2, 77): prompt and the unconditional ''
     context = models.text_encoder(tokens)  # (2, 77, D)
-    factor = 2 ** (len(models.vae.cfg.block_out_channels) - 1)
-    latents = torch.randn(2, models.unet.cfg.in_channels, frames, size // factor, size // factor, generator=g)
+    h = size // models.vae.cfg.downsample_factor
+    latents = torch.randn(2, models.unet.cfg.in_channels, frames, h, h, generator=g)
     eps = models.unet(latents, torch.tensor([981, 981]), context)  # (2, 4, F, h, w)
     video = models.vae.decode(latents - 0.1 * eps)  # (2, 3, F, H, W)
     print(f"  text {tuple(context.shape)} -> UNet {tuple(eps.shape)} -> VAE decode {tuple(video.shape)} "
@@ -239,6 +240,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import models  # run from the importable module (not __main__), so its classes are the ones others import
-
-    raise SystemExit(models.main())
+    raise SystemExit(main())

@@ -9,6 +9,10 @@ The unconditional context for classifier-free guidance is `encoder(tokenizer([""
 (not zeros). Every one of the 77 positions is used, padding included: there is no pooling and no attention mask on the
 padding, exactly as upstream.
 
+This file holds the config (TextEncoderConfig, TEXT_PRESETS), the modules, the tokenizer and the placeholder-token
+functions. The release layouts (config translation, open_clip <-> Hugging Face key names, `load_text_encoder` /
+`save_text_encoder`) are in layouts.py, whole model directories in models.py.
+
 References:
   - ModelScope `modelscope/models/multi_modal/video_synthesis/text_to_video_synthesis_model.py`:
     `FrozenOpenCLIPEmbedder(layer='penultimate')`, weights in `open_clip_pytorch_model.bin` (full ViT-H-14 CLIP).
@@ -21,7 +25,7 @@ References:
 
 Notable differences from upstream:
   - Only the 23 blocks that run are built. The released file has 24; ModelScope keeps the last one and stops the loop
-    before it, we drop its weights when loading (`from_open_clip`).
+    before it, we drop its weights when loading (`layouts.text_from_open_clip`).
   - No `text_projection`, `logit_scale`, EOT pooling or vision tower: only the token sequence is ever used.
   - Attention is `F.scaled_dot_product_attention(is_causal=True)` on batch-first tensors, instead of
     `nn.MultiheadAttention` with a (77, 77) `-inf` mask buffer. There are no buffers at all, so a model built on the
@@ -29,7 +33,7 @@ Notable differences from upstream:
     calling the blocks, which attends over the wrong axis with open_clip >= 2024-07: the intended math is this one.)
   - Plain `nn.LayerNorm` (open_clip's subclass casts the output back to the input dtype; same values in fp32).
   - Parameter names are open_clip's (`transformer.resblocks.{i}.attn.in_proj_weight`, ...), so the original file loads
-    after dropping unused keys; the diffusers/HF layout is renamed on load, fusing q/k/v (`from_hf`).
+    after dropping unused keys; the diffusers/HF layout is renamed on load, fusing q/k/v (`layouts.text_from_hf`).
   - Added for this project: placeholder tokens with their own trainable embedding rows (`add_placeholder_token`), for
     the text-token ablation and the Textual Inversion baseline. The method itself uses its rare word as plain text.
   - The tokenizer runs open_clip's `tokenizer.py` on its own: `import open_clip` would also import timm, torchvision
@@ -37,17 +41,14 @@ Notable differences from upstream:
 """
 
 import importlib.util
-import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from weights import WeightsError, assign_state_dict, detect_format, read_json, read_state_dict, save_state_dict, write_json
 
 # -----------------------------------------------------------------------------------------------------------------------
 # config
@@ -73,61 +74,13 @@ TEXT_PRESETS = {
     "tiny": TextEncoderConfig(width=64, heads=4, layers=2, intermediate=256),  # 3,267,136 params, 97% the vocab table
 }
 
-# open_clip text options that change the architecture; the values below are the only ones our modules implement.
-_OPEN_CLIP_DEFAULTS = {"hf_model_name": None, "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
-                       "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
-                       "scale_attn_inner": False, "scale_attn": False, "scale_fc": False, "act_kwargs": None}
 
-
-def _open_clip_dir() -> Path:
+def open_clip_dir() -> Path:
+    """The installed open_clip package (its tokenizer.py and model_configs/), found without importing it."""
     spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
     if spec is None:
-        raise ImportError("text_encoder.py needs open_clip_torch (pip install open_clip_torch) for its tokenizer")
+        raise ImportError("the tokenizer and the open_clip configs need open_clip_torch (pip install open_clip_torch)")
     return Path(spec.submodule_search_locations[0])
-
-
-def config_from_open_clip(name: str = "ViT-H-14") -> TextEncoderConfig:
-    """Config from open_clip's bundled `model_configs/{name}.json` (what `open_clip.get_model_config` returns), minus
-    the last block, which ModelScope's 'penultimate' setting skips."""
-    d = read_json(_open_clip_dir() / "model_configs" / f"{name}.json", what=f"open_clip model config {name!r}")
-    t = d["text_cfg"]
-    bad = [f"{k}={t[k]!r}" for k, want in _OPEN_CLIP_DEFAULTS.items() if t.get(k, want) != want]
-    if t.get("block_type") not in (None, "default"):
-        bad.append(f"block_type={t['block_type']!r}")
-    if d.get("quick_gelu"):  # OpenAI-trained towers use x * sigmoid(1.702 x); LAION ViT-H-14 uses exact GELU
-        bad.append("quick_gelu=True")
-    if bad:
-        raise ValueError(f"open_clip {name}: unsupported text tower options {', '.join(bad)}")
-    width = t.get("width", 512)  # the fallbacks are open_clip's CLIPTextCfg defaults
-    return TextEncoderConfig(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77),
-                             width=width, heads=t.get("heads", 8), layers=t.get("layers", 12) - 1,
-                             intermediate=int(width * t.get("mlp_ratio", 4.0)),
-                             eps=(t.get("norm_kwargs") or {}).get("eps", 1e-5))
-
-
-def config_from_hf(d: dict) -> TextEncoderConfig:
-    """Config from a Hugging Face `CLIPTextModel` config.json dict (diffusers' `text_encoder/config.json`).
-
-    Its `num_hidden_layers` already counts only the blocks that run (23 for ModelScope). The fallbacks for missing
-    keys are CLIPTextConfig's defaults.
-    """
-    d = d.get("text_config", d)  # a full CLIPConfig nests the text part
-    act = d.get("hidden_act", "quick_gelu")  # CLIPTextConfig's default is OpenAI's quick_gelu
-    if act != "gelu":
-        raise ValueError(f"hidden_act={act!r} is not supported: the ModelScope (LAION ViT-H-14) text tower uses exact "
-                         f"GELU ('gelu'); a quick_gelu model would run with the wrong activation")
-    return TextEncoderConfig(vocab_size=d.get("vocab_size", 49408), context_length=d.get("max_position_embeddings", 77),
-                             width=d.get("hidden_size", 512), heads=d.get("num_attention_heads", 8),
-                             layers=d.get("num_hidden_layers", 12), intermediate=d.get("intermediate_size", 2048),
-                             eps=d.get("layer_norm_eps", 1e-5))
-
-
-def config_to_hf(cfg: TextEncoderConfig) -> dict:
-    """The inverse of `config_from_hf`: a config.json that transformers' CLIPTextModel and our loader both read."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "gelu",
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.width,
-            "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers, "intermediate_size": cfg.intermediate,
-            "layer_norm_eps": cfg.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0}
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -229,7 +182,7 @@ class TextEncoder(nn.Module):
 def _simple_tokenizer_class():
     # open_clip's tokenizer.py imports only ftfy, regex, numpy and torch and has no package-relative imports, so it runs
     # as a standalone module; `import open_clip` would pull in timm, torchvision and transformers as well.
-    spec = importlib.util.spec_from_file_location("open_clip_simple_tokenizer", _open_clip_dir() / "tokenizer.py")
+    spec = importlib.util.spec_from_file_location("open_clip_simple_tokenizer", open_clip_dir() / "tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SimpleTokenizer  # its BPE merges ship inside the wheel (bpe_simple_vocab_16e6.txt.gz): no network
@@ -303,7 +256,7 @@ def add_placeholder_token(tokenizer: Tokenizer, encoder: TextEncoder, word: str,
 
     The row starts as the mean embedding of the BPE tokens of `init_from` (Textual Inversion's initializer word), or
     of the whole vocabulary if None. Nothing else changes: prompts without `word` encode exactly as before. Freeze the
-    encoder before (`load_text_encoder` does) and build the optimizer after this call.
+    encoder before (`layouts.load_text_encoder` does) and build the optimizer after this call.
     """
     table = encoder.token_embedding.weight.detach()  # (V, D)
     if init_from is None:
@@ -343,137 +296,3 @@ def load_placeholder_state(state: dict, tokenizer: Tokenizer, encoder: TextEncod
     if len(state["words"]) != len(state["embeddings"]):
         raise ValueError(f"{len(state['words'])} placeholder words but {len(state['embeddings'])} rows")
     return [_add(tokenizer, encoder, w, row) for w, row in zip(state["words"], state["embeddings"])]
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# key conversion: open_clip (our names) <-> Hugging Face CLIPTextModel (diffusers port)
-
-# keys of the open_clip CLIP file that the text path never uses
-_OPEN_CLIP_UNUSED = ("visual.", "text_projection", "logit_scale", "logit_bias", "attn_mask")
-# HF names -> ours, outside the blocks (after removing the optional `text_model.` prefix)
-_HF_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-           "embeddings.position_embedding.weight": "positional_embedding",
-           "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-# HF names -> ours, inside block i (q/k/v are fused separately)
-_HF_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-# HF keys to drop: the position_ids buffer (saved by transformers < 4.31) and the parts of a full CLIPModel
-_HF_UNUSED = ("embeddings.position_ids", "vision_model.", "visual_projection", "text_projection", "logit_scale")
-
-
-def from_open_clip(sd: dict, layers: int) -> dict:
-    """open_clip CLIP state dict -> ours: drop the vision tower, projection, logit scale and blocks >= `layers`."""
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.")  # checkpoints saved from DDP training
-        block = re.match(r"transformer\.resblocks\.(\d+)\.", k)
-        if k.startswith(_OPEN_CLIP_UNUSED) or (block and int(block.group(1)) >= layers):
-            continue  # for ModelScope: resblocks.23, the block 'penultimate' skips
-        out[k] = v  # anything unexpected is kept, so that assign_state_dict reports it
-    return out
-
-
-def to_open_clip(sd: dict) -> dict:
-    """Ours -> open_clip names (the same names; placeholders dropped). Only the blocks we have: 23, not 24."""
-    return {k: v for k, v in sd.items() if k != "placeholder_embeddings"}
-
-
-def from_hf(sd: dict) -> dict:
-    """HF CLIPTextModel state dict (with or without the `text_model.` prefix) -> ours; q/k/v fused into in_proj."""
-    out, qkv = {}, {}
-    for key, v in sd.items():
-        k = key.removeprefix("text_model.")  # transformers 4 files have the prefix, transformers 5 writes none
-        proj = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
-        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
-        if k in _HF_TOP:
-            out[_HF_TOP[k]] = v
-        elif k.startswith(_HF_UNUSED):
-            continue
-        elif proj:
-            qkv.setdefault((proj[1], proj[3]), {})[proj[2]] = v  # ('0', 'weight') -> {'q': (D, D), ...}
-        elif m and m[2] in _HF_BLOCK:
-            out[f"transformer.resblocks.{m[1]}.{_HF_BLOCK[m[2]]}.{m[3]}"] = v
-        else:
-            out[key] = v  # unknown: kept, so that assign_state_dict reports it
-    for (i, kind), parts in qkv.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise WeightsError(f"block {i}: found only {sorted(parts)} of the q/k/v {kind} tensors")
-        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])  # (3D, ...)
-    return out
-
-
-def to_hf(sd: dict) -> dict:
-    """Ours -> HF CLIPTextModel keys with the `text_model.` prefix (the transformers 4 / diffusers file layout)."""
-    top = {ours: hf for hf, ours in _HF_TOP.items()}
-    block = {ours: hf for hf, ours in _HF_BLOCK.items()}
-    out = {}
-    for k, v in to_open_clip(sd).items():
-        fused = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", k)
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", k)
-        if k in top:
-            out["text_model." + top[k]] = v
-        elif fused:
-            for name, part in zip("qkv", v.chunk(3)):  # rows 0:D = q, D:2D = k, 2D:3D = v
-                # clone: three views of one storage cannot be written to one safetensors file
-                out[f"text_model.encoder.layers.{fused[1]}.self_attn.{name}_proj.{fused[2]}"] = part.clone()
-        elif m and m[2] in block:
-            out[f"text_model.encoder.layers.{m[1]}.{block[m[2]]}.{m[3]}"] = v
-        else:
-            raise KeyError(f"no Hugging Face name for {k}")
-    return out
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# loading and saving
-
-_HF_FILES = ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"]
-
-
-def load_text_encoder(path, cfg: TextEncoderConfig | None = None, dtype: torch.dtype = torch.float32) -> TextEncoder:
-    """Load the frozen text encoder (eval mode, requires_grad False) from either release layout.
-
-    `path`: the original `open_clip_pytorch_model.bin` (full CLIP; the vision tower and the last block are dropped), a
-    HF/diffusers `text_encoder/` weight file, or that directory. `cfg` None: the `config.json` next to HF weights if
-    there is one, else the released ModelScope config. Built on the meta device, the file's tensors are assigned.
-    """
-    path = Path(path)
-    if path.is_dir():  # a diffusers `text_encoder/` folder: first weight file found, in transformers' preference
-        found = [path / n for n in _HF_FILES if (path / n).is_file()]
-        if not found:
-            raise WeightsError(f"{path}: no text encoder weights in this directory (looked for {', '.join(_HF_FILES)})")
-        path = found[0]
-    sd = read_state_dict(path, what="text encoder weights (open_clip_pytorch_model.bin or a CLIPTextModel file)")
-    if any(k.removeprefix("module.").startswith("transformer.resblocks.") for k in sd):
-        cfg = cfg or TextEncoderConfig()
-        sd = from_open_clip(sd, cfg.layers)
-    elif any(k.removeprefix("text_model.").startswith("encoder.layers.") for k in sd):
-        if cfg is None:
-            cfg_path = path.parent / "config.json"
-            try:
-                cfg = config_from_hf(read_json(cfg_path, "CLIPTextModel config")) if cfg_path.is_file() else None
-            except ValueError as e:
-                raise WeightsError(f"{cfg_path}: {e}") from None
-        sd = from_hf(sd)
-    else:
-        raise WeightsError(f"{path}: not a CLIP text encoder (detected layout: {detect_format(sd)})")
-    with torch.device("meta"):
-        model = TextEncoder(cfg or TextEncoderConfig())  # no memory allocated; the file's tensors are swapped in
-    assign_state_dict(model, sd, source=str(path), dtype=dtype)
-    return model.eval().requires_grad_(False)
-
-
-def save_text_encoder(model: TextEncoder, path, layout: str = "hf", overwrite: bool = False) -> Path:
-    """Write the base weights (never the placeholders: save those with `placeholder_state`).
-
-    `hf`: `text_model.*` keys, plus a `config.json` beside the file, i.e. a diffusers `text_encoder/` folder that
-    transformers' CLIPTextModel also loads. `open_clip`: our (= open_clip) names, only the 23 blocks that run, so
-    `load_text_encoder` reads it but `open_clip.create_model` (which wants all 24 and the projection) does not.
-    """
-    if layout not in ("hf", "open_clip"):
-        raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
-    sd = to_hf(model.state_dict()) if layout == "hf" else to_open_clip(model.state_dict())
-    path = save_state_dict(sd, path, metadata={"format": "pt", "config": json.dumps(asdict(model.cfg))},
-                           overwrite=overwrite)
-    if layout == "hf":  # the config goes beside the weights, where load_text_encoder and transformers look for it
-        write_json(config_to_hf(model.cfg), path.parent / "config.json", overwrite=overwrite)
-    return path

@@ -11,8 +11,8 @@ Tensors: videos are (B, C, F, H, W) at the model boundary. Inside, the running a
 (B*H*W, F, C) and back. Every fold carries a shape comment.
 
 Parameter names are those of diffusers' `UNet3DConditionModel` (down_blocks.*.resnets / temp_convs / attentions /
-temp_attentions, ...), so diffusers-layout files load with no renaming; `from_original` / `to_original` convert the
-original `text2video_pytorch_model.pth` names (input_blocks.*, with the `temopral_conv` typo) one-to-one.
+temp_attentions, ...), so diffusers-layout files load with no renaming; layouts.py converts the original
+`text2video_pytorch_model.pth` names (input_blocks.*, with the `temopral_conv` typo) one-to-one and loads both.
 
 Sources: ModelScope `modelscope/models/multi_modal/video_synthesis/unet_sd.py` (the original); diffusers
 `models/unets/unet_3d_condition.py`, `unet_3d_blocks.py`, `transformers/transformer_temporal.py`, `resnet.py` (the port);
@@ -25,26 +25,21 @@ Notable differences from upstream (none changes the released model's outputs):
   * Upstream hard-codes context_dim=1024 in the decoder's spatial transformers; here `cross_attention_dim` is used
     everywhere, which only matters for non-released configs.
   * Temporal transformer projections are Linear (as in diffusers); the original file stores them as Conv1d(k=1), so
-    `from_original` squeezes their last dim (34 tensors in the released model).
-  * Training keeps fewer activations, at the same gradients: frozen 2-D convs keep no input for backward (only a
-    weight gradient would need it), GroupNorm+SiLU and GEGLU keep only their input and recompute the rest in backward,
-    dropout keeps a 1-byte mask on the CPU too (as torch does on CUDA).
-    Optional gradient checkpointing of every layer, full or selective (recompute only the element-wise work);
-    upstream has none.
+    `layouts.unet_from_original` squeezes their last dim (34 tensors in the released model).
+  * Training keeps fewer activations, at the same gradients (memory.py): frozen 2-D convs keep no input for backward,
+    GroupNorm+SiLU and GEGLU keep only their input, dropout keeps a 1-byte mask; optional gradient checkpointing of
+    every layer, full or selective (`set_recompute`). Upstream has none of these.
   * No fps conditioning, image-dataset mode or masks: unused by the released config.
 """
 
-import contextlib
-import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from weights import assign_state_dict, read_state_dict, save_state_dict
+# the same math as nn.Conv2d, GroupNorm -> SiLU and nn.Dropout, keeping fewer bytes for backward (memory.py)
+from memory import CHECKPOINTING, Conv2d, Dropout, GroupNormSiLU, checkpointed, recomputed
 
 # -----------------------------------------------------------------------------------------------------------------------
 # config
@@ -89,79 +84,6 @@ UNET_PRESETS = {
 }
 
 
-def config_from_original(model_cfg: dict) -> UNet3DConfig:
-    """UNet3DConfig from the `model.model_cfg` block of the original `configuration.json`."""
-    if str(model_cfg.get("temporal_attention", "True")) != "True":  # a string in the released file
-        raise ValueError("configuration.json: temporal_attention must be 'True' (image-only UNets are not supported)")
-    dim, mult = model_cfg["unet_dim"], model_cfg["unet_dim_mult"]
-    scales = [float(s) for s in model_cfg["unet_attn_scales"]]
-    return UNet3DConfig(
-        in_channels=model_cfg["unet_in_dim"],
-        out_channels=model_cfg["unet_out_dim"],
-        block_out_channels=tuple(dim * m for m in mult),
-        # level i runs at scale 1/2^i; upstream gives it attention iff that scale is listed in attn_scales
-        cross_attn_levels=tuple(any(math.isclose(0.5 ** i, s) for s in scales) for i in range(len(mult))),
-        layers_per_block=model_cfg["unet_res_blocks"],
-        head_dim=model_cfg["unet_head_dim"],
-        first_temporal_heads=model_cfg["unet_num_heads"],
-        cross_attention_dim=model_cfg["unet_context_dim"],
-        norm_num_groups=model_cfg.get("unet_norm_num_groups", 32),  # our extension: upstream hard-codes 32
-        dropout=model_cfg.get("unet_dropout", 0.1),
-    )
-
-
-def config_to_original(cfg: UNet3DConfig) -> dict:
-    c0 = cfg.block_out_channels[0]
-    return {
-        "unet_in_dim": cfg.in_channels, "unet_dim": c0, "unet_y_dim": 768, "unet_context_dim": cfg.cross_attention_dim,
-        "unet_out_dim": cfg.out_channels, "unet_dim_mult": [c // c0 for c in cfg.block_out_channels],
-        "unet_num_heads": cfg.first_temporal_heads, "unet_head_dim": cfg.head_dim, "unet_res_blocks": cfg.layers_per_block,
-        "unet_attn_scales": [0.5 ** i for i, a in enumerate(cfg.cross_attn_levels) if a],
-        "unet_dropout": cfg.dropout, "temporal_attention": "True",
-        **({"unet_norm_num_groups": cfg.norm_num_groups} if cfg.norm_num_groups != 32 else {}),
-    }
-
-
-def config_from_diffusers(d: dict) -> UNet3DConfig:
-    """UNet3DConfig from a diffusers `unet/config.json` (UNet3DConditionModel)."""
-    if d.get("num_attention_heads") is not None or not isinstance(d.get("attention_head_dim", 64), int):
-        raise ValueError("unet/config.json: per-level or explicit num_attention_heads are not supported")
-    down = d.get("down_block_types", ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"])
-    up = d.get("up_block_types", ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3)
-    levels = tuple(t == "CrossAttnDownBlock3D" for t in down)
-    if tuple(t == "CrossAttnUpBlock3D" for t in reversed(up)) != levels:
-        raise ValueError("unet/config.json: up_block_types must mirror down_block_types")
-    if d.get("act_fn", "silu") != "silu" or d.get("norm_eps", 1e-5) != 1e-5 or d.get("time_cond_proj_dim"):
-        raise ValueError("unet/config.json: only act_fn silu, norm_eps 1e-5 and no time_cond_proj_dim are supported")
-    return UNet3DConfig(
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
-        block_out_channels=tuple(d.get("block_out_channels", (320, 640, 1280, 1280))),
-        cross_attn_levels=levels,
-        layers_per_block=d.get("layers_per_block", 2),
-        head_dim=d.get("attention_head_dim", 64),
-        first_temporal_heads=8,  # diffusers hard-codes transformer_in to 8 heads
-        cross_attention_dim=d.get("cross_attention_dim", 1024),
-        norm_num_groups=d.get("norm_num_groups", 32),
-        dropout=0.0,  # diffusers builds its ResNets with dropout 0
-    )
-
-
-def config_to_diffusers(cfg: UNet3DConfig) -> dict:
-    if cfg.first_temporal_heads != 8:
-        raise ValueError("the diffusers layout cannot store first_temporal_heads != 8 (UNet3DConditionModel hard-codes "
-                         "8 heads in transformer_in); save this model in the original layout")
-    return {
-        "_class_name": "UNet3DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.head_dim,
-        "block_out_channels": list(cfg.block_out_channels), "cross_attention_dim": cfg.cross_attention_dim,
-        "down_block_types": ["CrossAttnDownBlock3D" if a else "DownBlock3D" for a in cfg.cross_attn_levels],
-        "up_block_types": ["CrossAttnUpBlock3D" if a else "UpBlock3D" for a in reversed(cfg.cross_attn_levels)],
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "layers_per_block": cfg.layers_per_block,
-        "norm_eps": 1e-05, "norm_num_groups": cfg.norm_num_groups,
-        "sample_size": 32,
-    }
-
-
 # -----------------------------------------------------------------------------------------------------------------------
 # building blocks
 
@@ -196,19 +118,19 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, embed_dim: int, groups: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
+        self.norm1 = GroupNormSiLU(groups, in_ch, eps=1e-5)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
+        self.norm2 = GroupNormSiLU(groups, out_ch, eps=1e-5)
         self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         # 1x1 projection of the skip only where the channel count changes (upstream `skip_connection`)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, emb):  # x (B*F, C, H, W), emb (B*F, E)
-        h = self.conv1(group_norm_silu(self.norm1, x))
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm -> SiLU
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]  # broadcast over H, W
-        h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
+        h = self.conv2(self.dropout(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -219,25 +141,22 @@ class TemporalConv(nn.Module):
     Upstream `TemporalConvBlock_v2`, stored in the original file under the misspelt name `temopral_conv`. These are the
     only layers that tell an earlier frame from a later one (their three taps have separate weights; the temporal
     transformers have no position encoding), and their zero padding is the only hint of where a clip starts and ends.
-    The Sequential indices (conv1.0 / conv1.2, convN.0 / convN.3) are kept because they are the checkpoint's key names.
+    The Sequential indices (conv1.0 / conv1.2, convN.0 / convN.3) are kept because they are the checkpoint's key names;
+    the SiLU runs inside GroupNormSiLU, so its slot (index 1) holds an Identity.
     """
 
     def __init__(self, ch: int, groups: int, dropout: float):
         super().__init__()
         k, p = (3, 1, 1), (1, 0, 0)
-        self.conv1 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv2 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv3 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
-        self.conv4 = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
+        self.conv1 = nn.Sequential(GroupNormSiLU(groups, ch), nn.Identity(), nn.Conv3d(ch, ch, k, padding=p))
+        self.conv2, self.conv3, self.conv4 = (
+            nn.Sequential(GroupNormSiLU(groups, ch), nn.Identity(), Dropout(dropout), nn.Conv3d(ch, ch, k, padding=p))
+            for _ in range(3))
 
     def forward(self, x, num_frames: int):  # x (B*F, C, H, W)
         BF, C, H, W = x.shape
         v = x.reshape(BF // num_frames, num_frames, C, H, W).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
-        h = v
-        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):  # [GroupNorm, SiLU, (Dropout,) Conv3d]
-            h = group_norm_silu(layer[0], h)
-            for m in layer[2:]:
-                h = m(h)
+        h = self.conv4(self.conv3(self.conv2(self.conv1(v))))  # (B, C, F, H, W), 3 frames wide each
         h = h.permute(0, 2, 1, 3, 4).reshape(BF, C, H, W)  # back to (B*F, C, H, W)
         return x + h
 
@@ -281,14 +200,14 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * hidden)
 
-    recompute = True  # UNet3D.set_elementwise_recompute
+    recompute = True  # UNet3D.set_recompute
 
     def forward(self, x):  # keeps proj's output (..., 2 * hidden) only, not also gelu(gate), unless recompute is off
-        return recomputed(_geglu, self.proj(x), enabled=self.recompute)
+        return recomputed(geglu, self.proj(x), enabled=self.recompute)
 
 
-def _geglu(h):
-    value, gate = h.chunk(2, dim=-1)
+def geglu(h):
+    value, gate = h.chunk(2, dim=-1)  # (..., hidden) each
     return value * F.gelu(gate)
 
 
@@ -418,15 +337,11 @@ class Level(nn.Module):
         # a one-element list only so the keys read downsamplers.0.conv / upsamplers.0.conv as in the checkpoint
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if resample == "down" else None
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if resample == "up" else None
-        self.gradient_checkpointing = False
+        self.checkpointing = "none"  # UNet3D.set_recompute
 
     def _run(self, fn, *args):
         """Call one layer, recomputing (some of) its activations in the backward pass when checkpointing is on."""
-        if not self.gradient_checkpointing or not torch.is_grad_enabled():
-            return fn(*args)
-        if self.gradient_checkpointing == "selective":
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=_keep_matmul_outputs)
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpointed(fn, *args, mode=self.checkpointing)
 
     def layer(self, j: int, x, emb, context, num_frames: int):
         x = self._run(self.resnets[j], x, emb)
@@ -500,25 +415,23 @@ class UNet3D(nn.Module):
                 in_chs.append(prev + skip_chs.pop())
                 prev = ch
             self.up_blocks.append(Level(in_chs, ch, cfg, cfg.cross_attn_levels[::-1][i], None if last else "up"))
-        self.conv_norm_out = nn.GroupNorm(G, c0, eps=1e-5)
+        self.conv_norm_out = GroupNormSiLU(G, c0, eps=1e-5)
         self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1)
 
-    def set_gradient_checkpointing(self, enabled: bool | str = True):
-        """True: recompute each layer's activations in backward (~7x less activation memory for ~1.3x the step time);
-        "selective": recompute only the element-wise work between the matmuls/convolutions/attention kernels."""
-        if enabled not in (True, False, "selective"):
-            raise ValueError(f"gradient checkpointing must be True, False or 'selective', not {enabled!r}")
+    def set_recompute(self, checkpointing: str = "none", elementwise: bool = True):
+        """What backward recomputes instead of keeping (memory.py); the gradients are the same bit for bit.
+        checkpointing "full": each layer's activations (~7x less activation memory for ~1.3x the step time);
+        "selective": only the element-wise work between the matmul/convolution/attention kernels; "none": nothing.
+        elementwise False: GroupNorm -> SiLU and GEGLU keep their intermediates (more memory: the 1.7B model's step
+        peak at 16 x 256^2, 1+1, without checkpointing 12.66 -> 15.31 GB estimated; fewer ops: ~1.2x faster toy steps
+        on the CPU, toy/speed.md). Under checkpointing the layer's recomputation covers that work either way."""
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, not {checkpointing!r}")
         for m in self.modules():
             if isinstance(m, Level):
-                m.gradient_checkpointing = enabled
-
-    def set_elementwise_recompute(self, enabled: bool = True):
-        """False: GroupNorm -> SiLU and GEGLU keep their intermediates for backward instead of recomputing them
-        (_Recomputed): bit-identical gradients, more activation memory (the 1.7B model's step peak at 16 x 256^2, 1+1:
-        12.66 -> 15.31 GB estimated), fewer ops (toy training on the CPU: ~1.2x faster steps, toy/speed.md)."""
-        for m in self.modules():
-            if isinstance(m, (nn.GroupNorm, GEGLU)):
-                m.recompute = enabled
+                m.checkpointing = checkpointing
+            if isinstance(m, (GroupNormSiLU, GEGLU)):
+                m.recompute = elementwise
 
     def forward(self, x, t, context):
         """x (B, C, F, H, W) noisy latents; t (B,) or scalar integer timesteps; context (B, S, D) text embeddings."""
@@ -541,261 +454,5 @@ class UNet3D(nn.Module):
             h, _ = level(h, emb, context, num_frames, skips=skips)
         assert not skips, "every encoder skip must be consumed by the decoder"
 
-        h = self.conv_out(group_norm_silu(self.conv_norm_out, h))  # (B*F, C_out, H, W)
+        h = self.conv_out(self.conv_norm_out(h))  # (B*F, C_out, H, W)
         return h.reshape(B, num_frames, -1, H, W).permute(0, 2, 1, 3, 4)  # (B, C_out, F, H, W)
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# memory-saving layers: the same math and gradients as torch's own layers (tested), fewer bytes kept for backward.
-# The model above uses them through Conv2d, Dropout, group_norm_silu and GEGLU; a reader of the method can skip this.
-
-
-class _FrozenConv2dFn(torch.autograd.Function):
-    """conv2d whose backward keeps only the weight. torch's conv node also keeps the input, which only the weight
-    gradient needs; with the weight frozen (the spatial convs under NewMove) that is a whole activation per conv kept
-    for nothing. The input gradient is the same convolution_backward call torch makes (torch.nn.grad.conv2d_input)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        # The (frozen, leaf) weight is held on ctx, not saved: then a checkpointed layer need not re-run this conv's
-        # forward just to re-save it (non-reentrant checkpointing stops recomputing once every saved tensor is back).
-        ctx.weight, ctx.x_shape, ctx.stride, ctx.padding = weight, x.shape, stride, padding
-        return F.conv2d(x, weight, bias, stride, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight = ctx.weight.to(grad_out.dtype)  # under autocast the product ran in the output's dtype
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_out, ctx.stride, ctx.padding)
-        return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype
-
-
-class _Recomputed(torch.autograd.Function):
-    """y = fn(*tensors) that keeps only its inputs for backward and re-runs fn under autograd there.
-
-    For element-wise chains whose intermediates would otherwise each be kept: GroupNorm -> SiLU keeps the norm's input
-    AND output, GEGLU keeps the gate AND gelu(gate). Recomputing them costs one cheap element-wise pass in backward and
-    gives the very same gradients (same ops, same order). Autocast is replayed as it was in forward."""
-
-    @staticmethod
-    def forward(ctx, fn, *tensors):
-        ctx.fn, ctx.device = fn, tensors[0].device.type
-        ctx.autocast = ((torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
-                        if torch.amp.is_autocast_available(ctx.device) else (False, None))  # e.g. the meta device
-        ctx.save_for_backward(*tensors)
-        return fn(*tensors)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), (torch.autocast(ctx.device, dtype=dtype) if enabled else contextlib.nullcontext()):
-            out = ctx.fn(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (None, *(next(grads) if t.requires_grad else None for t in inputs))
-
-
-def recomputed(fn, *tensors, enabled: bool = True):
-    """fn(*tensors), keeping only `tensors` for backward when autograd records it (see _Recomputed); enabled=False
-    (UNet3D.set_elementwise_recompute): plain autograd, which keeps fn's intermediates."""
-    if enabled and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _Recomputed.apply(fn, *tensors)
-    return fn(*tensors)
-
-
-def group_norm_silu(norm: nn.GroupNorm, x):
-    """silu(norm(x)); in training only x is kept for backward (unless set_elementwise_recompute(False))."""
-    def fn(x, w, b):
-        return F.silu(F.group_norm(x, norm.num_groups, w, b, norm.eps))
-    return recomputed(fn, x, norm.weight, norm.bias, enabled=getattr(norm, "recompute", True))
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and key names) that saves no input for backward while its parameters are frozen."""
-
-    def forward(self, x):
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (frozen and x.requires_grad and torch.is_grad_enabled()):
-            return super().forward(x)
-        return _FrozenConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout that keeps a 1-byte mask for backward on every device: torch's fused dropout (native_dropout, a bool
-    mask), which F.dropout already runs on CUDA; on the CPU F.dropout multiplies by a float mask and keeps that, 4 bytes
-    per element. Same random stream as F.dropout for the same seed."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return torch.native_dropout(x, self.p, True)[0]
-
-
-# Selective recomputation: keep what the matmuls, convolutions and attention kernels produced (the expensive part of a
-# layer) and recompute the cheap element-wise work on top of them in backward (GroupNorm, SiLU, GELU, LayerNorm,
-# dropout, adds, layout copies), whose saved inputs are most of a UNet's activation memory.
-_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-              torch.ops.aten.convolution.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
-
-
-def _policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _keep_matmul_outputs():
-    return create_selective_checkpoint_contexts(_policy)
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# LoRA: low-rank adapters on chosen Linear weights (the paper's ablation (f); NewMove itself trains full weights)
-
-
-class LoRA(nn.Module):
-    """weight -> weight + scale * up @ down, as a parametrization of a frozen nn.Linear (Hu et al. 2021). `up` starts
-    at zero so training starts from the base model."""
-
-    def __init__(self, weight: torch.Tensor, rank: int, scale: float):
-        super().__init__()
-        out_f, in_f = weight.shape
-        self.down = nn.Parameter(torch.randn(rank, in_f, device=weight.device) / math.sqrt(in_f))
-        self.up = nn.Parameter(torch.zeros(out_f, rank, device=weight.device))
-        self.scale = scale
-
-    def forward(self, weight):
-        return weight + (self.scale * self.up @ self.down).to(weight.dtype)
-
-
-def add_lora(model: nn.Module, params: list, rank: int, scale: float) -> list:
-    """A LoRA on every 2-D weight among `params` [(name, parameter)], in module order; returns the adapters'
-    [(name, parameter)] (the only ones that then train)."""
-    from torch.nn.utils import parametrize
-
-    linear = {n[: -len(".weight")] for n, p in params if n.endswith(".weight") and p.ndim == 2}
-    for name, module in model.named_modules():
-        if name in linear:
-            parametrize.register_parametrization(module, "weight", LoRA(module.weight, rank, scale))
-    return [(n, p) for n, p in model.named_parameters() if ".parametrizations.weight.0." in n]
-
-
-def merge_lora(model: nn.Module):
-    """Fold every LoRA into the weight it adapts (W + scale * up @ down): plain weights again, same outputs."""
-    from torch.nn.utils import parametrize
-
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# the original checkpoint's key names (text2video_pytorch_model.pth, modelscope.md §2.5 and §6.2)
-
-
-_RES_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def _original_prefixes(cfg: UNet3DConfig) -> list:
-    """(our prefix, original prefix) pairs, module by module, in the order upstream registers them."""
-    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-             ("conv_in.", "input_blocks.0.0."), ("transformer_in.", "input_blocks.0.1.")]
-
-    def layer(ours: str, j: int, orig: str, attention: bool):
-        # one upstream ModuleList entry [ResBlock(+temopral_conv), SpatialTransformer, TemporalTransformer]
-        out = [(f"{ours}.resnets.{j}.{a}.", f"{orig}.0.{b}.") for a, b in _RES_NAMES.items()]
-        out.append((f"{ours}.temp_convs.{j}.", f"{orig}.0.temopral_conv."))  # sic: the typo is in the file
-        if attention:
-            out += [(f"{ours}.attentions.{j}.", f"{orig}.1."), (f"{ours}.temp_attentions.{j}.", f"{orig}.2.")]
-        return out
-
-    n, levels = cfg.layers_per_block, len(cfg.block_out_channels)
-    k = 1  # input_blocks.0 is conv_in + transformer_in
-    for i, attn in enumerate(cfg.cross_attn_levels):
-        for j in range(n):
-            pairs += layer(f"down_blocks.{i}", j, f"input_blocks.{k}", attn)
-            k += 1
-        if i < levels - 1:  # the Downsample is a bare module: input_blocks.{k}.op
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.op."))
-            k += 1
-    # middle_block = [ResBlock, SpatialTransformer, TemporalTransformer, ResBlock]
-    pairs += layer("mid_block", 0, "middle_block", True)
-    pairs += [(f"mid_block.resnets.1.{a}.", f"middle_block.3.{b}.") for a, b in _RES_NAMES.items()]
-    pairs.append(("mid_block.temp_convs.1.", "middle_block.3.temopral_conv."))
-    k = 0
-    for i, attn in enumerate(cfg.cross_attn_levels[::-1]):
-        for j in range(n + 1):
-            pairs += layer(f"up_blocks.{i}", j, f"output_blocks.{k}", attn)
-            if j == n and i < levels - 1:  # Upsample sits after the layer's other modules: index 3, or 1 without attn
-                pairs.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{k}.{3 if attn else 1}.conv."))
-            k += 1
-    pairs += [("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
-    return pairs
-
-
-def _is_temporal_proj(key: str) -> bool:
-    """Temporal-transformer proj_in/proj_out weights: Linear here, Conv1d(k=1) in the original file."""
-    return ("temp_attentions" in key or key.startswith("transformer_in.")) and key.endswith(
-        ("proj_in.weight", "proj_out.weight"))
-
-
-def original_key_map(cfg: UNet3DConfig, our_keys) -> dict:
-    """{our key: original key} for every tensor of a UNet3D with this config."""
-    pairs = sorted(_original_prefixes(cfg), key=lambda p: -len(p[0]))  # longest prefix first
-    out = {}
-    for key in our_keys:
-        hit = next((p for p in pairs if key.startswith(p[0])), None)
-        assert hit is not None, f"no original name for {key}"
-        out[key] = hit[1] + key[len(hit[0]):]
-    assert len(set(out.values())) == len(out), "original key map must be one-to-one"
-    return out
-
-
-def _our_keys(cfg: UNet3DConfig):
-    with torch.device("meta"):
-        return list(UNet3D(cfg).state_dict().keys())
-
-
-def from_original(sd: dict, cfg: UNet3DConfig) -> dict:
-    """Rename an original `text2video_pytorch_model.pth` state dict to our names (views, no copies)."""
-    inverse = {v: k for k, v in original_key_map(cfg, _our_keys(cfg)).items()}
-    out = {}
-    for key, v in sd.items():
-        ours = inverse.get(key, key)  # unknown keys pass through; the strict load names them
-        out[ours] = v.squeeze(-1) if _is_temporal_proj(ours) and v.ndim == 3 else v
-    return out
-
-
-def to_original(sd: dict, cfg: UNet3DConfig) -> dict:
-    """Our state dict in the original file's names and shapes (Conv1d temporal projections)."""
-    names = original_key_map(cfg, sd.keys())
-    return {names[k]: v.unsqueeze(-1) if _is_temporal_proj(k) else v for k, v in sd.items()}
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# loading and saving
-
-
-def load_unet(path, cfg: UNet3DConfig, dtype: torch.dtype | None = torch.float32) -> UNet3D:
-    """Build on the meta device and assign the weights of `path` (original or diffusers names), strictly.
-
-    The file is memory-mapped where its format allows and its tensors become the parameters, so the weights are never
-    held twice. `dtype=None` keeps the file's dtype.
-    """
-    sd = read_state_dict(path, "UNet weights (text2video_pytorch_model.pth or diffusion_pytorch_model.*)")
-    if any(k.startswith("input_blocks.") for k in sd):
-        sd = from_original(sd, cfg)
-    with torch.device("meta"):
-        model = UNet3D(cfg)
-    return assign_state_dict(model, sd, source=str(path), dtype=dtype).eval()
-
-
-def save_unet(model: UNet3D, path, layout: str = "diffusers", overwrite: bool = False):
-    """Write the weights in the diffusers names (safetensors by suffix) or the original names (`layout="original"`)."""
-    sd = model.state_dict()
-    if layout == "original":
-        sd = to_original(sd, model.cfg)
-    elif layout != "diffusers":
-        raise ValueError(f"layout must be 'original' or 'diffusers', not {layout!r}")
-    return save_state_dict(sd, path, metadata={"config": json.dumps(asdict(model.cfg))}, overwrite=overwrite)

@@ -7,6 +7,9 @@ there is nothing temporal in here. Facts and numbers: docs/modelscope.md §3 and
 Tensor layout: videos are (B, C, F, H, W) everywhere, as in unet3d.py. The VAE is a 2-D network, so every entry point
 folds the frames into the batch, (B, C, F, H, W) -> (B*F, C, H, W), and unfolds again on the way out.
 
+This file holds the config (VAEConfig, VAE_PRESETS) and the modules. The release layouts (config translation,
+LDM <-> diffusers key names, `load_vae` / `save_vae`) are in layouts.py, whole model directories in models.py.
+
 References:
   - ModelScope `modelscope/models/multi_modal/video_synthesis/autoencoder.py` (from CompVis latent-diffusion
     `ldm/modules/diffusionmodules/model.py`); the weights ship in `VQGAN_autoencoder.pth`, a Lightning checkpoint whose
@@ -18,8 +21,9 @@ References:
 
 Notable differences from upstream:
   - Parameter names are diffusers' (`encoder.down_blocks.0.resnets.0.conv1`, ...), so a diffusers `vae/` file loads with
-    no renaming; original ModelScope/LDM files are renamed on load by `from_original` (and written back by
-    `to_original`). The attention q/k/v/out projections are `nn.Linear` (the original stores them as 1x1 convs).
+    no renaming; original ModelScope/LDM files are renamed on load by `layouts.vae_from_original` (and written back
+    by `layouts.vae_to_original`). The attention q/k/v/out projections are `nn.Linear` (the original stores them as
+    1x1 convs).
   - Only what the released model uses is built: no timestep-embedding path (LDM passes temb=None), no dropout (0.0 in
     the release, and the VAE is frozen), attention only in the middle blocks (`attn_resolutions=[]`), always a conv in
     Downsample/Upsample (`resamp_with_conv=True`), no tanh on the output. No loss, discriminator, KL or EMA code: this
@@ -32,15 +36,11 @@ Notable differences from upstream:
     the global RNG and moves it to the device.
 """
 
-import re
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from weights import WeightsError, assign_state_dict, read_json, read_state_dict, save_state_dict
 
 # -----------------------------------------------------------------------------------------------------------------------
 # config
@@ -62,64 +62,16 @@ class VAEConfig:
         if bad:
             raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
 
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)  # 8 for the KL-f8 VAE
+
 
 VAE_PRESETS = {
     "modelscope": VAEConfig(),  # 83,653,863 params, 248 tensors (= SD 1.x/2.x VAE)
     # 658,375 params, 124 tensors. Two levels, so latents are at 1/2 of the frame size here, not 1/8.
     "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1),
 }
-
-
-def config_from_diffusers(d: dict) -> VAEConfig:
-    """VAEConfig from the dict of a diffusers `vae/config.json`; refuses options that change the architecture."""
-    n = len(d.get("block_out_channels", VAEConfig.block_out_channels))
-    supported = {  # config field -> the only value our modules implement
-        "_class_name": "AutoencoderKL",
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "act_fn": "silu",
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
-        "mid_block_add_attention": True,
-        "shift_factor": None,  # SD3/Flux-style latent shift: not this model
-        "latents_mean": None,  # SDXL-style per-channel latent statistics: not this model
-        "latents_std": None,
-    }
-    bad = [f"{k}={d[k]!r}" for k, want in supported.items() if k in d and _as_list(d[k]) != _as_list(want)]
-    if bad:
-        raise ValueError(f"unsupported diffusers VAE config: {', '.join(bad)}")
-    ours = {f.name for f in fields(VAEConfig)}
-    return VAEConfig(**{k: v for k, v in d.items() if k in ours})
-
-
-def config_to_diffusers(cfg: VAEConfig) -> dict:
-    """The inverse of `config_from_diffusers`: a `vae/config.json` that diffusers' AutoencoderKL and our loader read."""
-    n = len(cfg.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
-            "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
-            "norm_num_groups": cfg.norm_num_groups, "scaling_factor": cfg.scaling_factor,
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def config_from_ldm(ddconfig: dict, embed_dim: int = 4) -> VAEConfig:
-    """VAEConfig from the original LDM/ModelScope `ddconfig` dict and `embed_dim` (AutoencoderKL's arguments)."""
-    supported = {"double_z": True, "attn_resolutions": [], "resamp_with_conv": True, "tanh_out": False,
-                 "give_pre_end": False}
-    bad = [f"{k}={ddconfig[k]!r}" for k, want in supported.items() if k in ddconfig and _as_list(ddconfig[k]) != want]
-    # quant_conv maps 2*z_channels -> 2*embed_dim and post_quant_conv embed_dim -> z_channels; we keep one number.
-    if ddconfig["z_channels"] != embed_dim:
-        bad.append(f"z_channels={ddconfig['z_channels']} != embed_dim={embed_dim}")
-    if bad:
-        raise ValueError(f"unsupported LDM autoencoder config: {', '.join(bad)}")
-    # `resolution` and `dropout` do not change the weights; LDM's widths are a base `ch` times per-level multipliers.
-    return VAEConfig(in_channels=ddconfig["in_channels"], out_channels=ddconfig["out_ch"], latent_channels=embed_dim,
-                     block_out_channels=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
-                     layers_per_block=ddconfig["num_res_blocks"])
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -346,150 +298,3 @@ def _check_video(x, channels: int, what: str):
     if x.ndim != 5 or x.shape[1] != channels:
         raise ValueError(f"{what} must be (B, {channels}, F, H, W), got {tuple(x.shape)}")
     return x.shape
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# key names: original LDM/ModelScope <-> ours (= diffusers). One table, used in both directions (modelscope.md §6.3).
-
-# (original module path, our module path, 1x1 conv <-> Linear). Placeholders: {e} encoder|decoder, {i}/{j} level/block
-# indices, {r} a ResnetBlock layer, {u} a decoder level, which the two layouts count from opposite ends (u <-> L-1-u).
-# Modules not listed (conv_in, conv_out, quant_conv, post_quant_conv) have the same name in both.
-_KEY_TABLE = [
-    ("encoder.down.{i}.block.{j}.nin_shortcut", "encoder.down_blocks.{i}.resnets.{j}.conv_shortcut", False),
-    ("encoder.down.{i}.block.{j}.{r}", "encoder.down_blocks.{i}.resnets.{j}.{r}", False),
-    ("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsamplers.0.conv", False),
-    ("{e}.mid.block_1.{r}", "{e}.mid_block.resnets.0.{r}", False),
-    ("{e}.mid.block_2.{r}", "{e}.mid_block.resnets.1.{r}", False),
-    ("{e}.mid.attn_1.norm", "{e}.mid_block.attentions.0.group_norm", False),
-    ("{e}.mid.attn_1.q", "{e}.mid_block.attentions.0.to_q", True),
-    ("{e}.mid.attn_1.k", "{e}.mid_block.attentions.0.to_k", True),
-    ("{e}.mid.attn_1.v", "{e}.mid_block.attentions.0.to_v", True),
-    ("{e}.mid.attn_1.proj_out", "{e}.mid_block.attentions.0.to_out.0", True),
-    ("{e}.norm_out", "{e}.conv_norm_out", False),
-    ("decoder.up.{u}.block.{j}.nin_shortcut", "decoder.up_blocks.{u}.resnets.{j}.conv_shortcut", False),
-    ("decoder.up.{u}.block.{j}.{r}", "decoder.up_blocks.{u}.resnets.{j}.{r}", False),
-    ("decoder.up.{u}.upsample.conv", "decoder.up_blocks.{u}.upsamplers.0.conv", False),
-]
-_GROUPS = {"e": r"(?P<e>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "u": r"(?P<u>\d+)",
-           "r": r"(?P<r>norm1|conv1|norm2|conv2)"}
-
-
-def _compile(template: str):
-    # "{e}.mid.block_1.{r}" -> ^(?P<e>encoder|decoder)\.mid\.block_1\.(?P<r>norm1|conv1|norm2|conv2)$
-    return re.compile("^" + re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**_GROUPS) + "$")
-
-
-_FROM_ORIGINAL = [(_compile(o), d, lin) for o, d, lin in _KEY_TABLE]
-_TO_ORIGINAL = [(_compile(d), o, lin) for o, d, lin in _KEY_TABLE]
-_PREFIX = "first_stage_model."
-
-
-def _rename(sd: dict, rules, num_levels: int, to_linear: bool) -> dict:
-    out = {}
-    for key, v in sd.items():
-        module, param = key.rsplit(".", 1)  # the table is about modules; "weight"/"bias" ride along
-        for pattern, target, linear in rules:
-            m = pattern.match(module)
-            if m:
-                groups = m.groupdict()
-                if "u" in groups:
-                    groups["u"] = str(num_levels - 1 - int(groups["u"]))  # the level order is reversed
-                module = target.format(**groups)
-                if linear and param == "weight":
-                    # (C, C, 1, 1) conv <-> (C, C) Linear; indexing keeps a view. Other shapes are left for the
-                    # strict shape check to report rather than silently sliced.
-                    if to_linear and v.shape[2:] == (1, 1):
-                        v = v[:, :, 0, 0]
-                    elif not to_linear and v.ndim == 2:
-                        v = v[:, :, None, None]
-                break
-        out[f"{module}.{param}"] = v  # unmatched keys pass through; assign_state_dict reports any that do not fit
-    return out
-
-
-def _count_levels(keys, pattern: str) -> int:
-    levels = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
-    if not levels:
-        raise WeightsError(f"cannot tell the number of VAE levels: no key matches {pattern!r}")
-    return max(levels) + 1
-
-
-def from_original(sd: dict, num_levels: int | None = None) -> dict:
-    """Original LDM/ModelScope VAE keys (with or without `first_stage_model.`) -> ours. Values are views, not copies.
-
-    A Lightning checkpoint holds the whole LDM (model.*, cond_stage_model.*, ...); when the `first_stage_model.` prefix
-    is present only those keys are kept. `num_levels` (len(block_out_channels)) is inferred from the keys if None.
-    """
-    if any(k.startswith(_PREFIX) for k in sd):
-        sd = {k[len(_PREFIX):]: v for k, v in sd.items() if k.startswith(_PREFIX)}
-    num_levels = num_levels or _count_levels(sd, r"decoder\.up\.(\d+)\.")
-    return _rename(sd, _FROM_ORIGINAL, num_levels, to_linear=True)
-
-
-def to_original(sd: dict, num_levels: int | None = None) -> dict:
-    """Our (diffusers) VAE keys -> original LDM keys, without the `first_stage_model.` prefix. Values are views."""
-    num_levels = num_levels or _count_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
-    return _rename(sd, _TO_ORIGINAL, num_levels, to_linear=False)
-
-
-# -----------------------------------------------------------------------------------------------------------------------
-# loading and saving
-
-_DIFFUSERS_FILES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin"]
-
-
-def load_vae(path, cfg: VAEConfig | None = None, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """Load a frozen AutoencoderKL (eval mode, requires_grad False) from either release layout.
-
-    `path`: the original `VQGAN_autoencoder.pth` (Lightning pickle, read without running its code), any file with
-    LDM keys, a diffusers weight file, or a diffusers `vae/` directory. `cfg` None: the `config.json` next to diffusers
-    weights if there is one, else the released ModelScope config. The model is built on the meta device and the
-    file's tensors are assigned to it, so the weights are never held twice.
-    """
-    path = Path(path)
-    if path.is_dir():  # a diffusers `vae/` folder: first weight file found, in diffusers' order of preference
-        found = [path / n for n in _DIFFUSERS_FILES if (path / n).is_file()]  # fp32 before fp16 variants
-        if not found:
-            raise WeightsError(f"{path}: no VAE weights in this directory (looked for {', '.join(_DIFFUSERS_FILES)})")
-        path = found[0]
-    sd = read_state_dict(path, what="VAE weights")
-    # Layout by key names: LDM says `encoder.down.0.block.0`, diffusers `encoder.down_blocks.0.resnets.0`.
-    original = any(k.startswith(_PREFIX) or k.startswith("encoder.down.") for k in sd)
-    if cfg is None:
-        cfg_path = path.parent / "config.json"
-        if original or not cfg_path.is_file():
-            cfg = VAEConfig()  # ModelScope hard-codes its ddconfig in Python; config.json there is not ours
-        else:
-            try:
-                cfg = config_from_diffusers(read_json(cfg_path, what="diffusers VAE config"))
-            except ValueError as e:
-                raise WeightsError(f"{cfg_path}: {e}") from None
-    if original:
-        # The level count comes from the file's keys, not cfg: if they disagree, the strict check below then names
-        # the real keys of the file instead of keys renamed for the wrong depth.
-        try:
-            sd = from_original(sd)
-        except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)  # no memory allocated; assign_state_dict swaps in the file's tensors
-    assign_state_dict(model, sd, source=str(path), dtype=dtype)
-    # Always frozen in this project; eval() is a no-op today (no dropout) but keeps the contract explicit.
-    return model.eval().requires_grad_(False)
-
-
-def save_vae(model: AutoencoderKL, path, layout: str = "diffusers", overwrite: bool = False) -> Path:
-    """Write the VAE weights: `diffusers` keys (loads into diffusers' AutoencoderKL) or `original` LDM keys.
-
-    The original layout is written as a flat dict with `first_stage_model.*` keys, the names inside ModelScope's
-    `VQGAN_autoencoder.pth`, but without its Lightning `{'state_dict': ...}` wrapper; `load_vae` reads both.
-    The format follows the suffix (`.safetensors` or a torch pickle).
-    """
-    sd = model.state_dict()  # our names are already the diffusers names
-    if layout == "original":
-        sd = {_PREFIX + k: v for k, v in to_original(sd, len(model.cfg.block_out_channels)).items()}
-    elif layout != "diffusers":
-        raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}")
-    # {"format": "pt"} is the safetensors metadata diffusers/transformers write; ignored for torch pickles.
-    return save_state_dict(sd, path, metadata={"format": "pt"}, overwrite=overwrite)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import layouts
 import unet3d
 import weights
 from inprocess import run_script
@@ -85,11 +86,11 @@ def test_weights_are_held_once(tmp_path):
     probe = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import torch, unet3d
+        import torch, layouts, unet3d
         cfg = unet3d.UNet3DConfig(block_out_channels=(160, 320), cross_attn_levels=(True, True), head_dim=32)
         path = sys.argv[1]
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        model = unet3d.load_unet(path, cfg)
+        model = layouts.load_unet(path, cfg)
         total = sum(float(p.sum()) for p in model.parameters())  # touch every weight
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((peak - base) * 1024)
@@ -97,7 +98,7 @@ def test_weights_are_held_once(tmp_path):
     cfg = unet3d.UNet3DConfig(block_out_channels=(160, 320), cross_attn_levels=(True, True), head_dim=32)
     unet = unet3d.UNet3D(cfg)
     for layout, name in [("original", "unet.pth"), ("diffusers", "unet.safetensors")]:
-        unet3d.save_unet(unet, tmp_path / name, layout=layout)
+        layouts.save_unet(unet, tmp_path / name, layout=layout)
     del unet
     for layout, name in [("original", "unet.pth"), ("diffusers", "unet.safetensors")]:
         path = tmp_path / name

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import layouts
 import text_encoder as te
 from oracles import max_abs_diff, randomize_
 from weights import WeightsError
@@ -70,7 +71,7 @@ def test_matches_open_clip_penultimate_layer(tmp_path, tokenizer):
     ref = _tiny_open_clip()
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(ref.state_dict(), path)  # full CLIP: visual.*, text_projection, logit_scale, 3 text blocks
-    model = te.load_text_encoder(path, TINY)
+    model = layouts.load_text_encoder(path, TINY)
     tokens = tokenizer(PROMPTS)
     assert tokens[3, -1] == 49407 and (tokens[3] != 0).all()  # the long prompt really is truncated
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_matches_open_clip_penultimate_layer(tmp_path, tokenizer):
 def test_matches_hf_clip_text_model(tmp_path, tokenizer):
     hf = _tiny_hf()
     hf.save_pretrained(tmp_path / "text_encoder")  # transformers 5: config.json + model.safetensors, no prefix
-    model = te.load_text_encoder(tmp_path / "text_encoder")  # a directory; config from its config.json
+    model = layouts.load_text_encoder(tmp_path / "text_encoder")  # a directory; config from its config.json
     assert model.cfg == TINY
     tokens = tokenizer(PROMPTS)
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_matches_hf_clip_text_model(tmp_path, tokenizer):
     torch.save(legacy, tmp_path / "legacy" / "pytorch_model.bin")
     (tmp_path / "legacy" / "config.json").write_text((tmp_path / "text_encoder" / "config.json").read_text())
     with torch.no_grad():
-        diff_legacy = max_abs_diff(te.load_text_encoder(tmp_path / "legacy" / "pytorch_model.bin")(tokens), ref)
+        diff_legacy = max_abs_diff(layouts.load_text_encoder(tmp_path / "legacy" / "pytorch_model.bin")(tokens), ref)
     print(f"HF parity (text_model. prefix): max |diff| = {diff_legacy:.3g}")
     assert diff_legacy <= 1e-5
 
@@ -195,20 +196,21 @@ def test_full_size_meta_build_and_key_maps():
     assert list(ours.buffers()) == []  # nothing that could be left behind on the meta device
     # Both config sources describe the released model.
     assert open_clip.get_model_config("ViT-H-14")["text_cfg"]["layers"] == 24
-    assert te.config_from_open_clip("ViT-H-14") == te.TextEncoderConfig() == te.config_from_hf(HF_MODELSCOPE)
+    assert (layouts.text_config_from_open_clip("ViT-H-14") == te.TextEncoderConfig()
+            == layouts.text_config_from_hf(HF_MODELSCOPE))
     # open_clip file (24 blocks + vision) -> ours: exactly our key set and shapes, the last block dropped.
     clip_sd = clip.state_dict()
     assert sum(v.numel() for v in clip_sd.values()) == 986_109_441  # the released file (modelscope.md §1.1)
-    mapped = te.from_open_clip(clip_sd, 23)
+    mapped = layouts.text_from_open_clip(clip_sd, 23)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in sd.items()}
     assert any(k.startswith("transformer.resblocks.23.") for k in clip_sd)
     # Ours -> HF: exactly CLIPTextModel's key set and shapes (modulo the `text_model.` prefix), and back.
     hf_sd = hf.state_dict()
-    as_hf = te.to_hf(sd)
+    as_hf = layouts.text_to_hf(sd)
     assert all(k.startswith("text_model.") for k in as_hf)
     assert {k.removeprefix("text_model."): v.shape for k, v in as_hf.items()} == {k: v.shape for k, v in hf_sd.items()}
     assert sum(v.numel() for v in hf_sd.values()) == 340_387_840
-    assert {k: v.shape for k, v in te.from_hf(hf_sd).items()} == {k: v.shape for k, v in sd.items()}
+    assert {k: v.shape for k, v in layouts.text_from_hf(hf_sd).items()} == {k: v.shape for k, v in sd.items()}
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -219,14 +221,14 @@ def test_full_size_meta_build_and_key_maps():
 def test_save_load_round_trip(tmp_path, tokenizer, layout, name):
     model = randomize_(te.TextEncoder(TINY))
     te.add_placeholder_token(te.Tokenizer(), model, "<pll>")  # must not end up in the base-weight file
-    path = te.save_text_encoder(model, tmp_path / name, layout=layout)
-    back = te.load_text_encoder(path, None if layout == "hf" else TINY)  # hf: config.json written beside the file
+    path = layouts.save_text_encoder(model, tmp_path / name, layout=layout)
+    back = layouts.load_text_encoder(path, None if layout == "hf" else TINY)  # hf: config.json written beside the file
     assert back.placeholder_embeddings is None and back.cfg == TINY
-    original = te.to_open_clip(model.state_dict())
+    original = layouts.text_to_open_clip(model.state_dict())
     assert back.state_dict().keys() == original.keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in original.items())
     with pytest.raises(WeightsError, match="already exists"):
-        te.save_text_encoder(model, path, layout=layout)
+        layouts.save_text_encoder(model, path, layout=layout)
     if layout == "hf":  # the written folder is a real CLIPTextModel folder for transformers too
         hf, info = CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -249,25 +251,25 @@ def test_module_does_not_import_transformers():
 def test_errors(tmp_path):
     missing = tmp_path / "nowhere" / "open_clip_pytorch_model.bin"
     with pytest.raises(WeightsError, match=re.escape(str(missing))):
-        te.load_text_encoder(missing)
+        layouts.load_text_encoder(missing)
     with pytest.raises(ValueError, match="quick_gelu"):
-        te.config_from_hf({**HF_MODELSCOPE, "hidden_act": "quick_gelu"})
-    with pytest.raises(ValueError, match="quick_gelu"):
-        te.config_from_hf({k: v for k, v in HF_MODELSCOPE.items() if k != "hidden_act"})  # CLIPTextConfig's default
+        layouts.text_config_from_hf({**HF_MODELSCOPE, "hidden_act": "quick_gelu"})
+    with pytest.raises(ValueError, match="quick_gelu"):  # no hidden_act: CLIPTextConfig's default
+        layouts.text_config_from_hf({k: v for k, v in HF_MODELSCOPE.items() if k != "hidden_act"})
     # ... also when it comes from the config.json beside HF weights: the error names that file.
     hf_dir = tmp_path / "hf"
-    te.save_text_encoder(te.TextEncoder(TINY), hf_dir / "model.safetensors")
+    layouts.save_text_encoder(te.TextEncoder(TINY), hf_dir / "model.safetensors")
     cfg_path = hf_dir / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "hidden_act": "quick_gelu"}))
     with pytest.raises(WeightsError, match=re.escape(str(cfg_path)) + ".*quick_gelu"):
-        te.load_text_encoder(hf_dir)
+        layouts.load_text_encoder(hf_dir)
     # Not a text encoder at all.
     torch.save({"input_blocks.0.0.weight": torch.zeros(1)}, tmp_path / "unet.pth")
     with pytest.raises(WeightsError, match="not a CLIP text encoder"):
-        te.load_text_encoder(tmp_path / "unet.pth")
+        layouts.load_text_encoder(tmp_path / "unet.pth")
     # The right layout but the wrong config: the strict loader says which key and which shapes.
     torch.save(_tiny_open_clip().state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     with pytest.raises(WeightsError, match="shape mismatch"):
-        te.load_text_encoder(tmp_path / "open_clip_pytorch_model.bin", dataclasses.replace(TINY, width=128))
+        layouts.load_text_encoder(tmp_path / "open_clip_pytorch_model.bin", dataclasses.replace(TINY, width=128))
     with pytest.raises(WeightsError, match="missing"):  # a 3-block file cannot feed 4 running blocks
-        te.load_text_encoder(tmp_path / "open_clip_pytorch_model.bin", dataclasses.replace(TINY, layers=4))
+        layouts.load_text_encoder(tmp_path / "open_clip_pytorch_model.bin", dataclasses.replace(TINY, layers=4))

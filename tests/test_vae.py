@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-import vae  # pytest.ini puts the repository root and tests/ on sys.path
+import layouts  # pytest.ini puts the repository root and tests/ on sys.path
+import vae
 from oracles import max_abs_diff, modelscope_module, randomize_, release_keys
 from weights import WeightsError, save_state_dict
 
@@ -63,7 +64,7 @@ def test_parity_with_original_lightning_checkpoint(tmp_path):
     torch.save({"state_dict": sd, "callbacks": {"ModelCheckpoint": {"best": 0.5}}, "global_step": 7,
                 "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
 
-    ours = vae.load_vae(path, cfg=vae.config_from_ldm(DDCONFIG, embed_dim=4))
+    ours = layouts.load_vae(path, cfg=layouts.vae_config_from_ldm(DDCONFIG, embed_dim=4))
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
 
     # encode: B=2 videos of 3 frames through our video API vs the original per frame.
@@ -98,12 +99,12 @@ def test_parity_with_diffusers(tmp_path):
                                   latent_channels=4)
     randomize_(ref, seed=4)
     ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
-    cfg = vae.config_from_diffusers(json.loads((tmp_path / "vae" / "config.json").read_text()))
+    cfg = layouts.vae_config_from_diffusers(json.loads((tmp_path / "vae" / "config.json").read_text()))
     assert cfg == TINY
 
-    ours = vae.load_vae(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", cfg=cfg)
+    ours = layouts.load_vae(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", cfg=cfg)
     # cfg=None on the directory finds the weights and the config.json beside them.
-    assert_same_tensors(vae.load_vae(tmp_path / "vae").state_dict(), ours.state_dict())
+    assert_same_tensors(layouts.load_vae(tmp_path / "vae").state_dict(), ours.state_dict())
 
     video = random_video(b=2, f=2, seed=5)
     d_enc = max_abs_diff(fold(ours.encode(video, sample=False)) / cfg.scaling_factor,
@@ -133,10 +134,10 @@ def test_full_size_keys_match_release():
 
     release = read_keys_tsv()
     assert len(release) == 248
-    assert {k: tuple(v.shape) for k, v in vae.to_original(sd).items()} == release
+    assert {k: tuple(v.shape) for k, v in layouts.vae_to_original(sd).items()} == release
     # And back: the release keys (as meta tensors, with the file prefix) map one-to-one onto ours, level count inferred.
     file_sd = {"first_stage_model." + k: torch.empty(s, device="meta") for k, s in release.items()}
-    back = vae.from_original(file_sd)
+    back = layouts.vae_from_original(file_sd)
     assert len(back) == 248
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
     # A few mappings spelled out, so a symmetric mistake in both directions cannot pass.
@@ -153,8 +154,8 @@ def test_full_size_keys_match_release():
 
 def test_key_mapping_returns_views():
     sd = tiny_ours().state_dict()
-    orig = vae.to_original(sd)
-    back = vae.from_original(orig)
+    orig = layouts.vae_to_original(sd)
+    back = layouts.vae_from_original(orig)
     for k, v in back.items():
         assert v.data_ptr() == sd[k].data_ptr() and torch.equal(v, sd[k]), k  # same memory, not a copy
     assert orig["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
@@ -168,10 +169,10 @@ def test_key_mapping_returns_views():
 def test_save_load_round_trip(tmp_path):
     model = tiny_ours(seed=7)
     for layout, name in [("diffusers", "vae.safetensors"), ("original", "vae.pth"), ("original", "vae_o.safetensors")]:
-        path = vae.save_vae(model, tmp_path / name, layout=layout)
-        assert_same_tensors(vae.load_vae(path, cfg=TINY).state_dict(), model.state_dict())
+        path = layouts.save_vae(model, tmp_path / name, layout=layout)
+        assert_same_tensors(layouts.load_vae(path, cfg=TINY).state_dict(), model.state_dict())
     with pytest.raises(WeightsError, match="exists"):
-        vae.save_vae(model, tmp_path / "vae.pth", layout="original")  # no silent overwrite
+        layouts.save_vae(model, tmp_path / "vae.pth", layout="original")  # no silent overwrite
 
     # The original layout is what ModelScope's own AutoencoderKL loads: strict load, then the same outputs.
     file_sd = torch.load(tmp_path / "vae.pth", weights_only=True)
@@ -182,7 +183,7 @@ def test_save_load_round_trip(tmp_path):
     assert max_abs_diff(model.decode_frames(z), ref.decode(z)) <= TOL
 
     # fp16 on load: cast, same values up to rounding.
-    half = vae.load_vae(tmp_path / "vae.safetensors", cfg=TINY, dtype=torch.float16)
+    half = layouts.load_vae(tmp_path / "vae.safetensors", cfg=TINY, dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in half.parameters())
     assert torch.equal(half.decoder.conv_out.weight, model.decoder.conv_out.weight.half())
 
@@ -238,31 +239,31 @@ def test_bf16_autocast_runs():
 def test_errors(tmp_path):
     missing = tmp_path / "nope" / "VQGAN_autoencoder.pth"
     with pytest.raises(WeightsError, match=str(missing)):
-        vae.load_vae(missing)
+        layouts.load_vae(missing)
 
     sd = tiny_ours().state_dict()
     wrong_key = dict(sd)
     wrong_key["decoder.conv_outt.weight"] = wrong_key.pop("decoder.conv_out.weight")
     save_state_dict(wrong_key, tmp_path / "wrong_key.safetensors")
     with pytest.raises(WeightsError) as e:
-        vae.load_vae(tmp_path / "wrong_key.safetensors", cfg=TINY)
+        layouts.load_vae(tmp_path / "wrong_key.safetensors", cfg=TINY)
     assert "decoder.conv_outt.weight" in str(e.value) and "decoder.conv_out.weight" in str(e.value)
 
     wrong_shape = dict(sd)
     wrong_shape["decoder.conv_in.weight"] = torch.zeros(64, 4, 1, 1)
     save_state_dict(wrong_shape, tmp_path / "wrong_shape.safetensors")
     with pytest.raises(WeightsError) as e:
-        vae.load_vae(tmp_path / "wrong_shape.safetensors", cfg=TINY)
+        layouts.load_vae(tmp_path / "wrong_shape.safetensors", cfg=TINY)
     assert all(s in str(e.value) for s in ("decoder.conv_in.weight", "(64, 4, 1, 1)", "(64, 4, 3, 3)"))
 
     # The released config on tiny weights: an error listing what is missing, not a silent partial load.
     with pytest.raises(WeightsError, match="missing"):
-        vae.load_vae(tmp_path / "wrong_shape.safetensors")
+        layouts.load_vae(tmp_path / "wrong_shape.safetensors")
 
     with pytest.raises(ValueError, match="down_block_types"):
-        vae.config_from_diffusers({"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D"] * 2})
+        layouts.vae_config_from_diffusers({"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D"] * 2})
     with pytest.raises(ValueError, match="attn_resolutions"):
-        vae.config_from_ldm({**DDCONFIG, "attn_resolutions": [16]})
+        layouts.vae_config_from_ldm({**DDCONFIG, "attn_resolutions": [16]})
     with pytest.raises(ValueError, match="divisible"):
         vae.VAEConfig(block_out_channels=(32, 48))
     with pytest.raises(ValueError, match=r"\(B, 3, F, H, W\)"):
