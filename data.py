@@ -274,7 +274,8 @@ def decode_video(path: Path, spec: ClipSpec) -> tuple:
     return frames, stride
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 RGB (H, W, 3); a DataError naming it if it is empty or unreadable."""
     if path.stat().st_size == 0:
         raise DataError(f"{path}: zero-byte file")
     try:
@@ -296,7 +297,7 @@ def read_clip(path: Path, spec: ClipSpec) -> tuple:
         if idx is None:
             return None, short, n, needed
         # only the selected files are read (Jester folders hold ~36 frames, 16 are used); padding reuses them
-        images = {i: _read_image(files[i]) for i in sorted(set(idx))}
+        images = {i: read_image(files[i]) for i in sorted(set(idx))}
         if len({im.shape for im in images.values()}) > 1:
             raise DataError(f"{path}: frames differ in size: {sorted({im.shape for im in images.values()})}")
         frames = [images[i] for i in idx]

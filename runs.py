@@ -35,12 +35,18 @@ def setup_distributed(device: str = "") -> Run:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK (a world of one without them), one GPU per process, the process group."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":  # under torchrun the rank's own GPU; alone, the one asked for (--device cuda:1)
+        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Run(world > 1, rank, world, device, rank == 0)
+
+
+def end_distributed(run: Run):
+    """Leave the process group setup_distributed joined (nothing to do in a world of one)."""
+    if run.ddp:
+        dist.destroy_process_group()
 
 
 # settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
@@ -201,8 +207,6 @@ def save_checkpoint(path: Path, trainable, optimizer, scaler, step: int, cfg, ru
 
 
 @torch.no_grad()
-
-
 def check_replicas(trainable, run: Run):
     """DDP keeps the replicas in lockstep; check it, cheaply (a checksum per tensor), rather than trust it."""
     checksum = torch.stack([p.detach().double().sum() for _, p in trainable]).to(run.device)
@@ -212,7 +216,7 @@ def check_replicas(trainable, run: Run):
     if run.master:
         print(f"DDP ranks hold identical trained weights: {'yes' if same else 'NO'}", flush=True)
     dist.barrier()
-    dist.destroy_process_group()
+    end_distributed(run)
     if not same:
         raise SystemExit("error: DDP ranks diverged")
 

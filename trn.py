@@ -269,7 +269,7 @@ def preprocess(videos: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------------------------------------------------
-# loading and the classifier interface used by evaluate.py
+# loading and the classifier interface used by metrics.py (load_classifier, motion_predictions)
 
 
 class TRNClassifier:

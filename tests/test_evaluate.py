@@ -1,4 +1,5 @@
-"""evaluate.py: each metric on cases with a known answer, the CLI end to end, bad input. CPU, no downloads.
+"""metrics.py: each metric on cases with a known answer; evaluate.py: the CLI end to end, bad input. CPU, no
+downloads.
 
     cd /work/main && python -m pytest -q tests/test_evaluate.py
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
+import metrics
 import models
 import weights
 
@@ -55,73 +57,73 @@ def assets(tmp_path_factory):
     (d / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (d / "clip.json").write_text(json.dumps(TINY_CLIP))
     torch.manual_seed(0)
-    clip = ev.load_clip(str(d / "clip.json"))
+    clip = metrics.load_clip(str(d / "clip.json"))
     with torch.no_grad():  # differ from the seeded random init, so the test sees that the file was loaded
         for p in clip.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     torch.save(clip.model.state_dict(), d / "clip.pth")
     torch.manual_seed(0)
-    net = ev.sscd_resnet50()
+    net = metrics.sscd_resnet50()
     torch.save(net.model.state_dict(), d / "sscd.torchvision.pt")
     return d
 
 
 def scripted_clf(assets, **kw):
-    return ev.ScriptedClassifier(assets / "toy.pt", assets / "classes.txt", frames=4, size=16, **kw)
+    return metrics.ScriptedClassifier(assets / "toy.pt", assets / "classes.txt", frames=4, size=16, **kw)
 
 
 def test_motion_accuracy_toy_classifier(assets):
     clf = scripted_clf(assets)
-    target = ev.class_index(clf.class_names, "Getting Brighter")
+    target = metrics.class_index(clf.class_names, "Getting Brighter")
     up = [ramp(True, seed=i) for i in range(3)]
     down = [ramp(False, seed=i) for i in range(3)]
-    top1, probs = ev.motion_predictions(clf, up)
+    top1, probs = metrics.motion_predictions(clf, up)
     assert (top1 == target).float().mean().item() == 1.0 and probs.shape == (3, 3)
-    top1, _ = ev.motion_predictions(clf, down)
+    top1, _ = metrics.motion_predictions(clf, down)
     assert (top1 == target).float().mean().item() == 0.0
-    assert ev.segment_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]  # TRN: 1-based 2, 4, ..., 16
+    assert metrics.segment_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]  # TRN: 1-based 2, 4, ..., 16
 
 
 def test_class_names_by_name_and_errors(assets):
-    assert ev.class_index(CLASSES, "sliding two  fingers up") == 2  # case/space-insensitive fallback
-    with pytest.raises(ev.EvalError, match="'Sliding Two Fingers Down'.*close names.*Sliding Two Fingers Up"):
-        ev.class_index(CLASSES, "Sliding Two Fingers Down", "classes.txt")
-    with pytest.raises(ev.EvalError, match="has 2 frames.*needs 4"):
+    assert metrics.class_index(CLASSES, "sliding two  fingers up") == 2  # case/space-insensitive fallback
+    with pytest.raises(metrics.EvalError, match="'Sliding Two Fingers Down'.*close names.*Sliding Two Fingers Up"):
+        metrics.class_index(CLASSES, "Sliding Two Fingers Down", "classes.txt")
+    with pytest.raises(metrics.EvalError, match="has 2 frames.*needs 4"):
         scripted_clf(assets).predict([ramp(True, frames=2)])
-    with pytest.raises(ev.EvalError, match="not a TorchScript classifier"):
-        ev.ScriptedClassifier(assets / "clip.json", assets / "classes.txt")
+    with pytest.raises(metrics.EvalError, match="not a TorchScript classifier"):
+        metrics.ScriptedClassifier(assets / "clip.json", assets / "classes.txt")
 
 
 def test_prompt_rule():
     t = "A female firefighter doing the {token} sign"
-    assert ev.appearance_text(t) == "A female firefighter"
-    assert ev.caption_text(t, "sliding two fingers up") == "A female firefighter sliding two fingers up"
-    assert ev.appearance_text("A chef doing the pll sign in a kitchen", "pll") == "A chef in a kitchen"
-    with pytest.raises(ev.EvalError, match="matches 0 times"):
-        ev.appearance_text("A chef waving")
+    assert metrics.appearance_text(t) == "A female firefighter"
+    assert metrics.caption_text(t, "sliding two fingers up") == "A female firefighter sliding two fingers up"
+    assert metrics.appearance_text("A chef doing the pll sign in a kitchen", "pll") == "A chef in a kitchen"
+    with pytest.raises(metrics.EvalError, match="matches 0 times"):
+        metrics.appearance_text("A chef waving")
     lines = Path(__file__).resolve().parents[1].joinpath("prompts/appearance_100.txt").read_text().splitlines()
     assert len(lines) == 100 == len(set(lines)) and all(ln.count("{token}") == 1 for ln in lines)
-    assert all(ev.appearance_text(ln) for ln in lines)
+    assert all(metrics.appearance_text(ln) for ln in lines)
 
 
 def test_clip_metrics_match_direct_computation(assets):
-    clip = ev.load_clip(str(assets / "clip.json"), assets / "clip.pth")
-    ref = ev.load_clip(str(assets / "clip.json"))  # random, different weights: loading must have changed them
+    clip = metrics.load_clip(str(assets / "clip.json"), assets / "clip.pth")
+    ref = metrics.load_clip(str(assets / "clip.json"))  # random, different weights: loading must have changed them
     assert not torch.equal(ref.model.visual.conv1.weight, clip.model.visual.conv1.weight)
     v = ramp(True, frames=4, size=32)  # already 32x32: preprocessing is only the normalisation
-    x = (v.permute(1, 0, 2, 3).float() / 255 - torch.tensor(ev.OPENAI_MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(ev.OPENAI_STD).view(1, 3, 1, 1)
+    x = (v.permute(1, 0, 2, 3).float() / 255 - torch.tensor(metrics.OPENAI_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(metrics.OPENAI_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         img = F.normalize(clip.model.encode_image(x), dim=-1)
         txt = F.normalize(clip.model.encode_text(clip.tokenizer(["A female firefighter"])), dim=-1)
     want = (img @ txt.T).mean().item()
-    assert ev.clip_text_score(clip, v, "A female firefighter") == pytest.approx(want, abs=1e-5)
-    fn = ev.appearance_score_fn(clip, "pll")
+    assert metrics.clip_text_score(clip, v, "A female firefighter") == pytest.approx(want, abs=1e-5)
+    fn = metrics.appearance_score_fn(clip, "pll")
     got = fn(v[None], ["A female firefighter doing the pll sign"])
     assert got == pytest.approx(want, abs=1e-5) and -1 <= got <= 1  # raw cosine, not x100
-    assert ev.temporal_consistency(clip, v) == pytest.approx((img[:-1] * img[1:]).sum(-1).mean().item(), abs=1e-5)
+    assert metrics.temporal_consistency(clip, v) == pytest.approx((img[:-1] * img[1:]).sum(-1).mean().item(), abs=1e-5)
     still = v[:, :1].expand(-1, 4, -1, -1).contiguous()
-    assert ev.temporal_consistency(clip, still) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.temporal_consistency(clip, still) == pytest.approx(1.0, abs=1e-5)
     # larger, non-square frames: short side -> 32 bicubic, center crop
     big = torch.randint(0, 256, (3, 2, 48, 64), dtype=torch.uint8)
     pre = clip.preprocess(big.permute(1, 0, 2, 3).float() / 255)
@@ -131,36 +133,36 @@ def test_clip_metrics_match_direct_computation(assets):
 def test_clip_openai_weights_need_quickgelu(tmp_path):
     bad = tmp_path / "openai_vit.pth"
     bad.write_bytes(b"x")
-    with pytest.raises(ev.EvalError, match="QuickGELU.*ViT-B-32-quickgelu"):
-        ev.load_clip("ViT-B-32", bad)
-    with pytest.raises(ev.EvalError, match="not an open_clip model name"):
-        ev.load_clip("ViT-B-33")
+    with pytest.raises(metrics.EvalError, match="QuickGELU.*ViT-B-32-quickgelu"):
+        metrics.load_clip("ViT-B-32", bad)
+    with pytest.raises(metrics.EvalError, match="not an open_clip model name"):
+        metrics.load_clip("ViT-B-33")
 
 
 def test_sscd_descriptors_and_copy_score(assets):
-    sscd = ev.load_sscd(assets / "sscd.torchvision.pt", size=64)
+    sscd = metrics.load_sscd(assets / "sscd.torchvision.pt", size=64)
     torch.manual_seed(0)
-    net = ev.sscd_resnet50().eval()
+    net = metrics.sscd_resnet50().eval()
     v = ramp(True, frames=3, size=48)
     x = v.permute(1, 0, 2, 3).float() / 255
     x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - torch.tensor(ev.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(ev.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x - torch.tensor(metrics.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(metrics.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         want = F.normalize(net(x), dim=-1)
     got = sscd.descriptors(v)
     assert got.shape == (3, 512) and torch.allclose(got, want, atol=1e-5)
     # the scripted form gives the same descriptors
     torch.jit.script(net).save(str(assets / "sscd.torchscript.pt"))
-    scripted = ev.load_sscd(assets / "sscd.torchscript.pt", size=64)
+    scripted = metrics.load_sscd(assets / "sscd.torchscript.pt", size=64)
     assert torch.allclose(scripted.descriptors(v), want, atol=1e-5)
     # generated == training: max cosine is 1
     other = ramp(False, frames=3, size=48, seed=5)
     train = torch.cat([sscd.descriptors(v), sscd.descriptors(other)])
-    score, t = ev.copy_score(sscd.descriptors(v), train)
+    score, t = metrics.copy_score(sscd.descriptors(v), train)
     assert score == pytest.approx(1.0, abs=1e-5) and t < 3  # one of v's own frames
-    with pytest.raises(ev.EvalError, match="not an SSCD ResNet-50"):
+    with pytest.raises(metrics.EvalError, match="not an SSCD ResNet-50"):
         torch.save({"w": torch.zeros(1)}, assets / "bad_sscd.pt")
-        ev.load_sscd(assets / "bad_sscd.pt")
+        metrics.load_sscd(assets / "bad_sscd.pt")
 
 
 def write_mp4(video, path, fps=8):
@@ -247,7 +249,7 @@ def test_copy_attribution_names_the_copied_training_clip(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     v0, v1 = rep["videos"]
     assert v1["copy"] == pytest.approx(1.0, abs=1e-5) and v1["copy_clip"] == "c2" and v1["copied"] is True
-    assert v0["copy"] < ev.COPY_THRESHOLD and v0["copied"] is False
+    assert v0["copy"] < metrics.COPY_THRESHOLD and v0["copied"] is False
     per_clip = rep["aggregate"]["copies_per_training_clip"]
     assert per_clip == {"c2": {"videos": 1, "pct": 50.0}, "c0": {"videos": 0, "pct": 0.0},
                         "c1": {"videos": 0, "pct": 0.0}}
@@ -320,7 +322,7 @@ def test_subject_similarity_and_prompts_with_both_tokens(assets, tmp_path):
     similarity to the subject's examples (a still image and a video) is the mean over all frame pairs."""
     from PIL import Image
 
-    clip = ev.load_clip(str(assets / "clip.json"), assets / "clip.pth")
+    clip = metrics.load_clip(str(assets / "clip.json"), assets / "clip.pth")
     photo, clipv, gen = ramp(True, frames=1, seed=1), ramp(False, frames=3, seed=2), ramp(True, frames=4, seed=3)
     subject = tmp_path / "subject"
     subject.mkdir()
@@ -332,10 +334,10 @@ def test_subject_similarity_and_prompts_with_both_tokens(assets, tmp_path):
     assert sorted(v.shape[1] for v in examples) == [1, 3]
     feats = torch.cat([clip.image_features(v) for v in examples])  # (4, D)
     want = (clip.image_features(gen) @ feats.T).mean().item()  # every (generated frame, example frame) pair
-    got = ev.subject_similarity(clip, gen, feats)
-    assert got == pytest.approx(want, abs=1e-6) and got != pytest.approx(ev.subject_similarity(clip, clipv, feats))
+    got = metrics.subject_similarity(clip, gen, feats)
+    assert got == pytest.approx(want, abs=1e-6) and got != pytest.approx(metrics.subject_similarity(clip, clipv, feats))
     prompts = tmp_path / "p.txt"
     prompts.write_text("A {subject_token} dog doing the {token} sign\n")
     assert ev.read_templates(prompts, "sks") == ["A sks dog doing the {token} sign"]
-    with pytest.raises(ev.EvalError, match="give --subject-token"):
+    with pytest.raises(metrics.EvalError, match="give --subject-token"):
         ev.read_templates(prompts)

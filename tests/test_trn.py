@@ -172,22 +172,19 @@ def test_bad_inputs(model, tmp_path):
         trn.load_trn(unet, cats)
 
 
-def test_evaluate_uses_trn_through_its_classifier_interface(model, tmp_path):
-    """evaluate.py's --classifier-type auto picks TRN for a .pth.tar, matches the target class by name and reports
-    the same top-1 as the model's own predict."""
-    import argparse
-
-    import evaluate
+def test_metrics_uses_trn_through_its_classifier_interface(model, tmp_path):
+    """metrics.load_classifier (evaluate.py --classifier-type auto) picks TRN for a .pth.tar, matches the target class
+    by name and reports the same top-1 as the model's own predict."""
+    import metrics
 
     ckpt, cats = save_like_public(model, tmp_path)
-    args = argparse.Namespace(classifier=str(ckpt), classes=str(cats), classifier_type="auto", device="cpu")
-    clf = evaluate.load_classifier(args)
+    clf = metrics.load_classifier(str(ckpt), str(cats), "auto", device="cpu")
     videos = torch.randint(0, 256, (2, 3, 8, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    top1, probs = evaluate.motion_predictions(clf, videos)
+    top1, probs = metrics.motion_predictions(clf, videos)
     assert top1.tolist() == model_top1(clf, videos)
-    assert evaluate.class_index(clf.class_names, "Drumming Fingers") == 1
-    with pytest.raises(evaluate.EvalError, match="only 5 frames"):
-        evaluate.motion_predictions(clf, videos[:, :, :5])
+    assert metrics.class_index(clf.class_names, "Drumming Fingers") == 1
+    with pytest.raises(metrics.EvalError, match="only 5 frames"):
+        metrics.motion_predictions(clf, videos[:, :, :5])
 
 
 def model_top1(clf, videos):

@@ -6,7 +6,7 @@
     scorer.appearance(videos)                # [("red", "circle"), ...]
     scorer.analyse(video)                    # everything for one video: centroid path, areas, features, decisions
 
-This is the "classifier interface" of evaluate.py (`class_names` + `predict`), with class names exactly the generator's
+This is the "classifier interface" of metrics.py (`class_names` + `predict`), with class names exactly the generator's
 motion names (toy.world.MOTIONS), so it can stand in for a learned video classifier on toy-world samples.
 
 How it works, per video (no learning, no parameters fitted to data):
@@ -229,7 +229,7 @@ def layout(video) -> dict:
 
 
 class ToyScorer:
-    """`class_names` (= toy.world.MOTIONS) and `predict(videos) -> (N, C)` as evaluate.py expects of a motion
+    """`class_names` (= toy.world.MOTIONS) and `predict(videos) -> (N, C)` as metrics.py expects of a motion
     classifier, plus `appearance(videos) -> [(colour, shape)]` and `analyse(video) -> dict`."""
 
     def __init__(self):
