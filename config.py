@@ -50,7 +50,7 @@ class Config:
     still_frames: str = opt("static", "a still image in --subject-videos becomes: static = a clip of --frames copies "
                             "of it | 1 = a clip of one frame, in a UNet call of its own (1/--frames of the compute). "
                             "static by default: in the toy world's motion + subject run, prompts naming the subject "
-                            "followed the motion words far more often after static clips (README)",
+                            "followed the motion words far more often after static clips (docs/subject.md)",
                             choices=("static", "1"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
@@ -111,7 +111,7 @@ class Config:
                          "bitsandbytes): ~2 B per param. Saves 3.40 GB on the 1.7B model (state 4.57 -> 1.17 GB, "
                          "estimated); measured on the CPU, tiny UNet: allocator peak 43.7 -> 37.9 MiB; step time "
                          "1.13-1.26x on the toy CPU step. Within 3% of fp32 AdamW's weights after 300 steps of a small "
-                         "regression (README 'Memory')", choices=("adamw", "adamw8bit"))
+                         "regression (docs/memory.md)", choices=("adamw", "adamw8bit"))
     free_grads: bool = opt(False, "each trained tensor's optimizer step runs inside backward as soon as its gradient "
                            "is complete, and the gradient is freed: the same weights bit for bit, without holding all "
                            "gradients. Saves memory with --checkpointing full only: 1.7B, 16 frames, 256^2 1+1: 13.07 "
@@ -157,7 +157,7 @@ class Config:
     cache: str = opt("", "folder for cached latents/text embeddings ('' = <out>/cache)")
     export_diffusers: bool = opt(False, "also write the full customized UNet in the diffusers layout to <out>/unet/")
     save_dtype: str = opt("fp32", "dtype of the tensors in delta.safetensors: fp32 | bf16 | fp16 (half the file; "
-                          "training itself is unchanged; toy-world effect in the README; smaller still: delta.py "
+                          "training itself is unchanged; toy-world effect in docs/sampling.md; smaller still: delta.py "
                           "compress)", choices=("fp32", "bf16", "fp16"))
 
 

@@ -2,7 +2,6 @@
 
     python delta.py compress --model BASE --delta run/delta.safetensors --rank 16 --out run/delta-r16.safetensors
     python delta.py compress --model BASE --delta run/delta.safetensors --energy 0.9 --dtype bf16 --out small.safetensors
-    python delta.py sizes                       # a 1.7B NewMove delta's file size at each rank (meta device)
 
 A delta file (safetensors, written by train.py; sample.py/evaluate.py --delta load it) holds
     unet.<name>                           a trained UNet tensor, whole (float32, or train.py --save-dtype bf16/fp16)
@@ -18,7 +17,9 @@ Compression is not LoRA training (the paper finds LoRA learns the motion poorly,
 change a full fine-tune made, per weight, after the fact. Conv kernels are matrices (out, in * kernel size).
 """
 
-import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    import omp
+    omp.choose_wait_policy()
 
 import argparse
 import json
@@ -28,9 +29,7 @@ from pathlib import Path
 
 import torch
 
-from weights import WeightsError, read_state_dict, save_state_dict
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from weights import DTYPES, WeightsError, cast, read_state_dict, save_state_dict
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -154,11 +153,6 @@ def compress(sd: dict, unet_sd: dict, rank: int = 0, energy: float = 0.0) -> dic
     return out
 
 
-def cast(sd: dict, dtype: str) -> dict:
-    """Floating tensors of a delta in `dtype` (fp32/bf16/fp16; the loader computes in float32 either way)."""
-    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-
-
 def file_bytes(shapes: list, rank: int, itemsize: int) -> int:
     """Bytes of the tensors (not the header) of a delta of weights with these shapes, compressed at `rank` (0: whole)."""
     total = 0
@@ -185,12 +179,8 @@ def main(argv=None) -> int:
     g.add_argument("--energy", type=float, help="or: the share of each change's squared norm to keep, e.g. 0.9")
     c.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the stored factors")
     c.add_argument("--out", required=True, help="the compressed file (.safetensors; never overwritten)")
-    s = sub.add_parser("sizes", help="file size of a NewMove delta of the released 1.7B UNet at each rank")
-    s.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 0], help="0 = whole tensors")
     args = p.parse_args(argv)
     try:
-        if args.command == "sizes":
-            return print_sizes(args.ranks)
         if args.rank is not None and args.rank < 1 or args.energy is not None and not 0 < args.energy <= 1:
             p.error(f"--rank must be >= 1 and --energy in (0, 1], got {args.rank} and {args.energy}")
         if Path(args.out).suffix != ".safetensors":
@@ -214,21 +204,6 @@ def main(argv=None) -> int:
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def print_sizes(ranks: list) -> int:
-    """The NewMove delta of the released 1.7B UNet (shapes from the meta device) at each rank, fp32 and bf16."""
-    import train
-    import unet3d
-
-    with torch.device("meta"):
-        unet = unet3d.UNet3D(unet3d.UNET_PRESETS["modelscope-1.7b"])
-    shapes = [tuple(p.shape) for _, p in train.select_trainable(unet, "newmove")]
-    print(f"NewMove delta of the 1.7B UNet: {len(shapes)} tensors, {sum(math.prod(s) for s in shapes):,} values")
-    print("| rank | fp32 | bf16 |\n| --- | --- | --- |")
-    for r in ranks:
-        print(f"| {r or 'whole'} | {file_bytes(shapes, r, 4) / 1e6:,.1f} MB | {file_bytes(shapes, r, 2) / 1e6:,.1f} MB |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ a scheduler tick: the toy demo's training step goes from 0.75-0.8 s to 3.4 s nex
 instead of spinning (OMP_WAIT_POLICY=PASSIVE) keeps it at 1.1x, but costs ~20% on an idle machine (benchmarks/busy.md).
 So the policy follows the machine: PASSIVE if other processes keep half a core or more busy while the program starts
 (sampled over 0.2 s), libgomp's default otherwise. A setting of the user's (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is kept.
-Every entry point imports this module before torch: `import omp  # noqa: F401`.
+Only entry points change this process-wide setting, and only when run as a script, before torch is imported:
+
+    if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+        import omp
+        omp.choose_wait_policy()
+
+Processes they start (torchrun ranks, the demo's scoring worker) inherit the choice through the environment.
 """
 
 import os
@@ -29,5 +35,7 @@ def busy_cores(seconds: float = 0.2) -> float:
     return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
 
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ and busy_cores() >= 0.5:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+def choose_wait_policy():
+    """OMP_WAIT_POLICY=PASSIVE if other processes keep half a core or more busy now; a user's own setting is kept."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ and busy_cores() >= 0.5:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

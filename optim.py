@@ -1,4 +1,4 @@
-"""The optimizer of a training run and its two memory options (issue 20), apart from the method:
+"""The optimizer of a training run and its two memory options, apart from the method:
 
     --optimizer adamw       torch.optim.AdamW, fp32 m and v: 8 bytes per trained parameter (the official run's)
     --optimizer adamw8bit   bitsandbytes' blockwise 8-bit AdamW (the official code's `use_8bit_adam`): m and v as

@@ -20,7 +20,9 @@ Notable differences from upstream:
   * No noise tensor is drawn per step when eta = 0 (upstream draws and multiplies it by 0).
 """
 
-import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    import omp
+    omp.choose_wait_policy()
 
 import argparse
 import math
@@ -32,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from delta import apply_delta
-from weights import WeightsError, atomic_write, read_text, writable_dir
+from weights import WeightsError, atomic_write, autocast_dtype, read_text, writable_dir
 from models import Models, load_models
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -113,12 +115,25 @@ def sample_dpmpp_2m(eps_fn, x, abar: torch.Tensor, steps: int = 25, progress=Non
     return x
 
 
+def guide(e: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): e is the UNet's output on [cond; uncond] stacked on the batch
+    axis (one call for both halves, as the original pipeline). Returns eps_u + scale (eps_c - eps_u)."""
+    eps_c, eps_u = e.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
 # -----------------------------------------------------------------------------------------------------------------------
 # generation
 
 
-def _autocast(device: torch.device, dtype):
+def autocast(device: torch.device, dtype):
+    """torch.autocast to `dtype` on `device`; off for dtype None (full precision)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def pixel_multiple(models: Models) -> int:
+    """Frame heights and widths must be multiples of this: pixels per cell of the UNet's deepest level (8 x 8 = 64)."""
+    return models.vae.cfg.downsample_factor * models.unet.cfg.downsample_factor
 
 
 @torch.no_grad()
@@ -134,13 +149,12 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
     unet, vae, text = models.unet, models.vae, models.text_encoder
-    vae_factor = 2 ** (len(vae.cfg.block_out_channels) - 1)  # 8 for the KL-f8 VAE
-    f = vae_factor * unet.cfg.downsample_factor  # pixels per cell of the UNet's deepest level: 64
+    f = pixel_multiple(models)
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f} for this model, got {height}x{width}")
     device = next(unet.parameters()).device
     abar = alphas_cumprod(models.schedule)
-    latent_hw = (height // vae_factor, width // vae_factor)
+    latent_hw = (height // vae.cfg.downsample_factor, width // vae.cfg.downsample_factor)
     uncond = text(models.tokenizer([negative_prompt]).to(device))  # (1, 77, D): upstream's '' embedding by default
     videos, latents_out = [], []
     batches = range(0, len(prompts), batch_size)
@@ -156,11 +170,9 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         def eps_fn(x, t):
             if models.gate:  # a noise-gated delta (delta.py): the customized weights only while t >= its from_t
                 models.gate.at(t)
-            # classifier-free guidance, both halves in one UNet call: eps_u + g * (eps_c - eps_u)
-            with _autocast(device, dtype):
+            with autocast(device, dtype):  # both halves of the guidance in one UNet call
                 e = unet(torch.cat([x, x]), torch.full((2 * B,), t, device=device), context).float()
-            eps_c, eps_u = e.chunk(2)
-            return eps_u + guidance * (eps_c - eps_u)
+            return guide(e, guidance)
 
         def noise_fn(x):  # per-sample generators keep eta > 0 batch-independent too
             return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
@@ -174,7 +186,7 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
             x = sample_dpmpp_2m(eps_fn, x, abar, steps, progress)
         else:
             raise ValueError(f"solver must be 'ddim' or 'dpmpp-2m', got {solver!r}")
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             video = vae.decode(x, chunk_size=decode_chunk).float()  # (B, 3, F, H, W) in about [-1, 1]
         # upstream tensor2vid: x*0.5+0.5, clamp, *255, truncate to uint8
         videos.append((video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8).cpu())
@@ -314,7 +326,7 @@ def main(argv=None):
         for m in (models.unet, models.vae, models.text_encoder):
             m.to(args.device)
         pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        dtype = autocast_dtype(args.precision)
         videos = generate(models, [q for q, _ in pairs], [s for _, s in pairs], negative_prompt=args.negative_prompt,
                           frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                           guidance=args.guidance, eta=args.eta, solver=args.solver, batch_size=args.batch_size,

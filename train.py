@@ -8,7 +8,7 @@
     python train.py ... --resume                     (continue the run in --out from its last checkpoint)
     python train.py ... --preset temporal            (an ablation row; see config.PRESETS)
 
-Defaults are the official run's (adobe-research/custom_motion; the README's fidelity table lists every setting): no
+Defaults are the official run's (adobe-research/custom_motion; docs/fidelity.md lists every setting): no
 dropout, a 16-frame window drawn at a new start in every clip at every step, 24 fps, aspect buckets of about 384^2
 pixels without crop, DPM-Solver++ validation videos.
 
@@ -26,7 +26,9 @@ Output in --out: `delta.safetensors` (only the trained tensors + metadata; `pyth
 Video tensors are (B, C, F, H, W).
 """
 
-import omp  # noqa: F401  (first, before torch loads OpenMP: the wait policy for this machine, omp.py)
+if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    import omp
+    omp.choose_wait_policy()
 
 import contextlib
 import json
@@ -40,15 +42,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import latents
+import layouts
+import lora
+import memory
 import optim
 import runs
 import sample
 import text_encoder as te
-import unet3d
-from delta import cast
 from config import PRESETS, TOY_REG_CLIPS, Config, check_config, parse_args  # noqa: F401 (as train.X too)
 from models import load_models
-from weights import WeightsError, save_state_dict, writable_dir, write_json
+from weights import DTYPES, WeightsError, autocast_dtype, cast, save_state_dict, writable_dir, write_json
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def newmove_loss(model, x0, ctx, w, probs, abar, g, amp=None):
     # method.md §6.3)
     t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=g)  # (B,), one timestep per clip
     eps = torch.randn(x0.shape, generator=g, device=x0.device)  # one noise draw per clip
-    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):  # bf16 on GPUs; weights stay fp32
+    with sample.autocast(x0.device, amp):  # bf16 on GPUs; weights stay fp32
         eps_hat = model(diffuse(x0, eps, t, abar), t, ctx.to(x0.dtype))  # (B, 4, F, h, w)
     return (*weighted_mse(eps_hat, eps, w), t)
 
@@ -134,7 +137,7 @@ def weighted_mse(eps_hat, eps, w):
 
 def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     """Train; returns the path of the delta file. `score_fn(videos uint8 (N,3,F,H,W), prompts) -> float` is called on
-    every validation batch (evaluate.py's CLIP appearance score); training stops once it falls to `stop_score`."""
+    every validation batch (metrics.py's CLIP appearance score); training stops once it falls to `stop_score`."""
     # --- setup: processes (torchrun sets RANK/WORLD_SIZE; `python train.py` is a world of one), options, run folder ---
     run = runs.setup_distributed(cfg.device)
     check_config(cfg)
@@ -151,11 +154,11 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     models.vae.to(run.device)
     abar = sample.alphas_cumprod(models.schedule).to(run.device)  # (T,), the scaled-linear schedule's alpha-bar
     T = models.schedule["num_train_timesteps"]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    amp = autocast_dtype(cfg.precision)
     unet.requires_grad_(False)
     text.requires_grad_(False)
     for m in unet.modules():  # the official run has none; --dropout 0.1 is the base model's pretraining value
-        if isinstance(m, unet3d.Dropout):
+        if isinstance(m, memory.Dropout):
             m.p = cfg.dropout
 
     # --- choice 1, which weights train: temporal layers + spatial cross-attention K/V (PRESETS["newmove"]) ---
@@ -163,8 +166,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     learn_words = train_token or cfg.train_subject_token  # a text-encoder row trains too (--token's, --subject-token's)
     if run.master:
         print_param_table(unet, trainable, cfg)
-    unet.set_gradient_checkpointing({"none": False, "selective": "selective", "full": True}[cfg.checkpointing])
-    unet.set_elementwise_recompute(cfg.elementwise_recompute)
+    unet.set_recompute(cfg.checkpointing, cfg.elementwise_recompute)
 
     # --- data: every clip encoded once (latents.py); choice 2, the regularization set, is `reg` ---
     inst, subj, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)
@@ -260,8 +262,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     if run.master:
         save_state_dict(delta, delta_path, metadata=meta, overwrite=cfg.resume)
         if cfg.export_diffusers:
-            write_json(unet3d.config_to_diffusers(unet.cfg), out / "unet" / "config.json", overwrite=cfg.resume)
-            unet3d.save_unet(unet.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
+            write_json(layouts.unet_config_to_diffusers(unet.cfg), out / "unet" / "config.json", overwrite=cfg.resume)
+            layouts.save_unet(unet.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
         print(f"wrote {delta_path} ({sum(v.numel() for v in delta.values()):,} params)", flush=True)
         stats.log.close()
     if run.ddp:
@@ -300,10 +302,10 @@ def make_trainable(cfg: Config, unet, text, tokenizer, train_token: bool) -> tup
     placeholder's token id or None). Everything else is frozen, optionally in bf16/fp16 (--frozen-dtype)."""
     chosen = select_trainable(unet, cfg.preset)
     # LoRA (ablation (f)) adapts the chosen Linear weights only; norms, convs and biases of the preset stay frozen
-    trainable = unet3d.add_lora(unet, chosen, cfg.lora_rank, cfg.lora_scale) if cfg.lora_rank else list(chosen)
+    trainable = lora.add_lora(unet, chosen, cfg.lora_rank, cfg.lora_scale) if cfg.lora_rank else list(chosen)
     for _, p in trainable:
         p.requires_grad_(True)
-    frozen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.frozen_dtype]
+    frozen_dtype = DTYPES[cfg.frozen_dtype]
     if frozen_dtype != torch.float32:  # frozen weights at half size; trainable ones stay fp32 (master weights)
         for p in unet.parameters():
             if not p.requires_grad:
@@ -347,7 +349,7 @@ def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
 
 # --val-token-check: "the token has no effect yet" while deleting it changes the videos by at most (1 + this) x what it
 # changes with the base weights; a ratio, as pixel differences scale with the model, size and content. Toy world
-# (README, "Does the token do anything?"): a delta of zeros gives 1.00x, 1% and 10% of a trained change 1.00x and
+# (docs/training.md, "Does the token do anything?"): a delta of zeros gives 1.00x, 1% and 10% of a trained change 1.00x and
 # 1.05x, the working run 1.20-1.34x from step 100, with about +-15-20% of noise over 20 videos.
 TOKEN_MARGIN = 0.1
 
@@ -411,7 +413,7 @@ def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tupl
     """(tensors, metadata) of the delta file: only what trained (LoRA merged into plain weights first), plus the
     learned token row and its word when `text` is given (the token ablation)."""
     if cfg.lora_rank:  # fold LoRA into the weights it adapts (W + s*up@down), so the delta is plain weights
-        unet3d.merge_lora(unet)
+        lora.merge_lora(unet)
         delta = {f"unet.{n}": unet.get_parameter(n).detach().float()
                  for n, p in chosen if p.ndim == 2 and n.endswith(".weight")}
     else:
@@ -436,12 +438,12 @@ if __name__ == "__main__":
         cfg = parse_args(description=__doc__.split("\n\n")[0])
         score_fn = None
         if cfg.stop_clip:  # the paper's protocol: stop once the appearance score of validation videos hits 0.265
-            import evaluate
+            import metrics
 
             if not cfg.val_every:
                 raise SystemExit("error: --stop-clip needs --val-every N (the score is taken on validation videos)")
-            clip = evaluate.load_clip(cfg.stop_clip, cfg.stop_clip_weights or None)
-            score_fn = evaluate.appearance_score_fn(clip, cfg.token)
+            clip = metrics.load_clip(cfg.stop_clip, cfg.stop_clip_weights or None)
+            score_fn = metrics.appearance_score_fn(clip, cfg.token)
         main(cfg, score_fn=score_fn, stop_score=cfg.stop_score)
     except (WeightsError, ValueError) as e:  # bad files and values: one line naming the problem
         raise SystemExit(f"error: {e}") from None

@@ -1,13 +1,6 @@
 """Files: read weights safely, assign them strictly, write anything atomically; read text files and check output
-folders with errors that name the file. Imports nothing of the project (models.py loads whole model directories).
-
-The weight files of the two release layouts of the ModelScope text-to-video model (facts: docs/modelscope.md):
-
-  original  (damo/text-to-video-synthesis, zeroscope's zs2_576w/)      diffusers (text-to-video-ms-1.7b, zeroscope_v2_576w)
-    configuration.json                                                   model_index.json (optional)
-    text2video_pytorch_model.pth   plain UNet state dict                 unet/config.json + diffusion_pytorch_model[.fp16].{safetensors,bin}
-    VQGAN_autoencoder.pth          Lightning checkpoint, first_stage_model.*   vae/config.json + diffusion_pytorch_model[...]
-    open_clip_pytorch_model.bin    full OpenCLIP ViT-H-14 (visual.* unused)    text_encoder/config.json + model[...] (HF CLIPTextModel, 23 layers)
+folders with errors that name the file. Imports nothing of the project (models.py loads whole model directories and
+lists the files of the two release layouts).
 
 Security: nothing here unpickles arbitrary code. Pickles are read with `torch.load(weights_only=True)`; the one legacy
 file that needs more (the Lightning VAE checkpoint names `pytorch_lightning` and numpy classes) goes through
@@ -26,6 +19,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+# the command lines' precision names (--precision, --frozen-dtype, --save-dtype, delta.py --dtype)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a --precision name; None for fp32, which runs without autocast."""
+    return None if precision == "fp32" else DTYPES[precision]
+
+
+def cast(sd: dict, precision: str) -> dict:
+    """The floating tensors of a state dict in a precision name's dtype (a delta file's --save-dtype / --dtype)."""
+    return {k: v.to(DTYPES[precision]) if v.is_floating_point() else v for k, v in sd.items()}
+
 
 # -----------------------------------------------------------------------------------------------------------------------
 # errors

@@ -5,8 +5,8 @@
 Why: torch's CPU kernels run on OpenMP threads (libgomp). With libgomp's default wait policy a thread that reaches the
 end of a parallel region spins for a while before sleeping; when another process holds one of the two cores, the
 spinning thread and the descheduled one it waits for make every small op wait a scheduler tick (7-16x slower steps,
-measured in README "Performance"). The entry points (train.py, sample.py, evaluate.py, the toy scripts, benchmarks)
-import omp.py first, which sets OMP_WAIT_POLICY=PASSIVE when other processes keep half a core or more busy as the
+measured in docs/benchmarks.md). The entry points (train.py, sample.py, evaluate.py, the toy scripts, benchmarks)
+call omp.choose_wait_policy() first, which sets OMP_WAIT_POLICY=PASSIVE when other processes keep half a core or more busy as the
 program starts, and leaves libgomp's default otherwise (a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept). Each row here is a fresh `python train.py` (no --model: the toy
 model with the demo's settings, 8 frames at 32x32, batch 4 + 4 regularization clips) run for --steps steps with the
 given environment; the step time is the median of the logged intervals after the first (warm-up) one.

@@ -46,7 +46,15 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 side-by-side run and estimate.py's count check, never by our modules.
 """
 
-import harness  # noqa: F401  (first: the repository root on sys.path, omp.py)
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`: the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import harness  # noqa: F401
 
 import os
 import datetime
@@ -56,17 +64,17 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 
+import layouts
 import sample
 import vae as vae_lib
+import weights
 from models import RELEASED_SCHEDULE
-from harness import (CALL, ROOT, SIDES, TEXT_LEN, allocator_peak, amp_dtype, autocast, diffusers_kwargs, newmove_loss,
+from harness import (CALL, ROOT, SIDES, TEXT_LEN, allocator_peak, diffusers_kwargs, newmove_loss,
                       diffusers_module, machine_cpu, meta_flops, meta_model, parse_args, randomize_, reset_rss_peak,
                       rss_now_bytes, rss_peak_bytes, set_trainable, start, sync, train_inputs, train_step_fn,
                       trainable_names, write_atomic)
@@ -176,7 +184,7 @@ def forward_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, 
     def fn(side):
         @torch.no_grad()
         def run():
-            with autocast(device, amp):
+            with sample.autocast(device, amp):
                 return CALL[side](models[side], x, t, ctx)
         return run
 
@@ -187,10 +195,10 @@ def forward_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, 
 
 
 def train_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device, amp=None, seed: int = 0,
-               ours_checkpointing=False) -> dict:
+               ours_checkpointing="none") -> dict:
     """(2) and (4). ours_checkpointing="selective" runs ours as train.py does by default (diffusers' UNet3D has no
     recomputation of any kind: its `gradient_checkpointing` flag is never read by its 3-D blocks' forward)."""
-    models["ours"].set_gradient_checkpointing(ours_checkpointing)
+    models["ours"].set_recompute(ours_checkpointing)
     names = trainable_names(models["ours"])
     assert set(names) == set(trainable_names(models["diffusers"])), "the trainable sets must be the same tensors"
     inputs = train_inputs(cfg, frames, hw, device, seed)
@@ -216,11 +224,11 @@ def vae_pair(device, seed: int = 0) -> dict:
     import tempfile
 
     cfg = vae_lib.VAE_PRESETS["tiny"]
-    kwargs = {k: v for k, v in vae_lib.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in layouts.vae_config_to_diffusers(cfg).items() if not k.startswith("_")}
     theirs = randomize_(diffusers_module().AutoencoderKL(**kwargs), seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save_pretrained(tmp, safe_serialization=True)
-        ours = vae_lib.load_vae(tmp)
+        ours = layouts.load_vae(tmp)
     return {"ours": ours.to(device).eval(), "diffusers": theirs.to(device).eval(), "scale": cfg.scaling_factor}
 
 
@@ -239,10 +247,9 @@ def sampling_case(models: dict, cfg: UNet3DConfig, frames: int, hw: int, device,
         m.eval()
 
     def guided(side, lat, t):
-        with autocast(device, amp):
+        with sample.autocast(device, amp):
             e = CALL[side](models[side], torch.cat([lat, lat]), t, ctx).float()
-        eps_c, eps_u = e.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
+        return sample.guide(e, guidance)
 
     vaes = vae_pair(device, seed)
 
@@ -324,10 +331,10 @@ def rss_child(args):
     models = build_pair(cfg, device=device, sides=(side,))  # diffusers' weights come from ours either way
     model = models.pop(side).train()
     if side == "ours":
-        model.set_gradient_checkpointing("selective" if args.rss_checkpointing == "selective" else False)
+        model.set_recompute(args.rss_checkpointing)
     names = trainable_names(model)
     inputs = train_inputs(cfg, args.rss_frames, args.rss_hw, device)
-    step, params = train_step_fn(model, side, names, inputs, device, amp_dtype(args.precision))
+    step, params = train_step_fn(model, side, names, inputs, device, weights.autocast_dtype(args.precision))
     gc.collect()
     reset = reset_rss_peak()  # forget the high-water mark of imports and model building
     before = rss_now_bytes()
@@ -477,14 +484,14 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
                      f"{sum(p.numel() for p in meta_model(c).parameters()):,} params" for k, c in BENCH_CONFIGS.items())
     lines += ["", "## Configs and methods", "", f"Configs: {cfgs}. Text context: {TEXT_LEN} tokens.", "",
               "* One process; both models built once per config. Ours gets random weights (nothing zero-initialised); "
-              "diffusers' `UNet3DConditionModel(**unet3d.config_to_diffusers(cfg))` loads our state dict with "
+              "diffusers' `UNet3DConditionModel(**layouts.unet_config_to_diffusers(cfg))` loads our state dict with "
               "`strict=True`. Each case's parity check is also each side's first run; then warm-up runs; then the "
               "timed repetitions, alternating the order (ours, diffusers / diffusers, ours).",
               "* Train step: train.py's `select_trainable(model, 'newmove')` selects the trainable tensors by name in "
               "both models (`requires_grad_(False)` on the rest); batch 2 = 1 instance + 1 reg clip; "
               "`train.newmove_loss` (lambda 0.5) and `train.optimizer_step`: clip 1.0; AdamW lr 5e-6, wd 0.01 (foreach on CPU, fused on CUDA, as "
               "train.py); `train()` mode with dropout, the same seed before each side's step.",
-              "* Selective recompute (`UNet3D.set_gradient_checkpointing('selective')`, train.py "
+              "* Selective recompute (`UNet3D.set_recompute('selective')`, train.py "
               "`--checkpointing selective`): each layer runs under torch's selective activation "
               "checkpointing; outputs of matmuls, convolutions and attention kernels are kept, the element-wise work "
               "between them (norms, activations, dropout, adds, copies) is recomputed in backward. Same gradients "
@@ -504,7 +511,7 @@ def render(rows: list, info: dict, load: tuple, command: str, elapsed: float) ->
 
 def side_by_side(args) -> list:
     device = torch.device(args.device)
-    amp = amp_dtype(args.precision)
+    amp = weights.autocast_dtype(args.precision)
     info = machine_info(args, device)  # also fails early, with a clear message, without diffusers
     load0, t0 = os.getloadavg()[0], time.time()
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"

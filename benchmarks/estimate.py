@@ -51,20 +51,31 @@ diffusers is a test/benchmark oracle (requirements-test.txt): it is imported ins
 1.7B count check against performance.md (and by compare.py's side-by-side run), never by our modules.
 """
 
-import harness  # noqa: F401  (first: the repository root on sys.path, omp.py)
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`: the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import harness  # noqa: F401
 
 import datetime
 import gc
+import math
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
+import delta
 import optim
+import sample
+import train
+import weights
 from unet3d import UNET_PRESETS, Level, UNet3D, UNet3DConfig
-from harness import (PERF_MD, TEXT_LEN, allocator_peak, amp_dtype, autocast, machine_cpu, meta_flops, meta_model,
+from harness import (PERF_MD, TEXT_LEN, allocator_peak, machine_cpu, meta_flops, meta_model,
                      parse_args, random_value, randomize_, reset_rss_peak, rss_now_bytes, rss_peak_bytes,
                      set_trainable, start, trace_step, train_inputs, train_step_fn, trainable_names, write_atomic)
 
@@ -81,14 +92,14 @@ def count_params(cfg: UNet3DConfig, train_preset: str) -> dict:
 
 
 def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str = "newmove",
-             checkpointing: bool = False, precision: str = "bf16", frozen_dtype: str = "bf16", optimizer: str = "adamw",
+             checkpointing: str = "none", precision: str = "bf16", frozen_dtype: str = "bf16", optimizer: str = "adamw",
              free_grads: bool = False, flops: bool = True) -> dict:
     """Params, FLOPs and the memory budget of one training step, on the meta device, with train.py's memory options
     --optimizer (the state's bytes, optim.state_bytes) and --free-grads (each gradient dropped once complete)."""
     hw = size // 8  # the VAE's factor
     counts = count_params(cfg, train_preset)
     m = meta_model(cfg)
-    m.set_gradient_checkpointing(checkpointing)
+    m.set_recompute(checkpointing)
     names = trainable_names(m, train_preset)
     x = torch.empty(batch, cfg.in_channels, frames, hw, hw, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
@@ -107,7 +118,7 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
     step = ("step peak: activations + gradients + transients (traced" if not free_grads else
             "step peak: activations + the gradients not yet consumed + transients (traced, --free-grads")
     cache = 2 * counts["trainable"] if bf16 else 0  # autocast's bf16 copy of each trainable weight, 2 B a value
-    if bf16 and checkpointing is True:
+    if bf16 and checkpointing == "full":
         # full checkpointing: the copies are cached while the forward runs (the cache is cleared when train.py's
         # autocast region around the UNet exits); in backward each checkpointed layer re-casts its own under its own
         # autocast region, kept by its recomputed graph until its backward is done. Not checkpointed: transformer_in.
@@ -125,7 +136,7 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
     return {"counts": counts, "fwd_flops": mem["fwd_flops"], "step_flops": mem["step_flops"], "memory": mem,
             "budget": budget, "optimizer_state": state, "shapes": [m.get_parameter(n).shape for n in names],
             "step": step_bytes, "in_step": step_bytes + cache, "total": sum(budget.values()),
-            "copies": copies if bf16 and checkpointing is True else None}
+            "copies": copies if bf16 and checkpointing == "full" else None}
 
 
 def copies_in_backward(model: UNet3D, names: list) -> int:
@@ -161,12 +172,12 @@ def option_budgets(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
 
 
 def print_table(args, precision: str, frozen: str):
-    """--table: the GPU budget of each memory option at 256^2 and 384^2, batch 1+1 and 2+2 (README "Memory")."""
+    """--table: the GPU budget of each memory option at 256^2 and 384^2, batch 1+1 and 2+2 (docs/memory.md)."""
     cfg, frames, GB = UNET_PRESETS[args.preset], args.frames or 16, 1e9
     print(f"GPU memory budget per train.py memory option: UNet3D {args.preset}, {frames} frames, precision "
-          f"{precision}, frozen weights {frozen}, checkpointing {args.checkpointing_name} (GB = 1e9 B; + CUDA context "
+          f"{precision}, frozen weights {frozen}, checkpointing {args.checkpointing} (GB = 1e9 B; + CUDA context "
           f"~0.5-1 GB and fragmentation)\n")
-    full = args.checkpointing is True and precision != "fp32"  # the autocast copies go with the step, not the static
+    full = args.checkpointing == "full" and precision != "fp32"  # the autocast copies go with the step, not the static
     print(f"| size | batch | option | weights + optimizer state{'' if full else ' + autocast cache'} | step peak "
           f"(traced{' + autocast copies where they live' if full else ''}) | total |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -180,7 +191,7 @@ def print_table(args, precision: str, frozen: str):
             print(f"(traced in {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
-def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing: bool,
+def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing: str,
                    precision: str, frozen_dtype: str, free_grads: bool = False, optimizer: str = "adamw") -> dict:
     """The same step really run on this CPU (as train.py: frozen weights cast, autocast): allocator peak and time.
     With free_grads, as train.py --free-grads: each tensor's `optimizer` step in backward, its gradient freed there
@@ -188,7 +199,7 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     hw = size // 8
     model = randomize_(UNet3D(cfg), seed=0)
     names = trainable_names(model, train_preset)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype]
+    dtype = weights.DTYPES[frozen_dtype]
     keep = set(names)
     for n, p in model.named_parameters():
         if n not in keep:
@@ -197,16 +208,16 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     if free_grads:
         cpu = torch.device("cpu")
         optim.StepInBackward(params, lambda ps: optim.make_adamw(optimizer, ps, 1e-6, 0.01, cpu)).armed = True
-    model.set_gradient_checkpointing(checkpointing)
+    model.set_recompute(checkpointing)
     model.train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, frames, hw, hw, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     ctx = torch.randn(batch, TEXT_LEN, cfg.cross_attention_dim, generator=g)
-    amp = amp_dtype(precision)
+    amp = weights.autocast_dtype(precision)
 
     def step():
-        with autocast(torch.device("cpu"), amp):
+        with sample.autocast(torch.device("cpu"), amp):
             out = model(x, t, ctx)
         out.float().square().mean().backward()
         for p in model.parameters():
@@ -223,9 +234,6 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     return {"peak": allocator_peak(timed_step, torch.device("cpu")), "seconds": seen["seconds"]}
 
 
-# --checkpointing / train.py --checkpointing -> UNet3D.set_gradient_checkpointing's argument
-
-
 def print_estimate(args):
     cfg = UNET_PRESETS[args.preset]
     frames, precision = args.frames or 16, args.precision if args.precision != "auto" else "bf16"
@@ -239,7 +247,7 @@ def print_estimate(args):
     c = e["counts"]
     print(f"UNet3D preset {args.preset}, train preset {args.train_preset}; batch {args.batch}, {frames} frames, "
           f"{args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents); checkpointing "
-          f"{args.checkpointing_name}; precision {precision}, frozen weights {frozen}; --optimizer {args.optimizer}"
+          f"{args.checkpointing}; precision {precision}, frozen weights {frozen}; --optimizer {args.optimizer}"
           f"{', --free-grads' if args.free_grads else ''}")
     share = 100 * c["trainable"] / c["total"]
     print(f"\nparameters: total {c['total']:,}; trainable {c['trainable']:,} ({share:.1f} %, {c['tensors']} tensors); "
@@ -247,7 +255,7 @@ def print_estimate(args):
     print("\nFLOPs (matmul + conv; attention counted as its bmm's, as performance.md §2):")
     print(f"  forward, batch {args.batch}: {e['fwd_flops'] / 1e12:.4f} TFLOP")
     print(f"  training step (forward + backward, grads for the trainable set"
-          f"{', + checkpoint recompute' if args.checkpointing else ''}): {e['step_flops'] / 1e12:.4f} TFLOP "
+          f"{', + checkpoint recompute' if args.checkpointing != 'none' else ''}): {e['step_flops'] / 1e12:.4f} TFLOP "
           f"({e['step_flops'] / e['fwd_flops']:.2f}x forward)")
     print(f"\nGPU memory budget (GB = 1e9 B; {'fused AdamW' if args.optimizer == 'adamw' else '8-bit AdamW'}"
           f"{', stepped per tensor in backward' if args.free_grads else ''}, no CPU offload):")
@@ -270,7 +278,7 @@ def print_estimate(args):
         if cfg.downsample_factor > hw:
             return
         cross, pred = precision, e["in_step"]
-        if precision != "fp32" and matmul_gflops(amp_dtype(precision)) < 0.2 * matmul_gflops(torch.float32):
+        if precision != "fp32" and matmul_gflops(weights.autocast_dtype(precision)) < 0.2 * matmul_gflops(torch.float32):
             # without native bf16 (AVX512-BF16 / AMX) the real run would take ages: check the fp32 prediction instead
             print(f"\n(this CPU ({torch.backends.cpu.get_cpu_capability()}) emulates {precision} matmuls far slower than "
                   f"fp32, so the cross-check runs in fp32)")
@@ -311,7 +319,7 @@ def check_against_performance_md(cfg, args, e, precision):
     if ref is not None and precision == "bf16":
         print(f"  alive at the end of forward {e['memory']['end_of_forward'] / 2 ** 30:.2f} GiB vs performance.md's "
               f"{ref:.2f} GiB of saved activations (diffusers cast to bf16, attention probabilities subtracted; "
-              f"{'per-sublayer checkpointing; ' if args.checkpointing is True else ''}it counts saved tensors only, this "
+              f"{'per-sublayer checkpointing; ' if args.checkpointing == 'full' else ''}it counts saved tensors only, this "
               f"counts every live one, output and dropout masks included)")
 
 
@@ -355,7 +363,7 @@ def full_size(args):
     preset, precision = args.full_size_preset, "bf16" if args.precision == "auto" else args.precision
     cfg = UNET_PRESETS[preset]
     frames, hw = args.frames or 8, args.size // 8
-    amp = amp_dtype(precision)
+    amp = weights.autocast_dtype(precision)
     frozen = "fp32" if amp is None else precision  # train.py: --frozen-dtype bf16 needs --precision bf16
     device = torch.device("cpu")
     setting = (f"batch 2 (1 instance + 1 reg), {frames} frames, {args.size}x{args.size} px ({hw}x{hw} latents), "
@@ -365,7 +373,7 @@ def full_size(args):
     print(f"full-size check: {preset}, one NewMove training step: {setting}; {torch.get_num_threads()} threads",
           flush=True)
     # what the estimator predicts for this very step, and how long it should take at this CPU's matmul speed
-    e = estimate(cfg, 2, frames, args.size, "newmove", True, precision, frozen)
+    e = estimate(cfg, 2, frames, args.size, "newmove", "full", precision, frozen)
     speed = matmul_gflops(amp or torch.float32)
     print(f"predicted: step {e['step_flops'] / 1e12:.2f} TFLOP; at this CPU's {precision} matmul speed "
           f"({speed:.1f} GFLOP/s) at least {_duration(e['step_flops'] / speed / 1e9)}"
@@ -375,8 +383,8 @@ def full_size(args):
     t0 = time.perf_counter()
     m = meta_model(cfg)
     names = trainable_names(m)
-    model = materialize_(m, set(names), {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[frozen])
-    model.set_gradient_checkpointing(True)
+    model = materialize_(m, set(names), weights.DTYPES[frozen])
+    model.set_recompute("full")
     model.train()  # dropout on, as train.py
     build_s = time.perf_counter() - t0
     inputs = train_inputs(cfg, frames, hw, device)
@@ -436,9 +444,24 @@ def full_size(args):
 # command line: harness.parse_args
 
 
+def print_delta_sizes(args) -> int:
+    """--delta-sizes: a customization's delta file (train.py --save-dtype, delta.py compress --rank) at each rank."""
+    ranks = args.delta_sizes or [4, 16, 64, 256]
+    ranks = sorted(set(ranks) - {0}) + [0]  # the whole delta last
+    shapes = [tuple(p.shape) for _, p in train.select_trainable(meta_model(UNET_PRESETS[args.preset]), args.train_preset)]
+    print(f"{args.train_preset} delta of {args.preset}: {len(shapes)} tensors, "
+          f"{sum(math.prod(s) for s in shapes):,} values")
+    print("| rank | " + " | ".join(str(r or "whole") for r in ranks) + " |\n| --- |" + " --- |" * len(ranks))
+    for name, itemsize in (("fp32", 4), ("bf16", 2)):
+        print(f"| {name} | " + " | ".join(f"{delta.file_bytes(shapes, r, itemsize) / 1e6:,.1f} MB" for r in ranks) + " |")
+    return 0
+
+
 def main(argv=None):
     """--estimate (also what a direct run without the flag does) or --full-size; --estimate wins if both are given."""
     args = start(parse_args(argv))
+    if args.delta_sizes is not None:
+        return print_delta_sizes(args)
     if args.full_size and not args.estimate:
         return full_size(args)
     return print_estimate(args)

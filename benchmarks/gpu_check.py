@@ -22,24 +22,32 @@ traced step peak + autocast's bf16 weight copies, with full checkpointing where 
 stay tested (tests/test_bench.py) without a GPU.
 """
 
-import harness  # noqa: F401  (first: the repository root on sys.path, omp.py)
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`: the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import harness  # noqa: F401
 
 import argparse
 import datetime
 import gc
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 import estimate
 import optim
+import weights
 import train
-from harness import (allocator_peak, amp_dtype, machine_cpu, meta_model, newmove_loss, set_trainable, sync,
+from harness import (allocator_peak, machine_cpu, meta_model, newmove_loss, set_trainable, sync,
                      train_inputs, trainable_names, write_atomic)
+from memory import CHECKPOINTING
 from unet3d import UNET_PRESETS
 
 
@@ -99,7 +107,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2, help="clips per step, instance + reg (default 2 = 1+1)")
     p.add_argument("--steps", type=int, default=2,
                    help="timed steps after the first (default 2; 0: the first only, no step time)")
-    p.add_argument("--checkpointing", default="full", choices=tuple(harness.CHECKPOINTING),
+    p.add_argument("--checkpointing", default="full", choices=CHECKPOINTING,
                    help="as train.py --checkpointing (default full)")
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks"), help="folder for gpu_check.jsonl and .md")
     args = p.parse_args(argv)
@@ -113,15 +121,14 @@ def main(argv=None):
         sizes, frames = [int(s) for s in (args.sizes or "256,384").split(",")], args.frames or 16
     if args.batch < 2 or args.batch % 2:
         raise SystemExit(f"error: --batch must be even and >= 2 (instance + reg clips), got {args.batch}")
-    amp, frozen = amp_dtype(precision), {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    ck = harness.CHECKPOINTING[args.checkpointing]
+    amp, frozen = weights.autocast_dtype(precision), weights.DTYPES[precision]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {machine_cpu()}"
     print(f"gpu_check: {preset}, {frames} frames, batch {args.batch // 2}+{args.batch // 2}, precision {precision}, "
           f"checkpointing {args.checkpointing}, on {where}", flush=True)
 
     t0 = time.perf_counter()
     model, names = build(preset, frozen, device)
-    model.set_gradient_checkpointing(ck)
+    model.set_recompute(args.checkpointing)
     model.train()
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -134,7 +141,7 @@ def main(argv=None):
             inputs["x0"], inputs["ctx"] = (v.repeat_interleave(k, 0) for v in (inputs["x0"], inputs["ctx"]))
             inputs["w"] = train.loss_weights(k, k, 0.5, device)
         t1 = time.perf_counter()
-        predicted = estimate.option_budgets(UNET_PRESETS[preset], args.batch, frames, size, "newmove", ck, precision,
+        predicted = estimate.option_budgets(UNET_PRESETS[preset], args.batch, frames, size, "newmove", args.checkpointing, precision,
                                             precision)
         print(f"{size}x{size}: estimator traced in {time.perf_counter() - t1:.0f} s", flush=True)
         for name, (kind, free) in estimate.OPTIONS.items():

@@ -6,15 +6,6 @@ bench.py, compare.py and estimate.py (parse_args).
 diffusers is a test/benchmark oracle (requirements-test.txt): it is imported inside functions, never by our modules.
 """
 
-import sys
-from pathlib import Path
-
-# The benchmark scripts import this module first: `python benchmarks/x.py` puts benchmarks/ on sys.path, not the
-# repository root, so the root goes on here, then omp.py (before torch loads OpenMP: this machine's wait policy).
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
-
 import argparse
 import contextlib
 import math
@@ -22,17 +13,20 @@ import platform
 import re
 import resource
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
+import layouts
 import sample
 import train
-import unet3d
 import weights
+from memory import CHECKPOINTING
 from models import RELEASED_SCHEDULE
 from unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (each benchmark script puts it on sys.path)
 
 
 SIDES = ("ours", "diffusers")
@@ -43,7 +37,7 @@ LOSS_W = train.loss_weights(1, 1, 0.5)  # 1 instance + 1 reg clip: L = MSE_inst 
 
 # performance.md numbers the estimator checks itself against (diffusers' UNet, B=1, 16 frames, 32x32 latents)
 PERF_MD = {"params": 1_411_233_860, "newmove": 570_882_176, "fwd_tflop_16x32x32": 4.887,
-           "saved_gib_bf16": {(1, 16, 256, False): 7.20, (1, 16, 256, True): 1.00, (2, 16, 256, False): 14.39}}
+           "saved_gib_bf16": {(1, 16, 256, "none"): 7.20, (1, 16, 256, "full"): 1.00, (2, 16, 256, "none"): 14.39}}
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def diffusers_kwargs(cfg: UNet3DConfig) -> dict:
-    return {k: v for k, v in unet3d.config_to_diffusers(cfg).items() if not k.startswith("_")}
+    return {k: v for k, v in layouts.unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
 
 
 def meta_model(cfg: UNet3DConfig, side: str = "ours"):
@@ -100,14 +94,6 @@ def set_trainable(model: torch.nn.Module, names: list) -> list:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-def amp_dtype(precision: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device, amp):
-    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
 def sync(device: torch.device):
@@ -394,9 +380,6 @@ def write_atomic(path: Path, text: str):
     weights.atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)  # no half-written file
 
 
-CHECKPOINTING = {"none": False, "selective": "selective", "full": True}
-
-
 # -----------------------------------------------------------------------------------------------------------------------
 # command line: one parser for bench.py, compare.py and this file
 
@@ -431,7 +414,7 @@ def parse_args(argv=None):
     g.add_argument("--train-preset", default="newmove", choices=sorted(k for k, v in train.PRESETS.items()
                                                                         if v["groups"]),
                    help="which weights train, from train.py's PRESETS (default newmove)")
-    g.add_argument("--checkpointing", nargs="?", const="full", default="none", choices=tuple(CHECKPOINTING),
+    g.add_argument("--checkpointing", nargs="?", const="full", default="none", choices=CHECKPOINTING,
                    help="activations recomputed in backward, as train.py --checkpointing: none (default) | selective "
                    "| full (the bare flag)")
     g.add_argument("--frozen-dtype", default=None, choices=("fp32", "bf16", "fp16"),
@@ -440,6 +423,9 @@ def parse_args(argv=None):
                    help="as train.py --optimizer: fp32 AdamW state (default) or bitsandbytes' 8-bit")
     g.add_argument("--free-grads", action="store_true",
                    help="as train.py --free-grads: each gradient freed once its tensor has been stepped in backward")
+    g.add_argument("--delta-sizes", type=int, nargs="*", metavar="RANK", default=None,
+                   help="instead: the file size of a --train-preset delta of --preset, whole and compressed to each "
+                   "RANK by delta.py compress (default 4 16 64 256; 0 = whole), fp32 and bf16, from the meta device")
     g.add_argument("--table", action="store_true",
                    help="the budget of each memory option at 256^2 and 384^2, --frames (16), batch 1+1 and 2+2, with "
                    "--checkpointing as given (8 meta traces: minutes for modelscope-1.7b)")
@@ -454,7 +440,6 @@ def parse_args(argv=None):
     p.add_argument("--rss-hw", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--rss-checkpointing", default="none", choices=("none", "selective"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.checkpointing_name, args.checkpointing = args.checkpointing, CHECKPOINTING[args.checkpointing]
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
     if args.quick and args.reps is None:

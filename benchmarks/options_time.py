@@ -1,4 +1,4 @@
-"""What train.py's memory options cost in step time, side by side on the CPU (README "Memory"):
+"""What train.py's memory options cost in step time, side by side on the CPU (docs/memory.md):
 
     python benchmarks/options_time.py                          # toy preset, 8 frames at 64^2, 1+1 clips, 15 rounds
     python benchmarks/options_time.py --checkpointing full --rounds 15
@@ -10,7 +10,15 @@ CPU only: on a GPU four copies of the 1.7B model with their optimizer states wou
 option on its own there).
 """
 
-import harness  # noqa: F401  (first: the repository root on sys.path, omp.py)
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py`: the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import harness  # noqa: F401
 
 import argparse
 import copy
@@ -22,6 +30,7 @@ import torch
 import estimate
 import optim
 import train
+from memory import CHECKPOINTING
 from unet3d import UNET_PRESETS, UNet3D
 
 
@@ -31,7 +40,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=64, help="frame size in pixels (latents: size / 8)")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--checkpointing", default="none", choices=tuple(harness.CHECKPOINTING))
+    p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,7 +69,7 @@ def main(argv=None):
 
 def step_fn(model, names, inputs, kind: str, free: bool, checkpointing: str):
     """One NewMove step with this option on `model`, as train.py takes it (grad clipping off for every option)."""
-    model.set_gradient_checkpointing(harness.CHECKPOINTING[checkpointing])
+    model.set_recompute(checkpointing)
     model.train()
     params = harness.set_trainable(model, names)
     make = lambda ps: optim.make_adamw(kind, ps, 5e-6, 0.01, torch.device("cpu"))  # noqa: E731

@@ -98,11 +98,11 @@ def test_estimator_predicts_the_measured_step_peak(mode, free_grads):
     checkpointing (without, the peak comes at the start of backward, before any gradient exists). Measured ratios
     real / predicted: 1.0003, 1.0086, 1.0026; with --free-grads 1.022 (a constant 0.17 MiB more on the toy preset, the
     same with a no-op update; 1.0009 on the tiny preset), hence 3% there."""
-    cfg, ck = unet3d.UNET_PRESETS["toy"], harness.CHECKPOINTING[mode]
-    pred = estimate.estimate(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32", free_grads=free_grads)["memory"]["peak"]
-    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", ck, "fp32", "fp32", free_grads=free_grads)["peak"]
+    cfg = unet3d.UNET_PRESETS["toy"]
+    pred = estimate.estimate(cfg, 2, 4, 64, "newmove", mode, "fp32", "fp32", free_grads=free_grads)["memory"]["peak"]
+    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", mode, "fp32", "fp32", free_grads=free_grads)["peak"]
     assert abs(real / pred - 1) < (0.03 if free_grads else 0.02), (mode, real, pred)
-    assert harness.parse_args(["--estimate", "--checkpointing"]).checkpointing is True  # the bare flag = full
+    assert harness.parse_args(["--estimate", "--checkpointing"]).checkpointing == "full"  # the bare flag
 
 
 def test_estimator_counts_autocast_copies_where_full_checkpointing_keeps_them():
@@ -113,8 +113,8 @@ def test_estimator_counts_autocast_copies_where_full_checkpointing_keeps_them():
     in fp32, ~5% over the trace). The two wrong accountings fall outside the band: all copies resident (the former
     estimate, 11.27 MiB: 0.860) and none (the traced 9.16: 1.058)."""
     cfg = unet3d.UNET_PRESETS["tiny"]
-    e = estimate.estimate(cfg, 2, 4, 64, "newmove", True, "bf16", "bf16", flops=False)
-    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", True, "bf16", "bf16")["peak"]
+    e = estimate.estimate(cfg, 2, 4, 64, "newmove", "full", "bf16", "bf16", flops=False)
+    real = estimate.real_step_peak(cfg, 2, 4, 64, "newmove", "full", "bf16", "bf16")["peak"]
     band = lambda pred: 0.94 < real / pred < 1.03  # noqa: E731
     traced, cache = e["memory"]["peak"], 2 * e["counts"]["trainable"]
     assert band(e["in_step"]) and not band(traced + cache) and not band(traced), (real, e["in_step"], traced, cache)
@@ -137,8 +137,8 @@ def test_time_breakdown_separates_kernels_from_the_rest():
 
 @pytest.mark.parametrize("script", ["bench.py", "compare.py"])
 def test_estimate_runs_from_the_readme_command_and_from_compare_py(script, capfd):
-    """bench.py (the README's command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on.
-    The README's command runs as a user runs it, in a process of its own; compare.py's command line in this process
+    """bench.py (the documented command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on.
+    That command runs as a user runs it, in a process of its own; compare.py's command line in this process
     (inprocess.run_script)."""
     args = ["--estimate", "--preset", "tiny", "--frames", "2", "--size", "64", "--batch", "1", "--precision", "fp32",
             "--threads", "1"]
@@ -170,3 +170,12 @@ def test_gpu_check_runs_every_memory_option_in_its_tiny_cpu_mode(tmp_path):
     # the saving each option is for: 8-bit state, gradients freed (full checkpointing, the default)
     by = {r["option"]: r["predicted_bytes"] for r in records}
     assert by["adamw8bit"] < by["adamw"] and by["free-grads"] < by["adamw"]
+
+
+def test_delta_sizes_of_the_released_model(capsys):
+    """The 1.7B NewMove delta counted on the meta device (bench.py --estimate --delta-sizes): 570,882,176 values in
+    826 tensors, the file sizes docs/sampling.md lists (rank 16 and whole, fp32 and bf16)."""
+    assert estimate.main(["--delta-sizes", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["newmove delta of modelscope-1.7b: 826 tensors, 570,882,176 values", "| rank | 16 | whole |",
+                   "| --- | --- | --- |", "| fp32 | 54.6 MB | 2,283.5 MB |", "| bf16 | 27.3 MB | 1,141.8 MB |"]

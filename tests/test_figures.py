@@ -1,4 +1,4 @@
-"""The README's figures (toy/figures.py) from a samples folder as toy/demo.py keeps it, and the demo keeping its
+"""The figures in docs/images (toy/figures.py) from a samples folder as toy/demo.py keeps it, and the demo keeping its
 samples only where it is told to.
 
     pytest tests/test_figures.py -q

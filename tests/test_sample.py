@@ -11,6 +11,7 @@ import torch
 
 import sample
 from delta import apply_delta
+import layouts
 import unet3d
 from inprocess import run_script
 from models import RELEASED_SCHEDULE, save_models, tiny_models
@@ -45,8 +46,8 @@ def _sampler_pair(dtype):
     diffusion = ms.GaussianDiffusion(ms.beta_schedule("linear_sd", 1000, 0.00085, 0.012), mean_type="eps",
                                      var_type="fixed_small", loss_type="mse")
     ref = original_unet(seed=2, cfg=SAMPLER_UNET)
-    ours = unet3d.UNet3D(unet3d.config_from_original(SAMPLER_UNET))
-    ours.load_state_dict(unet3d.from_original(ref.state_dict(), ours.cfg))
+    ours = unet3d.UNet3D(layouts.unet_config_from_original(SAMPLER_UNET))
+    ours.load_state_dict(layouts.unet_from_original(ref.state_dict(), ours.cfg))
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, 4, 2, 8, 8, generator=g, dtype=torch.float64).to(dtype)
     cond = torch.randn(2, 77, 1024, generator=g, dtype=torch.float64).to(dtype)
@@ -67,8 +68,7 @@ def _run_both(diffusion, ref, ours, noise, cond, uncond, wrap=None):
         def eps_fn(x, t):  # exactly what generate() does: [cond; uncond] in one UNet call
             tt = torch.full((4,), t)
             e = wrap(ours(torch.cat([x, x]), tt, torch.cat([cond, uncond])), torch.cat([x, x]), tt)
-            eps_c, eps_u = e.chunk(2)
-            return eps_u + 9.0 * (eps_c - eps_u)
+            return sample.guide(e, 9.0)
 
         got = sample.sample_ddim(eps_fn, noise, sample.alphas_cumprod(RELEASED_SCHEDULE), STEPS,
                                  progress=False)

@@ -31,7 +31,7 @@ def test_committed_toy_model_loads_and_samples():
 def test_short_customization_teaches_the_novel_motion(tmp_path, monkeypatch):
     """The end-to-end claim of the toy world, in CI: a short NewMove run (train.py's defaults, toy-scale steps) makes
     the committed base model produce a motion it never saw, on appearance pairs absent from the examples. Fixed seeds;
-    the threshold leaves a margin below what this exact run measured (see the README's toy-world section). Quiet, it
+    the threshold leaves a margin below what this exact run measured (docs/toy-world.md). Quiet, it
     writes nothing in the current folder (tests and toy/ablate.py run it so)."""
     from toy import demo
 

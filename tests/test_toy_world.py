@@ -174,7 +174,7 @@ def test_the_toy_subject_is_told_apart_from_every_named_colour():
 
 
 def test_the_subject_measurement_is_reproducible_from_its_command(tmp_path):
-    """toy/subject.py (issue 19) in a tiny setting (one training step, one seed, 2 DDIM steps): the command it writes
+    """toy/subject.py (a motion and a subject in one run) in a tiny setting (one training step, one seed, 2 DDIM steps): the command it writes
     at the top of its table, run again into a new folder, gives the same record and table."""
     from toy import subject
 

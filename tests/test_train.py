@@ -20,6 +20,7 @@ import latents
 import sample
 from delta import apply_delta
 import train
+import layouts
 import unet3d
 import weights
 from inprocess import run_script, run_scripts_in_one_process
@@ -191,7 +192,7 @@ def _run(args, **kw):
 def test_exact_resume_after_sigkill(world, subject, tmp_path, capfd):
     """SIGKILL needs a real process; the uninterrupted run and the resume run in this process, on one thread like the
     killed process (OMP_NUM_THREADS=1), so all three compute with the same kernels and compare bit for bit. The run has
-    both example sets (issue 19), so the motion set's and the subject set's order, windows and noise (and the
+    both example sets (--videos and --subject-videos), so the motion set's and the subject set's order, windows and noise (and the
     regularization set's) all resume exactly; one run for both, as a SIGKILL case costs ~20 s."""
     root, model = world
     common = ["--model", str(model), "--videos", str(root / "videos"), "--reg-videos", str(root / "reg"),
@@ -267,7 +268,7 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     m = load_models(model)
     apply_delta(m, path)
     assert m.tokenizer("a person doing the pll sign")[0, 5].item() == te.TEXT_PRESETS["tiny"].vocab_size
-    exported = unet3d.load_unet(tmp_path / "tok" / "unet" / "diffusion_pytorch_model.safetensors", m.unet.cfg)
+    exported = layouts.load_unet(tmp_path / "tok" / "unet" / "diffusion_pytorch_model.safetensors", m.unet.cfg)
     assert all(torch.equal(exported.get_parameter(k[5:]), v) for k, v in d.items() if k.startswith("unet."))
     # Textual Inversion trains the token row only; DreamBooth generates its own prior first
     d = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "ti", steps=1, preset="textual-inversion")))
@@ -375,7 +376,7 @@ def test_every_command_line_help_works(script, help_outputs):
 
 
 def test_defaults_are_the_official_run():
-    """The settings issue #14 audited against adobe-research/custom_motion (method.md §2, §5.1, §6.8)."""
+    """The official run's settings, as read from adobe-research/custom_motion (method.md §2, §5.1, §6.8)."""
     c = train.Config()
     assert (c.size, c.resize, c.fps, c.window, c.frames, c.dropout) == (384, "bucket", 24.0, "random", 16, 0.0)
     assert (c.val_solver, c.val_steps, c.val_guidance) == ("dpmpp-2m", 25, 9.0)
@@ -552,7 +553,7 @@ def test_a_real_model_without_regularization_stops_before_loading(world, tmp_pat
     assert not (tmp_path / "run").exists()  # nothing encoded, nothing written
 
 
-# --------------------------------------------------------------------------------- a motion and a subject (issue 19)
+# ----------------------------------------------------------------------------------------- a motion and a subject
 
 
 @pytest.fixture(scope="module")

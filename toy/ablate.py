@@ -23,11 +23,11 @@ with the threshold from held-out clips (scorer.calibrate_leakage).
 import sys
 from pathlib import Path
 
-# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
-# loads OpenMP: the wait policy for this machine).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import concurrent.futures as cf

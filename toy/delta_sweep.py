@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import json
@@ -28,7 +30,7 @@ import torch
 import delta
 from models import load_models
 from toy import demo, world
-from weights import read_state_dict, save_state_dict
+from weights import cast, read_state_dict, save_state_dict
 
 
 def variants(taus, ranks) -> list:
@@ -45,7 +47,7 @@ def delta_file(run: Path, option: dict, base_sd: dict) -> Path:
     path = run / f"delta-{option.get('rank', option.get('dtype'))}.safetensors"
     if not path.exists():
         sd = read_state_dict(plain)
-        small = delta.compress(sd, base_sd, rank=option["rank"]) if "rank" in option else delta.cast(sd, option["dtype"])
+        small = delta.compress(sd, base_sd, rank=option["rank"]) if "rank" in option else cast(sd, option["dtype"])
         save_state_dict(small, path)
     return path
 

@@ -17,18 +17,18 @@
    (toy copy score above its threshold);
 5. every sampled video is kept (mp4, gif and png contact sheet, before/ and after/) with an index.json of prompt, seed
    and the scorer's reading, in --samples (default: a new folder demo_out/<date-time>), named at the end;
-   `python toy/figures.py --samples <that folder>` draws the README's before/after figures from it.
+   `python toy/figures.py --samples <that folder>` draws the before/after figures in docs/images/ from it.
 The same unet3d.py / vae.py / text_encoder.py / train.py / sample.py code as the 1.7B model, only smaller.
 """
 
 import sys
 from pathlib import Path
 
-# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
-# loads OpenMP: the wait policy for this machine).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import concurrent.futures as cf
@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import evaluate
+import metrics
 import sample
 import train
 from delta import apply_delta
@@ -92,9 +93,9 @@ def joined(first: dict, second: dict) -> dict:
 
 
 def copies_per_clip(per_video: dict, clip_names: list, threshold: float) -> dict:
-    """evaluate.copies_per_clip on score()'s leakage scores: per example clip, the videos above `threshold` nearest it."""
-    return evaluate.copies_per_clip(clip_names, [clip_names[k] for k in per_video["nearest"]],
-                                    [x > threshold for x in per_video["leak"]])
+    """metrics.copies_per_clip on score()'s leakage scores: per example clip, the videos above `threshold` nearest it."""
+    return metrics.copies_per_clip(clip_names, [clip_names[k] for k in per_video["nearest"]],
+                                   [x > threshold for x in per_video["leak"]])
 
 
 def score_sets(args, sets: dict, delta_path, when: str, quiet: bool, keep=None) -> dict:
@@ -193,7 +194,7 @@ def parser():
     p.add_argument("--lr", type=float, default=6e-4, help="toy-scale learning rate (the 1.7B model uses 5e-6)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
-                   help="train.py --optimizer (adamw8bit: bitsandbytes' 8-bit AdamW; README 'Memory')")
+                   help="train.py --optimizer (adamw8bit: bitsandbytes' 8-bit AdamW; docs/memory.md)")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per novel-motion prompt")
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (0: skip the "
                    "forgetting check)")

@@ -1,4 +1,4 @@
-"""The README's figures, remade from a toy demo run's kept samples (toy/demo.py) and from train.py's own p(t).
+"""The figures in docs/images/, remade from a toy demo run's kept samples (toy/demo.py) and from train.py's own p(t).
 
     python toy/demo.py                                     # ends with "samples: demo_out/<date-time>"
     python toy/figures.py --samples demo_out/<date-time> --out docs/images/
@@ -18,11 +18,11 @@ timesteps.png is drawn.
 import sys
 from pathlib import Path
 
-# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
-# loads OpenMP: the wait policy for this machine).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import json
@@ -38,7 +38,7 @@ PAPER, INK, MUTED, GOOD = (255, 255, 255), (25, 25, 25), (120, 120, 120), (0, 12
 CURVES = {"coarse": (214, 39, 40), "uniform": (110, 110, 110), "fine": (31, 119, 180)}  # p(t) curve colours
 NAMES = {"coarse": "coarse (NewMove)", "uniform": "uniform", "fine": "fine (mirror)"}  # curve labels (train.py modes)
 SHEET_COLUMNS = 8  # frames per row of sample.contact_sheet (its default), as the demo writes its png sheets
-BUDGET = 300_000  # bytes, all images together (README images should load fast)
+BUDGET = 300_000  # bytes, all images together (the README and docs should load fast)
 GRID, TIMESTEPS = "toy-before-after.png", "timesteps.png"  # file names in --out
 ANIMATED = {"png": "toy-before-after-animated.png", "gif": "toy-before-after.gif"}  # by --animated
 

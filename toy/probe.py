@@ -5,17 +5,17 @@
 
 For a reference prompt and variants that change one word (direction, colour, motion category), prints the relative
 change ||eps(x, t, variant) - eps(x, t, reference)|| / ||eps(x, t, reference)|| on the same noisy inputs at several
-timesteps. A word the model ignores changes little; README "The toy world" quotes this for the direction words.
+timesteps. A word the model ignores changes little; docs/toy-world.md quotes this for the direction words.
 """
 
 import sys
 from pathlib import Path
 
-# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
-# loads OpenMP: the wait policy for this machine).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 

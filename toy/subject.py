@@ -1,4 +1,4 @@
-"""Motion and appearance in one run (issue 19): teach the toy model the circle motion as `pll` AND a subject as `sks`,
+"""Motion and appearance in one run (train.py --subject-videos): teach the toy model the circle motion as `pll` AND a subject as `sks`,
 then score, against a motion-only and a subject-only run.
 
     python toy/subject.py --out subject_out/        # base model + 3 customizations: both, motion only, subject only
@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import concurrent.futures as cf
@@ -41,7 +43,7 @@ from toy.scorer import ToyScorer, hsv
 # The subject taught as `sks` (--subject). "red triangle": an appearance pair held out of every pretraining clip
 # (world.HELD_OUT_COMBOS) that the toy VAE reconstructs (8 of 8 example clips read back as red triangles), the default.
 # "violet ring": a colour and a shape in no pretraining clip, the first choice; but the toy VAE, trained on the named
-# colours only, turns violet into magenta (hue 267 -> 291-299 on circles), so no UNet can draw it (README).
+# colours only, turns violet into magenta (hue 267 -> 291-299 on circles), so no UNet can draw it (docs/subject.md).
 SUBJECTS = {"red triangle": ("red", "triangle"), "violet ring": ("violet", "ring")}
 SUBJECT = SUBJECTS["red triangle"]
 HUE_TOL = 17  # degrees around a new colour's hue: violet's neighbours blue, magenta read 221-231, 300-307 degraded

@@ -3,8 +3,8 @@
     python toy/train_base.py --out toy/model --minutes 80          # ~80 minutes on 2 CPU cores
     python toy/train_base.py --out toy/model --minutes 40 --resume # continue a run (same seed: same data)
 
-The committed toy/model came from six invocations over three sessions (each continues the previous one's weights;
-about 3 h 45 min in all on 2 shared cores, so longer than one 90-minute budget, split as the calibration notes allow):
+The committed toy/model came from six invocations on 2026-11-24, each continuing the previous one's weights (about
+3 h 45 min in all on 2 shared cores):
     python toy/train_base.py --text joint --steps 2542 --work runs/b1 --out runs/m1                 # 74 min
     python toy/train_base.py --init runs/m1 --timesteps coarse --steps 500 --work runs/b2 --out runs/m2
     python toy/train_base.py --resume --timesteps high --steps 2000 --work runs/b2 --out runs/m2    # 58 min
@@ -26,7 +26,7 @@ text encoder and the `toy` UNet3D. Two stages:
      a colour change). A random frozen encoder keeps every word equally distinct.
 
 Direction words (left/right vs up/down, and which way along the axis) were the hard part; measured with the base
-prompts after each stage (README, "The toy world"): after run 3 the model ignored them (motion 55%: its translations
+prompts after each stage (docs/toy-world.md): after run 3 the model ignored them (motion 55%: its translations
 went where the initial noise suggested). The eps loss barely sees a clip at high t (its x0 error is scaled by
 abar / (1 - abar) = 1/26 at t = 800, 1/214 at t = 999), which is where the prompt has to decide the path, so runs 4-5
 weight each clip's loss by clamp(1/SNR, 1, max) (= the x0 error there): the axis was learned (left/right give
@@ -43,11 +43,11 @@ files, which the loaders cast back to float32), so `--model toy/model` works eve
 import sys
 from pathlib import Path
 
-# `python toy/x.py` puts toy/ on sys.path, not the repository root: the root goes on first, then omp.py (before torch
-# loads OpenMP: the wait policy for this machine).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import omp  # noqa: E402, F401
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
 
 import argparse
 import copy
@@ -125,7 +125,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work/state.pt (same machine)")
     p.add_argument("--init", default="", help="start from a model directory (e.g. the committed toy/model) with a "
-                   "fresh optimizer: how training continues across sessions, since state.pt is not committed")
+                   "fresh optimizer: how training continues from a committed model, since state.pt is not committed")
     p.add_argument("--text", choices=("frozen", "joint"), default="frozen",
                    help="frozen: a random text encoder drawn from --seed, never trained (replaces --init's); "
                    "joint: trained with the UNet")
