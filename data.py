@@ -7,8 +7,13 @@
     print(ds.report)           # "loaded 10 clips from 20bn-jester-v1/ ..., skipped 1: 4242 (missing frame numbers 7)"
     item = ds[0]               # {"video": (C, F, H, W) float32 in [-1, 1], "caption", "path", "key", "label"}
 
+    python data.py cut recording.mp4 --every 2s --out clips/     # one long recording -> 2-second clips (cut_video)
+
 Sources (method.md §2, §7.2):
-  * video files `.mp4 .webm .mov .mkv .avi .gif`, decoded with PyAV (bundled FFmpeg; no system ffmpeg);
+  * video files `.mp4 .webm .mov .mkv .avi .gif`, decoded with PyAV (bundled FFmpeg; no system ffmpeg) as a player
+    shows them: turned upright as the header says (phones store portrait video as landscape frames plus a rotation),
+    non-square pixels stretched to square ones, 10-bit and HDR (PQ, HLG) as 8-bit SDR RGB, cover art and thumbnail
+    tracks skipped, audio ignored;
   * frame folders: a folder holding numbered images (`00001.jpg`, `0.png`, ...; 0- or 1-based, any zero padding, jpg
     or png) is one clip, frames in numeric order; a gap in the numbers, or an unnumbered image, makes the clip bad.
     If the root itself is such a folder it is the one clip. Frame folders carry no frame rate: `ClipSpec.native_fps`
@@ -28,11 +33,13 @@ caption, or an empty one, is an error naming the file: captions are never silent
 
 Clip sampling (`ClipSpec`): frames `start, start + stride, ...` (0-based frame indices), with the stride either given or
 derived from a target fps as max(1, round(native_fps / fps)) like the official code (Jester at 12 fps with fps=24 gives
-consecutive frames). Clips shorter than needed are padded by repeating the last frame (official), looped, or skipped;
-each is counted in the report. With `max_frames`, a clip keeps every strided frame that fits (up to max_frames), and
-train.py draws a window of `frames` consecutive ones from them at every step, as the official loader does. Frames are
-resized (bilinear, antialiased) to an aspect bucket of about size x size pixels without cropping (official), or with
-resize="crop" to cover size x size and center-cropped.
+consecutive frames). Indices count frames at a constant rate: a video whose frames come at varying intervals (phones
+drop frames in low light) is first put on a time grid of its usual interval, each slot holding the frame a player
+shows then (a dropped frame shows the one before again), and that interval is its fps. Clips shorter than needed are
+padded by repeating the last frame (official), looped, or skipped; each is counted in the report. With `max_frames`,
+a clip keeps every strided frame that fits (up to max_frames), and train.py draws a window of `frames` consecutive ones
+from them at every step, as the official loader does. Frames are resized (bilinear, antialiased) to an aspect bucket of
+about size x size pixels without cropping (official), or with resize="crop" to cover size x size and center-cropped.
 
 Bad input never surfaces as a bare decoder traceback. Every clip is probed at construction by decoding exactly the
 frames __getitem__ will use, so a zero-byte, non-video, truncated or corrupt file, or a frame folder with missing
@@ -47,28 +54,40 @@ Notable differences from upstream (ExponentialML/Text-To-Video-Finetuning, used 
   * no `text.json` random-caption files and no file-name or random fallback captions: a missing caption is an error.
 """
 
+if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    import omp
+    omp.choose_wait_policy()
+
+import argparse
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from difflib import get_close_matches
+from fractions import Fraction
+from itertools import chain, count, islice
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.stream import Disposition
+from av.video.reformatter import Interpolation, VideoReformatter
 from PIL import Image
 
-from weights import read_text
+from weights import WeightsError, atomic_write, read_text, writable_dir
 
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
-KEY_VERSION = "data.py/2"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
+KEY_VERSION = "data.py/3"  # bump when decoding or resizing changes, so cached latents keyed by `key` go stale
+NOT_MOVING = Disposition.attached_pic | Disposition.still_image | Disposition.timed_thumbnails  # cover art, thumbnails
+HDR_TRANSFERS, BT2020, BT709 = {16, 18}, 9, 1  # FFmpeg's numbers: PQ (SMPTE 2084) and HLG (ARIB STD-B67); primaries
 
 
 class DataError(ValueError):
@@ -235,33 +254,29 @@ def _looks_like_text(path: Path) -> bool:
     return all(c.isprintable() or c.isspace() for c in head)
 
 
+def _frames_needed(spec: ClipSpec, stride: int) -> int:
+    """Frames from the start of a source that the spec can use at this stride (see _clip_indices)."""
+    needed = spec.start + (spec.frames - 1) * stride + 1
+    if spec.max_frames:  # enough for (n - start) // stride to reach max_frames
+        needed = max(needed, spec.start + spec.max_frames * stride)
+    return needed
+
+
 def decode_video(path: Path, spec: ClipSpec) -> tuple:
-    """The frames the spec can need from the start of a video (fewer if it is shorter) as uint8 (H, W, 3) arrays, and
-    the stride for this video's fps."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: zero-byte file")
+    """The frames the spec can need from the start of a video (fewer if it is shorter) as uint8 (H, W, 3) arrays, as a
+    player shows them (display_frames), and the stride for this video's fps."""
+    _check_file(path)
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream (streams: {[s.type for s in container.streams]})")
-            stream = container.streams.video[0]
-            # average_rate is frames / duration; None for some odd files, and then native_fps stands in
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+            stream = video_stream(container, path)
+            probe = _frames_needed(spec, spec.stride_for(stated_fps(stream)))
+            fps, frames, timed = display_frames(container, stream, path, probe)  # a varying rate gets its own fps
             stride = spec.stride_for(fps)
-            needed = spec.start + (spec.frames - 1) * stride + 1
-            if spec.max_frames:  # enough for (n - start) // stride to reach max_frames (see _clip_indices)
-                needed = max(needed, spec.start + spec.max_frames * stride)
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) whatever the pixel format
-                if len(frames) >= needed:
-                    break  # decode only what is used: regularization videos can be long
-            # frames the header promises: the stream's count (mp4, avi), else its duration x fps, else the container's
-            # duration x fps (webm, mkv; this one also covers audio, so it can only over-promise for short clips)
-            seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
-            promised = stream.frames or seconds * (fps or 0)
+            needed = _frames_needed(spec, stride)
+            frames = list(islice(frames, needed))  # decode only what is used: regularization videos can be long
+            # frames the header promises: the stream's count (mp4, avi; a re-timed video has its own count), else
+            # duration x fps
+            promised = (not timed and stream.frames) or header_seconds(container, stream) * (fps or 0)
     except (av.FFmpegError, OSError) as e:
         what = "not a video (the file holds text)" if _looks_like_text(path) else "not a video, or truncated/corrupt"
         raise DataError(f"{path}: {what}: {getattr(e, 'strerror', None) or e}") from None
@@ -272,6 +287,114 @@ def decode_video(path: Path, spec: ClipSpec) -> tuple:
     if len(frames) < needed and len(frames) < 0.9 * promised - 1:  # 10% slack for rounded durations
         raise DataError(f"{path}: truncated: the header promises {round(promised)} frames, only {len(frames)} decode")
     return frames, stride
+
+
+def _check_file(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: zero-byte file")
+
+
+def video_stream(container, path: Path):
+    """The video stream a player shows: not cover art or a thumbnail track; of several, the largest picture."""
+    moving = [s for s in container.streams.video if not s.disposition & NOT_MOVING]
+    if not moving:
+        raise DataError(f"{path}: no video stream (streams: {[s.type for s in container.streams]})")
+    return max(moving, key=lambda s: s.codec_context.width * s.codec_context.height)  # the first of equals
+
+
+def stated_fps(stream) -> float | None:
+    """The header's frame rate: average_rate is frames / duration; None for some odd files (native_fps stands in)."""
+    return float(stream.average_rate or stream.guessed_rate or 0) or None
+
+
+def header_seconds(container, stream) -> float:
+    """The video's length by its header: its DURATION tag (mkv, webm: FFmpeg fills their stream durations in from the
+    whole file's), else the stream's duration, else the file's if the video is all the file holds (the file's length
+    covers audio too, which can run longer)."""
+    tag = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", stream.metadata.get("DURATION", ""))  # 00:00:01.000000000
+    if tag:
+        return int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3])
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    return (container.duration or 0) / 1e6 if len(container.streams) == 1 else 0.0
+
+
+def display_frames(container, stream, path: Path, probe: int) -> tuple:
+    """(frames per second, an iterator of the video's frames as a player shows them (to_rgb), whether they were
+    re-timed). The frames come at a constant rate: as decoded, or, if the first `probe` frames come at varying
+    intervals (phones drop frames in low light), one per usual interval on the time grid a player follows (on_grid)."""
+    sar, reformatter = stream.sample_aspect_ratio, VideoReformatter()  # one per video: HDR's set-up takes seconds
+    decoded = ((to_rgb(f, reformatter, sar, path), f.pts) for f in container.decode(stream))
+    head = list(islice(decoded, probe))
+    step = varying_step([pts for _, pts in head])
+    frames = chain(head, decoded)
+    if step is None:  # a constant rate (or no usable timestamps): every frame, by index
+        return stated_fps(stream), (rgb for rgb, _ in frames), False
+    return 1 / float(step * stream.time_base), on_grid(frames, step), True
+
+
+def varying_step(pts: list) -> Fraction | None:
+    """The usual interval between frames (in timestamp ticks) if the intervals vary, else None: a constant rate, or no
+    usable timestamps (missing, or not increasing)."""
+    if len(pts) < 3 or None in pts:
+        return None
+    gaps = np.diff(np.array(pts, dtype=np.int64))
+    if (gaps <= 0).any():
+        return None
+    usual = np.median(gaps)
+    # a tick of rounding (webm counts milliseconds: 33, 34, 33 at 30 fps) or a little jitter is not a varying rate
+    regular = np.abs(gaps - usual) <= 1 + 0.1 * usual
+    return None if regular.all() else Fraction(int(gaps[regular].sum()), int(regular.sum()))
+
+
+def on_grid(timed, step: Fraction):
+    """From (frame, pts) in time order, what a player shows at t0, t0 + step, t0 + 2 step, ... (t0: the first pts): the
+    last frame begun by then, to half a step (timestamps are rounded). A dropped frame shows the one before it again."""
+    shown = None
+    for frame, pts in timed:
+        if shown is None:
+            t0, k = pts, 0
+        while shown is not None and pts > t0 + k * step + step / 2:  # the next frame starts after slot k
+            yield shown
+            k += 1
+        shown, last = frame, pts
+    while shown is not None and t0 + k * step <= last + step / 2:  # the last frame stays up for one interval
+        yield shown
+        k += 1
+
+
+def to_rgb(frame, reformatter: VideoReformatter, sar, path: Path) -> np.ndarray:
+    """One decoded frame as a player shows it: uint8 RGB (H, W, 3), HDR mapped to SDR, square pixels, upright."""
+    kw = {}
+    if frame.format.components[0].bits > 8:  # 10-bit 4:2:0 loses ~2 levels in swscale's default path (255 -> 253)
+        kw["interpolation"] = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT
+    if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
+        # as on an SDR screen: BT.709 primaries and gamma, HDR reference white (HLG 75%, PQ 203 nits) -> white
+        kw.update(dst_color_trc=BT709, dst_color_primaries=BT709)
+    if sar and sar != 1:  # non-square pixels: stretch to square ones (never shrink, so no detail is lost)
+        kw["width"], kw["height"] = ((round(frame.width * sar), frame.height) if sar > 1 else
+                                     (frame.width, round(frame.height / sar)))
+    return upright(reformatter.reformat(frame, format="rgb24", **kw).to_ndarray(), frame, path)
+
+
+def upright(rgb: np.ndarray, frame, path: Path) -> np.ndarray:
+    """`rgb` turned as the frame's display matrix says: phones store portrait video as landscape frames plus a matrix
+    in the file's header (mp4 `tkhd`), which players, and ffmpeg's command line, apply."""
+    side = frame.side_data.get("DISPLAYMATRIX")
+    if side is None:
+        return rgb
+    m = np.frombuffer(bytes(side), np.int32)[[0, 1, 3, 4]] / 65536  # a, b, c, d of the 16.16 fixed-point 3x3 matrix
+    a, b, c, d = np.round(m).astype(int)
+    quarter = (b == c == 0 or a == d == 0) and abs(a * d - b * c) == 1  # each axis to an axis, unscaled
+    if not quarter or np.abs(m - (a, b, c, d)).max() > 1e-3:
+        raise DataError(f"{path}: its header turns the picture by {math.degrees(math.atan2(-m[1], m[0])):.0f} "
+                        f"degrees; only quarter turns and mirrors are supported")
+    # a display pixel (x', y') = (a x + c y, b x + d y): a quarter turn swaps the axes, a negative entry reverses one
+    if a == 0:
+        rgb, a, d = rgb.transpose(1, 0, 2), c, b
+    return np.ascontiguousarray(rgb[::d, ::a])
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -527,3 +650,99 @@ class VideoDataset(torch.utils.data.Dataset):
         if subfolders and not recursive:
             msg += f" (subfolders {', '.join(subfolders[:3])} were not searched: pass recursive=True)"
         return msg
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# a long recording -> clips (python data.py cut)
+
+
+class _TooShort(Exception):
+    """A last piece too short to keep (write_clip)."""
+
+
+def cut_video(path, seconds: float, out):
+    """Cut a video into clips of `seconds` each as a player shows it (display_frames: upright, square pixels, 8-bit SDR,
+    a constant rate): `<out>/<stem>_000.mp4`, `_001.mp4`, ... (H.264 at crf 10, no audio). Yields each path once it is
+    written (atomically). A last piece shorter than half a clip is left out."""
+    path, out = Path(path), Path(out)
+    _check_file(path)
+    if (out / f"{path.stem}_000.mp4").exists():  # a second cut would mix with the first one's clips
+        raise DataError(f"--out {out}: already holds clips of {path.name} ({path.stem}_000.mp4, ...); choose another "
+                        f"folder")
+    try:
+        with av.open(str(path)) as container:
+            stream = video_stream(container, path)
+            fps, frames, _ = display_frames(container, stream, path, probe=30)  # a second of frames shows the rate
+            if not fps:
+                raise DataError(f"{path}: the header states no frame rate, so it cannot be cut by time")
+            n = max(1, round(seconds * fps))
+            for i in count():
+                clip = out / f"{path.stem}_{i:03d}.mp4"
+                if not write_clip(islice(frames, n), clip, fps, least=n / 2 if i else 1):
+                    return
+                yield clip
+    except (av.FFmpegError, OSError) as e:
+        raise DataError(f"{path}: cannot be read or cut: {getattr(e, 'strerror', None) or e}") from None
+
+
+def write_clip(frames, path: Path, fps: float, least: float = 1) -> int:
+    """uint8 RGB frames as an H.264 mp4 at `path` (atomic_write); returns their count, or 0 with nothing written if
+    fewer than `least` come."""
+    first = next(frames, None)
+    if first is None:
+        return 0
+    h, w = first.shape[0] // 2 * 2, first.shape[1] // 2 * 2  # 4:2:0 needs even sizes: an odd last row or column goes
+    written = 0
+
+    def write(tmp):
+        nonlocal written
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1 << 16),
+                                          options={"crf": "10"})  # 29.97 -> 30000/1001
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for rgb in chain([first], frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
+                container.mux(stream.encode(frame))
+                written += 1
+            container.mux(stream.encode())  # flush
+        if written < least:
+            raise _TooShort  # atomic_write removes the temporary file: nothing appears
+
+    try:
+        atomic_write(path, write)
+    except _TooShort:
+        return 0
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Prepare training clips: cut a long recording into clips for train.py "
+                                "--videos.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cut", help="cut a long recording into clips of one length, upright, without audio")
+    c.add_argument("video", help="a video file, e.g. a phone's .mp4 or .mov")
+    c.add_argument("--every", required=True, help="the clips' length in seconds: 2, 2s or 1.5s")
+    c.add_argument("--out", required=True, help="folder for <name>_000.mp4, <name>_001.mp4, ... (never overwritten)")
+    args = p.parse_args(argv)
+    every = re.fullmatch(r"(\d+\.?\d*|\.\d+)\s*s?", args.every.strip())
+    if not every or float(every[1]) <= 0:
+        p.error(f"--every {args.every}: expected a positive number of seconds, e.g. 2s")
+    written = []
+    try:
+        writable_dir(args.out, "--out")
+        for clip in cut_video(args.video, float(every[1]), args.out):
+            written.append(clip)
+            print(clip)
+    except (DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # each clip is written whole (atomic_write) or not at all
+        print(f"\ninterrupted: {len(written)} clips written to {args.out}, each complete", file=sys.stderr)
+        return 130
+    print(f"wrote {len(written)} clips of {float(every[1]):g} s to {args.out}; caption them with a .txt beside each "
+          f"clip, a metadata.jsonl, or train.py --caption")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,9 +8,11 @@ codecs.
 """
 
 import json
+import math
 import re
 import shutil
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -19,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ClipSpec, DataError, VideoDataset, find_clips
+from data import ClipSpec, DataError, VideoDataset, decode_video, find_clips
+from inprocess import run_script
 
 SPEC = dict(frames=4, size=32, multiple=16)  # small clips keep the whole file fast
 
@@ -126,6 +129,167 @@ def test_short_clips_can_be_skipped(tmp_path):
     # "repeat" has nothing to repeat when the clip ends before `start`
     ds = load(tmp_path, spec=dict(start=5))
     assert len(ds) == 1 and "short (short: 3 frames, needs 9)" in ds.report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# videos as a player shows them: phones' rotation, audio, extra tracks, a varying rate, 10-bit and HDR, non-square pixels
+
+
+def quadrant(n=8, h=16, w=32):
+    """n frames of ramp gray levels with a white top-left quadrant: where it lands shows how a frame was turned."""
+    frames = ramp(n, h, w)
+    frames[:, : h // 2, : w // 2] = 255
+    return frames
+
+
+def write_phone(path, frames, fps=24, rotation=0, mirror=False, audio=None, thumbnail=False, sar=None, slots=None):
+    """A video as phones and other tools write it (libx264 crf 0, or libvpx in .webm): with a display rotation (and
+    mirror) in the header, an audio track "first" or "last" running twice as long as the video, a one-frame 16x16
+    thumbnail track before the video, a sample aspect ratio, or frame i shown at time slots[i] / fps."""
+    webm = path.suffix == ".webm"
+    with av.open(str(path), "w") as container:
+        add_audio = lambda: container.add_stream("libopus" if webm else "aac", rate=48000)  # noqa: E731
+        sound = add_audio() if audio == "first" else None
+        if thumbnail:
+            thumb = container.add_stream("libx264", rate=1)
+            thumb.width, thumb.height, thumb.pix_fmt = 16, 16, "yuv420p"
+        video = container.add_stream("libvpx" if webm else "libx264", rate=fps, options={} if webm else {"crf": "0"})
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if rotation or mirror:
+            video.set_display_rotation(rotation, hflip=mirror)  # counter-clockwise degrees, as frame.rotation reads
+        if sar:
+            video.codec_context.sample_aspect_ratio = sar
+        if slots is not None:
+            video.codec_context.time_base = Fraction(1, 90000)
+        sound = add_audio() if audio == "last" else sound
+        if thumbnail:
+            container.mux(thumb.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 99, np.uint8), format="rgb24")))
+            container.mux(thumb.encode())
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if slots is not None:
+                frame.pts, frame.time_base = slots[i] * 90000 // fps, Fraction(1, 90000)
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        for k in range(sound and math.ceil(2 * len(frames) / fps * 48000 / 1024) or 0):  # silence
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            samples.sample_rate, samples.pts = 48000, k * 1024
+            container.mux(sound.encode(samples))
+        if sound:
+            container.mux(sound.encode())
+    return path
+
+
+def decoded(path, **spec):
+    frames, stride = decode_video(path, ClipSpec(**{**SPEC, **spec}))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("ext, rotation, mirror", [(".mp4", 90, False), (".mp4", -90, False), (".mp4", 180, False),
+                                                   (".mov", 90, False), (".mp4", 90, True)])
+def test_a_rotation_in_the_header_is_applied_as_players_do(tmp_path, ext, rotation, mirror):
+    plain = decoded(write_phone(tmp_path / f"plain{ext}", quadrant()))
+    path = write_phone(tmp_path / f"turned{ext}", quadrant(), rotation=rotation, mirror=mirror)
+    with av.open(str(path)) as container:  # the file says so by av's own reading
+        assert (next(container.decode(video=0)).rotation - rotation) % 360 == 0  # (180 reads as -180)
+    expected = np.rot90(plain, rotation // 90, axes=(1, 2))  # counter-clockwise quarter turns of each frame
+    assert np.array_equal(decoded(path), expected[:, :, ::-1] if mirror else expected)
+    if rotation % 180:  # a phone's portrait clip trains in a portrait bucket, its landscape twin in a landscape one
+        spec = dict(size=32, multiple=8)
+        assert load(tmp_path, spec=spec)[1]["video"].shape[-2:] == (40, 24)
+        assert load(tmp_path, spec=spec)[0]["video"].shape[-2:] == (24, 40)
+
+
+def test_a_turn_that_is_not_a_quarter_is_an_error_naming_the_file(tmp_path):
+    path = write_phone(tmp_path / "tilted.mp4", quadrant(), rotation=30)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: its header turns the picture by 30 degrees"):
+        decoded(path)
+
+
+@pytest.mark.parametrize("ext, kind", [(".mp4", dict(audio="first")), (".mp4", dict(audio="last")),
+                                       (".webm", dict(audio="first")), (".mkv", dict(thumbnail=True)),
+                                       (".mp4", dict(thumbnail=True, audio="first"))])
+def test_audio_and_thumbnail_tracks_are_passed_over(tmp_path, ext, kind):
+    """The video need not be the first stream; a short clip beside a longer audio track is padded, not 'truncated'."""
+    path = write_phone(tmp_path / f"clip{ext}", ramp(6, 16, 32), **kind)
+    ds = load(tmp_path, spec=dict(frames=8), strict=True)
+    assert levels(ds[0]["video"]) == [0, 1, 2, 3, 4, 5, 5, 5] and ds.short[0][1:] == ("padded", 6, 8)
+    assert decoded(path, frames=8).shape == (6, 16, 32, 3)  # the video's own frames (not the thumbnail's)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+def test_a_varying_frame_rate_is_read_by_time_not_by_index(tmp_path, ext):
+    """A phone that drops frames in low light: 30 fps slots 3, 6, 10 and 12 are missing. Slot k holds the frame a player
+    shows at k / 30 s; the stride for an fps target counts slots (webm: millisecond timestamps, 33 and 34 ms apart)."""
+    slots = [0, 1, 2, 4, 5, 7, 8, 9, 11, 13, 14, 15]
+    path = write_phone(tmp_path / f"vfr{ext}", ramp(16, 16, 32)[slots], fps=30, slots=slots)
+    ds = load(tmp_path, spec=dict(frames=16), strict=True)
+    assert levels(ds[0]["video"]) == [0, 1, 2, 2, 4, 5, 5, 7, 8, 9, 9, 11, 11, 13, 14, 15]  # frame i is level slots[i]
+    assert levels(load(tmp_path, spec=dict(fps=15))[0]["video"]) == [0, 2, 4, 5]  # stride 2: 0, 2/30, 4/30, 6/30 s
+    assert decoded(path, frames=100).shape[0] == 16  # padding aside: every slot up to the last frame's
+    # a constant rate is read by index as before, though its millisecond timestamps are 41 and 42 ms apart
+    (tmp_path / "cfr").mkdir()
+    write_phone(tmp_path / "cfr" / "clip.webm", ramp(16, 16, 32), fps=24)
+    assert levels(load(tmp_path / "cfr", spec=dict(frames=16), strict=True)[0]["video"]) == list(range(16))
+
+
+def yuv10(levels, tags=None, h=16, w=32):
+    """A 10-bit 4:2:0 frame of gray bars with these luma code values (64 = black, 940 = white), tagged like a phone's
+    HDR video with (colour primaries, transfer, matrix) `tags`."""
+    frame = av.VideoFrame(w, h, "yuv420p10le")
+    luma = np.repeat(np.array(levels, np.uint16), w // len(levels))[None].repeat(h, 0)
+    for plane, values in zip(frame.planes, [luma, *[np.full((h // 2, w // 2), 512, np.uint16)] * 2]):
+        np.frombuffer(plane, np.uint16).reshape(-1, plane.line_size // 2)[: values.shape[0], : values.shape[1]] = values
+    if tags:
+        frame.color_primaries, frame.color_trc, frame.colorspace = tags
+    return frame
+
+
+@pytest.mark.parametrize("tags, expected", [(None, [0, 128, 191, 255]), ((9, 18, 9), [0, 143, 254, 255])])
+def test_ten_bit_and_hdr_video_become_8_bit_rgb_as_on_an_sdr_screen(tmp_path, tags, expected):
+    """Luma 64, 502, 721, 940: black, half, 75% and full signal. 10-bit SDR gives the 8-bit levels (swscale's default
+    4:2:0 path gave 253 for white); HLG (BT.2100, transfer 18, BT.2020 primaries 9) maps its reference white, 75%
+    signal, to white, as players do on SDR screens."""
+    path = tmp_path / "hdr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"qp": "0"})  # lossless
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p10le"
+        if tags:
+            cc = stream.codec_context
+            cc.color_primaries, cc.color_trc, cc.colorspace = tags
+        for _ in range(2):
+            container.mux(stream.encode(yuv10([64, 502, 721, 940], tags)))
+        container.mux(stream.encode())
+    bars = decoded(path, frames=2)[:, :, ::8]  # (F, H, 4 bars, 3)
+    assert (np.abs(bars.astype(int) - np.array(expected)[:, None]) <= 1).all(), bars[0, 0].tolist()
+
+
+def test_non_square_pixels_are_stretched_to_square_ones(tmp_path):
+    """An anamorphic 32x16 picture with pixels twice as wide as tall is shown 64x16; one with half-wide pixels 32x32."""
+    wide = decoded(write_phone(tmp_path / "wide.mp4", quadrant(), sar=Fraction(2, 1)))
+    tall = decoded(write_phone(tmp_path / "tall.mp4", quadrant(), sar=Fraction(1, 2)))
+    assert wide.shape == (4, 16, 64, 3) and tall.shape == (4, 32, 32, 3)
+    assert (wide[0, :8, :31] > 200).all() and (wide[0, :8, 33:] < 100).all()  # the white quadrant: the left half
+
+
+def test_cut_makes_equal_upright_clips_of_a_long_recording(tmp_path, capfd):
+    """20 frames at 8 fps (2.5 s), rotated as a phone does: 1 s clips of 8, 8 and 4 frames (a last piece of at least
+    half a clip is kept), upright with no rotation left in their header; a second cut into the same folder is refused."""
+    path = write_phone(tmp_path / "recording.mp4", quadrant(20, 16, 32), fps=8, rotation=90)
+    r = run_script(capfd, "data.py", "cut", path, "--every", "1s", "--out", tmp_path / "clips")
+    assert r.returncode == 0 and "wrote 3 clips of 1 s" in r.stdout, r.text
+    ds = load(tmp_path / "clips", spec=dict(frames=8, size=32, multiple=8), strict=True)
+    assert [Path(c["path"]).name for c in ds.clips] == [f"recording_00{i}.mp4" for i in range(3)]
+    assert [levels(ds[i]["video"][:, :, :16])[:2] for i in range(3)] == [[0, 1], [8, 9], [16, 17]]  # the flat top
+    with av.open(str(tmp_path / "clips" / "recording_002.mp4")) as container:
+        frames = list(container.decode(video=0))
+        assert len(frames) == 4 and container.streams.video[0].average_rate == 8
+        assert (frames[0].width, frames[0].height, frames[0].rotation) == (16, 32, 0)
+    assert np.abs(frames[0].to_ndarray(format="rgb24")[24:, :8].astype(int) - 255).max() <= 3  # white: bottom left
+    again = run_script(capfd, "data.py", "cut", path, "--every", "1", "--out", tmp_path / "clips")
+    assert again.returncode == 2 and "already holds clips of recording.mp4" in again.stderr
+    bad = run_script(capfd, "data.py", "cut", path, "--every", "0s", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "--every 0s: expected a positive number" in bad.stderr and "Traceback" not in bad.text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
