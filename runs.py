@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+import reporting
 from weights import atomic_write
 
 
@@ -52,7 +53,7 @@ def end_distributed(run: Run):
 # settings a resumed run may change; every other one must equal the checkpoint's (they decide what trains and how)
 RESUMABLE = {"steps", "resume", "out", "device", "cache", "strict", "ckpt_every", "log_every", "val_every",
              "val_prompts", "val_seeds", "val_token_check", "val_solver", "val_steps", "val_guidance", "stop_clip",
-             "stop_clip_weights", "stop_score", "export_diffusers", "save_dtype",
+             "stop_clip_weights", "stop_score", "export_diffusers", "save_dtype", "report_to",
              "free_grads"}  # --free-grads: the same weights, and the same optimizer state layout (optim.py)
 RUN_FILES = ("state.pt", "delta.safetensors", "config.json", "log.jsonl", "val")  # what a run writes into --out
 
@@ -85,7 +86,8 @@ def open_run(cfg, out: Path):
                if k not in RESUMABLE and k in saved and saved[k] != v]
     if changed:
         raise SystemExit(f"error: --resume: {'; '.join(changed)}: these settings decide what the run trains and "
-                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*, --free-grads)")
+                         f"cannot change on resume (may change: --steps, --ckpt-every, --log-every, --val-*, --stop-*, "
+                         f"--free-grads, --report-to)")
     return state
 
 
@@ -112,11 +114,15 @@ def resume(state, state_path: Path, trainable, optimizer, scaler, run: Run) -> i
 
 class Stats:
     """Loss terms and per-timestep-decile losses, summed on the device between log lines (no host sync per step);
-    at a log line: one sync, the NaN guard, one line of log.jsonl (rank 0)."""
+    at a log line: one sync, the NaN guard, one line of log.jsonl (rank 0), the same record to the --report-to
+    loggers (reporting.Reporter, given the run's `config`)."""
 
-    def __init__(self, path, T: int, n_inst: int, reg_weight: float, run: Run, step: int, on_nan: str):
+    def __init__(self, path, T: int, n_inst: int, reg_weight: float, run: Run, step: int, on_nan: str,
+                 report_to: str = "none", config: dict | None = None):
         self.T, self.n_inst, self.reg_weight, self.run, self.on_nan = T, n_inst, reg_weight, run, on_nan
         self.log = open(path, "a") if path else None
+        # the loggers write into the run folder too (tb/, wandb/), and a resumed run continues their run from `step`
+        self.report = reporting.Reporter(report_to, Path(path).parent, step, config or {}) if path else None
         self.sums = torch.zeros(4, device=run.device)  # loss, loss_inst, loss_reg, micro-batch count
         self.buckets = torch.zeros(2, 10, device=run.device)  # per-timestep-decile loss sum and count
         self.t_last, self.step_last = time.time(), step
@@ -144,18 +150,20 @@ class Stats:
             rec = {"step": step, "loss": stats[0] / n, "loss_instance": stats[1] / n, "loss_reg": stats[2] / n,
                    "lr": lr, "grad_norm": stats[24] / self.run.world, "loss_by_t_decile": dec,
                    "sec_per_step": (time.time() - self.t_last) / (step - self.step_last)}
-            self.log.write(json.dumps(rec) + "\n")
-            self.log.flush()
+            self.note(rec, memory=True)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", grad=f"{rec['grad_norm']:.3f}")
         self.sums.zero_()
         self.buckets.zero_()
         self.t_last, self.step_last = time.time(), step
 
-    def note(self, rec: dict):
-        """One more record of log.jsonl, on rank 0 (validation's token check)."""
+    def note(self, rec: dict, memory: bool = False):
+        """One more record of log.jsonl, on rank 0 (validation's token check), and to the --report-to loggers, with
+        the peak memory if `memory` (for the loggers only: log.jsonl keeps its fields)."""
         if self.log:
             self.log.write(json.dumps(rec) + "\n")
             self.log.flush()
+        if self.report:
+            self.report.log((rec | reporting.peak_memory(self.run.device)) if memory else rec)
 
 
 class Interrupt:
@@ -225,16 +233,19 @@ def check_replicas(trainable, run: Run):
 # the command line: one flag per field of a dataclass, each field carrying its help text and allowed values
 
 
-def opt(default, help: str, choices=(), low=None, high=None, above=None):
-    """A dataclass field: its --help text, and the values it allows (checked by the parser and by check_fields)."""
-    return field(default=default, metadata=dict(help=help, choices=tuple(choices), low=low, high=high, above=above))
+def opt(default, help: str, choices=(), low=None, high=None, above=None, several=False):
+    """A dataclass field: its --help text, and the values it allows (checked by the parser and by check_fields).
+    `several`: a text option holding several of its choices, comma-separated (`--x a b` on the command line too)."""
+    return field(default=default, metadata=dict(help=help, choices=tuple(choices), low=low, high=high, above=above,
+                                                several=several))
 
 
 def bad_value(f: dataclasses.Field, v) -> str:
     """Why value v is not allowed for option f ('' if it is)."""
     m = f.metadata
     if m["choices"]:
-        return "" if v in m["choices"] else f"must be one of {', '.join(m['choices'])}, got {v!r}"
+        bad = [x for x in (v.split(",") if m["several"] else [v]) if x not in m["choices"]]
+        return f"must be one of {', '.join(m['choices'])}, got {bad[0]!r}" if bad else ""
     if isinstance(v, float) and not math.isfinite(v):
         return f"must be a finite number, got {v}"
     lo, hi = m["low"], m["high"]
@@ -261,10 +272,14 @@ def parse_options(cls, argv, description: str) -> tuple:
         flag, helptext = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse %-formats
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif f.metadata["several"]:  # each word checked by _checked (a word may hold several: "a,b")
+            p.add_argument(flag, type=_checked(f), default=f.default, help=helptext, nargs="+",
+                           metavar="{" + ",".join(f.metadata["choices"]) + "}")
         else:
             p.add_argument(flag, type=_checked(f), default=f.default, help=helptext,
                            choices=f.metadata["choices"] or None)
-    obj = cls(**vars(p.parse_args(argv)))  # argparse itself rejects unknown flags
+    flags = vars(p.parse_args(argv))  # argparse itself rejects unknown flags
+    obj = cls(**{k: ",".join(v) if isinstance(v, list) else v for k, v in flags.items()})  # `several` as one text
     for action in p._actions:  # a second pass that leaves the defaults out: what was typed
         action.default = argparse.SUPPRESS
     return obj, set(vars(p.parse_args(argv)))
