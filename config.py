@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import reporting
 import runs
 from runs import opt
 
@@ -34,8 +35,12 @@ PRESETS = {
 @dataclass
 class Config:
     # model and data
-    model: str = opt("", "base model directory, original or diffusers layout (ModelScope 1.7B, zeroscope_v2_576w); "
-                     "'' = the CPU toy model in toy/model, with the toy world's settings (see TOY_SETTINGS)")
+    model: str = opt("", "base model: a directory in the original or diffusers layout, or a Hugging Face Hub "
+                     "repository id (cerspense/zeroscope_v2_576w, ali-vilab/text-to-video-ms-1.7b: from the cache, "
+                     "else downloaded; hub.py); '' = the CPU toy model in toy/model, with the toy world's settings "
+                     "(see TOY_SETTINGS)")
+    revision: str = opt("", "branch, tag or commit of a Hub --model ('' = main); the commit it resolves to is "
+                        "recorded in config.json and the delta's metadata")
     videos: str = opt("", "folder of example videos of the new motion (official: 10 Jester clips of one class); '' "
                       "with --subject-videos: a subject-only run")
     token: str = opt("pll", "rare word that names the motion in captions (paper: 'pll'; official config: 'sks')")
@@ -139,6 +144,10 @@ class Config:
     resume: bool = opt(False, "continue from --out/state.pt")
     ckpt_every: int = opt(500, "steps between resume checkpoints (0 = only at the end)", low=0)
     log_every: int = opt(10, "steps between log lines (loss is synchronised to the host only then)", low=1)
+    report_to: str = opt("none", "where else the log goes, besides log.jsonl: none | tensorboard (<out>/tb/) | wandb "
+                         "(<out>/wandb/; WANDB_MODE=offline needs no account); several: --report-to tensorboard wandb "
+                         "or comma-separated. Each needs its package: pip install tensorboard / wandb "
+                         "(docs/training.md, 'Logs')", choices=("none", "tensorboard", "wandb"), several=True)
     val_every: int = opt(0, "steps between validation videos (0 = never)", low=0)
     val_prompts: str = opt("a person doing a {token} sign", "validation prompts separated by '|'")
     val_seeds: str = opt("0", "validation seeds, comma-separated")
@@ -173,6 +182,7 @@ def check_config(cfg: Config, given=None):
     settings (TOY_SETTINGS) for every option not in `given` (the flags set on the command line; from Python: the
     fields that differ from their defaults)."""
     runs.check_fields(cfg)  # each option's choices and range, as the parser checks them
+    reporting.check(cfg.report_to)  # a logger's missing package, named before anything loads
     prior = PRESETS[cfg.preset].get("prior", cfg.prior)
     toy = not cfg.model or Path(cfg.model).resolve() == TOY_MODEL
     if not cfg.model:

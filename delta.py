@@ -7,6 +7,9 @@ A delta file (safetensors, written by train.py; sample.py/evaluate.py --delta lo
     unet.<name>                           a trained UNet tensor, whole (float32, or train.py --save-dtype bf16/fp16)
     lowrank.<name>.up / lowrank.<name>.down  a compressed one: W = W_base + (up @ down).reshape(W.shape)
     text_encoder.placeholder_embeddings   learned token rows, with the metadata entry placeholder_words (JSON list)
+and in its metadata the base model it was trained on: base_model (its folder or Hub id) and base_weights
+(weights.weights_id of its UNet). Loading it onto other shapes is refused in one line; onto other weights of the same
+shapes (ZeroScope and ModelScope share every shape) it loads with one warning line naming both (check_base).
 
 Noise gating (`apply_delta(..., from_t=TAU)`): NewMove's premise is that high-noise steps lay down motion and layout
 and low-noise steps appearance (paper §3, "coarse-noise timesteps"). With a gate the customized tensors are used for
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from weights import DTYPES, WeightsError, cast, read_state_dict, save_state_dict
+from weights import DTYPES, WeightsError, cast, read_state_dict, save_state_dict, weights_id
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -55,7 +58,8 @@ class NoiseGate:
 
 
 def apply_delta(models, path, from_t: float | None = None) -> dict:
-    """Load a delta file (train.py's, or `compress`'s) onto the base models, strictly; returns its metadata.
+    """Load a delta file (train.py's, or `compress`'s) onto the base models, strictly (check_base warns if they are
+    not the weights it was trained on); returns its metadata.
     from_t: use the customized UNet tensors only for steps with t >= from_t (a NoiseGate in models.gate)."""
     from safetensors import safe_open
 
@@ -78,7 +82,14 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     unet_sd, base = models.unet.state_dict(), {}
-    for name, value in unet_values(sd, unet_sd, path).items():  # every tensor checked before the first is changed
+    bases = f" (trained on {meta.get('base_model', 'a model it does not name')}, applied to {models.root})"
+    values = unet_values(sd, unet_sd, path, bases)  # every tensor checked before the first is changed
+    rows = sd.get("text_encoder.placeholder_embeddings")
+    if rows is not None and rows.shape[-1] != (width := models.text_encoder.token_embedding.weight.shape[1]):
+        raise WeightsError(f"{path}: its learned token rows are {rows.shape[-1]} wide, this text encoder's {width}: a "
+                           f"delta for another base model{bases}")
+    check_base(meta, unet_sd, models.root, path)  # same shapes: a warning if it was trained on other weights
+    for name, value in values.items():
         if from_t is not None:
             base[name] = unet_sd[name].clone()
         unet_sd[name].copy_(value)
@@ -91,8 +102,21 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
     return meta
 
 
-def unet_values(sd: dict, unet_sd: dict, path) -> dict:
-    """{UNet parameter name: its customized value} from a delta's tensors, low-rank pairs expanded on the base."""
+def check_base(meta: dict, unet_sd: dict, model, path):
+    """One warning line on stderr if the UNet weights a delta was trained on (its metadata's base_weights, written by
+    train.py) are not those of `model`, the one it is applied to: the shapes match, so it loads (ZeroScope and
+    ModelScope share every shape), but the videos will be worse. weights_id reads a few bytes per tensor. A delta
+    that records no base weights (older ones) is not checked."""
+    recorded = meta.get("base_weights")
+    here = weights_id(unet_sd) if recorded else None
+    if recorded and here != recorded:
+        print(f"warning: {path} was trained on {meta.get('base_model', 'another model')} (weights {recorded}), not on "
+              f"{model} (weights {here}), which it is applied to: expect worse videos", file=sys.stderr)
+
+
+def unet_values(sd: dict, unet_sd: dict, path, bases: str = "") -> dict:
+    """{UNet parameter name: its customized value} from a delta's tensors, low-rank pairs expanded on the base.
+    bases: the delta's base model and this one, for the message when the names or shapes do not fit."""
     out = {}
     for key, value in sd.items():
         if key == "text_encoder.placeholder_embeddings":
@@ -109,13 +133,15 @@ def unet_values(sd: dict, unet_sd: dict, path) -> dict:
             raise WeightsError(f"{path}: unexpected tensor {key} (expected unet.*, lowrank.* or "
                                "text_encoder.placeholder_embeddings)")
         if name not in unet_sd:
-            raise WeightsError(f"{path}: {name} is not a parameter of this UNet (wrong base model?)")
+            raise WeightsError(f"{path}: {name} is not a parameter of this UNet: a delta for another base model{bases}")
         base = unet_sd[name]
         if kind == "lowrank":  # W_base + up @ down, in float32 whatever the file's dtype
-            value = base.float() + (value.float() @ down.float()).reshape(base.shape)
+            value = value.float() @ down.float()  # the change as an (out, rest) matrix, conv kernels too
+            if value.shape == (base.shape[0], base.numel() // base.shape[0]):
+                value = base.float() + value.reshape(base.shape)
         if value.shape != base.shape:
-            raise WeightsError(f"{path}: shape mismatch for {name}: file has {tuple(value.shape)}, "
-                               f"model expects {tuple(base.shape)}")
+            raise WeightsError(f"{path}: {name} is {tuple(value.shape)} in the delta but {tuple(base.shape)} in this "
+                               f"UNet: a delta for a base model of other shapes{bases}")
         out[name] = value
     return out
 
@@ -172,7 +198,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="a delta's weight changes as truncated SVDs (loads like any delta)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--model", required=True, help="the base model directory the delta was trained from")
+    c.add_argument("--model", required=True, help="the base model the delta was trained from: a folder or a Hub "
+                   "repository id (hub.py)")
+    c.add_argument("--revision", help="branch, tag or commit of a Hub --model (the delta's base_commit)")
     c.add_argument("--delta", required=True, help="delta.safetensors written by train.py")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="singular values kept per weight")
@@ -189,11 +217,13 @@ def main(argv=None) -> int:
         from safetensors import safe_open
 
         sd = read_state_dict(args.delta, "customized weights (.safetensors from train.py)")
-        unet_sd = load_models(args.model).unet.state_dict()
-        unet_values(sd, unet_sd, args.delta)  # the same checks as loading it (names, shapes, pairs)
-        small = cast(compress(sd, unet_sd, args.rank or 0, args.energy or 0.0), args.dtype)
         with safe_open(str(args.delta), "pt") as f:
             meta = dict(f.metadata() or {})
+        unet_sd = load_models(args.model, revision=args.revision).unet.state_dict()
+        bases = f" (trained on {meta.get('base_model', 'a model it does not name')}, --model {args.model})"
+        unet_values(sd, unet_sd, args.delta, bases)  # the same checks as loading it (names, shapes, pairs)
+        check_base(meta, unet_sd, args.model, args.delta)  # the change is taken against --model's weights
+        small = cast(compress(sd, unet_sd, args.rank or 0, args.energy or 0.0), args.dtype)
         meta.update(compressed_from=str(args.delta), rank=str(args.rank or ""), energy=str(args.energy or ""),
                     dtype=args.dtype)
         save_state_dict(small, args.out, metadata=meta)

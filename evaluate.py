@@ -6,6 +6,8 @@
         --classifier TRN_jester_RGB_BNInception_TRNmultiscale_segment8_best.pth.tar --classes jester_categories.txt \\
         --clip ViT-B-32-quickgelu --clip-weights ViT-B-32.pt \\
         --sscd sscd_disc_mixup.torchscript.pt --train-videos data/pll/ --out report/
+    python evaluate.py --model cerspense/zeroscope_v2_576w ... --classifier trn-jester --sscd sscd_disc_mixup \\
+        --clip ViT-B-32 --clip-pretrained openai --sha256 HEX ...   # weights by name, downloaded once (hub.py)
     torchrun --nproc-per-node 4 evaluate.py ...            # generation sharded over ranks; rank 0 scores and writes
     python evaluate.py --videos-in report/videos/ ...      # score existing videos (index.json or <stem>.txt prompts)
 
@@ -30,7 +32,6 @@ if __name__ == "__main__":  # before torch loads OpenMP, which reads its wait po
     omp.choose_wait_policy()
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -42,12 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import hub
 import metrics
 import runs
 import sample
 from delta import apply_delta
 from metrics import EvalError
-from weights import WeightsError, atomic_write, read_text, writable_dir, write_json
+from weights import WeightsError, atomic_write, read_text, sha256, writable_dir, write_json
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -117,22 +119,14 @@ def read_training_frames(folder, frames: int, stills: bool = False, flag: str = 
 # report
 
 
-def sha256(path) -> str:
-    """The file's SHA-256 (hex), read 1 MiB at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_files(args) -> dict:
-    """sha256 of every model file the run read (model directory files, delta, classifier, classes, CLIP, SSCD)."""
+def model_files(args, root=None, clip_file=None) -> dict:
+    """sha256 of every model file the run read (the model folder `root`'s files, delta, classifier, classes, CLIP,
+    SSCD; `clip_file`: the weights open_clip fetched for --clip-pretrained)."""
     files = []
-    if args.model and not args.videos_in:
-        files += sorted(p for p in Path(args.model).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if root is not None:
+        files += sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.name.startswith("."))
     for f in (args.delta if not args.videos_in else None, args.classifier, args.classes, args.clip_weights, args.sscd,
-              args.clip if args.clip and args.clip.endswith(".json") else None):
+              args.clip if args.clip and args.clip.endswith(".json") else None, clip_file):
         if f:
             files.append(Path(f))
     return {str(p): sha256(p) for p in files}
@@ -238,7 +232,7 @@ def score(args, items: list, train=None) -> tuple:
         del clf
 
     if args.clip:
-        clip = metrics.load_clip(args.clip, args.clip_weights, args.device)
+        clip = metrics.load_clip(args.clip, args.clip_weights, args.device, args.clip_pretrained)
         for r, v in zip(rows, videos):
             r["temporal"] = metrics.temporal_consistency(clip, v)
             if r["template"] is None:
@@ -284,7 +278,9 @@ def score(args, items: list, train=None) -> tuple:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("videos: generate them, or score a folder")
-    g.add_argument("--model", help="model directory (either release layout, models.py)")
+    g.add_argument("--model", help="model directory (either release layout, models.py) or a Hugging Face Hub "
+                   "repository id (from the cache, else downloaded; hub.py)")
+    g.add_argument("--revision", help="branch, tag or commit of a Hub --model (report.json records the commit)")
     g.add_argument("--delta", help="customized weights written by train.py")
     g.add_argument("--delta-from-t", type=float, default=None, metavar="TAU",
                    help="use --delta only for sampling steps with t >= TAU, the base model below (delta.py)")
@@ -304,8 +300,10 @@ def parse_args(argv=None):
                    help="write generated videos (mp4/gif/png) and index.json to OUT/videos")
     g = p.add_argument_group("motion accuracy")
     g.add_argument("--target-class", default="Sliding Two Fingers Up", help="matched by name in --classes")
-    g.add_argument("--classifier", help="TRN Jester checkpoint (.pth.tar) or a TorchScript video classifier")
-    g.add_argument("--classes", help="class names, one per line, in the classifier's output order")
+    g.add_argument("--classifier", help="TRN Jester checkpoint (.pth.tar) or a TorchScript video classifier; or by "
+                   "name: trn-jester, the published TRN (downloaded once, hub.py; see --sha256)")
+    g.add_argument("--classes", help="class names, one per line, in the classifier's output order (with --classifier "
+                   "trn-jester: jester-categories, its published file, unless given)")
     g.add_argument("--classifier-type", choices=["auto", "trn", "torchscript"], default="auto",
                    help="auto: TorchScript archives are 'torchscript', anything else 'trn'")
     g.add_argument("--classifier-frames", type=int, default=8, help="TorchScript: frames sampled (segment centres)")
@@ -313,15 +311,24 @@ def parse_args(argv=None):
     g.add_argument("--classifier-mean", type=float, nargs=3, default=[0.0, 0.0, 0.0], help="TorchScript, 0..1 RGB")
     g.add_argument("--classifier-std", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="TorchScript, 0..1 RGB")
     g = p.add_argument_group("CLIP: appearance score, text alignment, temporal consistency")
-    g.add_argument("--clip", help="open_clip model name (OpenAI weights: ViT-B-32-quickgelu) or a JSON model config")
-    g.add_argument("--clip-weights", help="local weights file; omitted = random weights (testing only)")
+    g.add_argument("--clip", help="open_clip model name (OpenAI weights: ViT-B-32-quickgelu), hf-hub:org/repo "
+                   "(open_clip downloads it) or a JSON model config")
+    g.add_argument("--clip-pretrained", metavar="TAG", help="a tag of open_clip's pretrained registry, e.g. openai or "
+                   "laion2b_s34b_b79k: open_clip downloads and caches the weights (python models.py fetch "
+                   "clip:NAME:TAG)")
+    g.add_argument("--clip-weights", help="local weights file; omitted (and no --clip-pretrained) = random weights "
+                   "(testing only)")
     g.add_argument("--motion-regex", default=metrics.DEFAULT_MOTION_REGEX,
                    help="the motion phrase of a template; removed for the appearance text")
     g.add_argument("--subject-videos", help="the subject's examples (train.py --subject-videos): subject similarity")
     g.add_argument("--motion-phrase", help="replaces the motion phrase in the text-alignment caption, e.g. "
                    "'sliding two fingers up'; no text alignment without it")
     g = p.add_argument_group("copy score")
-    g.add_argument("--sscd", help="sscd_disc_mixup.torchscript.pt or .torchvision.pt")
+    g.add_argument("--sscd", help="sscd_disc_mixup.torchscript.pt or .torchvision.pt; or by name: sscd_disc_mixup, "
+                   "the published TorchScript file (downloaded once, hub.py; see --sha256)")
+    g.add_argument("--sha256", action="append", default=[], metavar="HEX", help="accept a file downloaded by name "
+                   "(trn-jester, jester-categories, sscd_disc_mixup) with this sha256: none is published, so none is "
+                   "pinned; a refused download prints its hash (repeat for several; or NEWMOVE_SHA256)")
     g.add_argument("--sscd-size", type=int, default=288, help="short side before SSCD")
     g.add_argument("--train-videos", help="folder of the training clips (videos or frame folders, recursive)")
     g.add_argument("--train-frames", type=int, default=16, help="frames per training clip (uniform; 0 = all)")
@@ -332,13 +339,33 @@ def parse_args(argv=None):
         p.error("give --model and --prompts to generate, or --videos-in to score existing videos")
     if args.delta_from_t is not None and not (args.delta and not args.videos_in):
         p.error("--delta-from-t needs --delta (and generated videos, not --videos-in)")
+    if args.classifier == "trn-jester" and not args.classes:
+        args.classes = "jester-categories"  # the published TRN's published class names
     if args.classifier and not args.classes:
         p.error("--classifier needs --classes (the class-names file)")
+    if args.clip_pretrained and (not args.clip or args.clip_weights):
+        p.error("--clip-pretrained needs --clip (an open_clip model name) and no --clip-weights")
     if args.sscd and not args.train_videos:
         p.error("--sscd needs --train-videos (the training clips to compare against)")
     if args.subject_videos and not args.clip:
         p.error("--subject-videos needs --clip (subject similarity is a CLIP image-image score)")
     return args
+
+
+def fetch_named_weights(args) -> dict:
+    """The evaluators' weights given by name (hub.py), made files before any video is made: --classifier, --classes
+    and --sscd names become their cached, hash-checked files (downloaded first if absent); --clip-pretrained and
+    hf-hub: CLIPs are fetched by open_clip. {option: what the name stood for}, for report.json."""
+    named = {}
+    for opt in ("classifier", "classes", "sscd"):
+        name = getattr(args, opt)
+        if name in hub.URL_FILES and not Path(name).exists():  # a file of that name wins, as a --model folder does
+            setattr(args, opt, str(hub.url_file(name, args.sha256)))
+            named[opt] = {"name": name, "url": hub.URL_FILES[name][0], "path": getattr(args, opt)}
+    if args.clip and (args.clip_pretrained or args.clip.startswith("hf-hub:")):
+        path = hub.clip_file(args.clip, args.clip_pretrained) or hub.fetch_clip(args.clip, args.clip_pretrained)
+        named["clip"] = {"name": args.clip, "pretrained": args.clip_pretrained, "path": str(path)}
+    return named
 
 
 def read_templates(path, subject_token: str = "") -> list:
@@ -357,12 +384,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = runs.setup_distributed(args.device)  # torchrun's rank: its GPU, the process group
     args.device = str(run.device)  # a string, as report.json's settings hold it
+    out, saved = None, []  # the report folder; the videos written to it so far (Ctrl-C names them)
     try:
         out = free_folder(Path(args.out))
         train = None
+        named = {}
         if run.master:  # bad --out or training clips fail before the generation and scoring work, not after it
             writable_dir(out, "--out")
             train = read_training_frames(args.train_videos, args.train_frames) if args.sscd else None
+            named = fetch_named_weights(args)  # evaluators' weights by name: downloaded (or refused) now, not later
         if args.videos_in:
             items = read_video_folder(args.videos_in)
         else:
@@ -372,7 +402,7 @@ def main(argv=None) -> int:
             pairs = [(t, s) for t in templates for s in args.seeds]
             mine = list(range(run.rank, len(pairs), run.world))  # rank r generates pairs r, r + world, ...
             try:
-                models = load_models(args.model)
+                models = load_models(args.model, revision=args.revision)
                 if args.delta:
                     apply_delta(models, args.delta, args.delta_from_t)
             except (WeightsError, ValueError) as e:
@@ -382,7 +412,7 @@ def main(argv=None) -> int:
             vids = sample.generate(models, [pairs[i][0].replace("{token}", args.token) for i in mine],
                                    [pairs[i][1] for i in mine], frames=args.frames, height=args.height,
                                    width=args.width, steps=args.steps, guidance=args.guidance,
-                                   batch_size=args.batch_size, progress=False) if mine else []
+                                   batch_size=args.batch_size, progress=run.master) if mine else []
             got = [(i, v) for i, v in zip(mine, vids)]
             if run.ddp:
                 gathered = [None] * run.world
@@ -401,12 +431,16 @@ def main(argv=None) -> int:
                 base = sample.save_video(v, out / "videos", r["name"])
                 r["name"] = index_file = base.name + ".mp4"
                 index.append({"file": index_file, "template": r["template"], "seed": r["seed"]})
-            write_json(index, out / "videos" / "index.json", overwrite=True)
+                write_json(index, out / "videos" / "index.json", overwrite=True)  # after each: --videos-in can read it
+                saved.append(index_file)
         settings = {k: v for k, v in vars(args).items()}
         settings.update(copy_threshold=metrics.COPY_THRESHOLD,
                         clip_preprocess="short side bicubic + center crop, model mean/std",
                         classifier_sampling="segment centres", copy_max="over all frame pairs", world_size=run.world)
-        report = {"aggregate": agg, "videos": rows, "settings": settings, "sha256": model_files(args)}
+        root = None if args.videos_in else models.root
+        report = {"aggregate": agg, "videos": rows, "settings": settings, "named_weights": named,
+                  "base_model": None if args.videos_in else models.source,  # a Hub id's resolved commit
+                  "sha256": model_files(args, root, named.get("clip", {}).get("path"))}
         write_json(report, out / "report.json")  # a new folder (free_folder): never over an old report
         write_markdown(out / "report.md", report)
         videos = [v for *_, v in items]
@@ -422,6 +456,12 @@ def main(argv=None) -> int:
     except (EvalError, WeightsError, ValueError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # videos are written whole (sample.save_video); the report comes last
+        if run.master:
+            made = f"{len(saved)} videos written to {out / 'videos'} (in its index.json)" if saved else "no videos"
+            done = "the report written" if out and (out / "report.json").is_file() else "no report"
+            print(f"\ninterrupted: {made}, {done}", file=sys.stderr)
+        return 130
     finally:
         runs.end_distributed(run)
 

@@ -2,7 +2,9 @@
 
 Three models judge a video: CLIP (open_clip) for appearance, text and frame-to-frame similarity, SSCD for copies of
 training frames, and a Jester gesture classifier (TRN, trn.py, or any TorchScript video classifier) for the motion. Each
-loads from a local file, never a download, and preprocesses uint8 videos (3, F, H, W) as its own release does. Each
+loads from a local file (hub.py turns the names trn-jester, jester-categories and sscd_disc_mixup into downloaded,
+hash-checked files), or for CLIP from open_clip's pretrained registry (load_clip's `pretrained` tag, or an hf-hub:
+model: open_clip downloads and caches it), and preprocesses uint8 videos (3, F, H, W) as its own release does. Each
 metric is a small function of one video, with its definition and source; evaluate.py runs them over a set of videos and
 writes the report, train.py stops training on the appearance score (appearance_score_fn). A bad file, class name or
 video is an EvalError naming it.
@@ -135,16 +137,21 @@ class Clip:
         return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1).cpu()
 
 
-def load_clip(name: str, weights=None, device="cpu") -> Clip:
-    """open_clip model `name` (or a JSON file {"model_cfg": {...}} for a custom config) with weights from a local file.
+def load_clip(name: str, weights=None, device="cpu", pretrained: str | None = None) -> Clip:
+    """open_clip model `name` (or a JSON file {"model_cfg": {...}} for a custom config) with weights from a local file,
+    or (`pretrained`, a tag of open_clip's registry such as "openai"; or `name` "hf-hub:org/repo") from open_clip.
 
     weights: an open_clip/HF state dict (.bin/.pth/.pt/.safetensors) or OpenAI's TorchScript archive (ViT-B-32.pt);
     None = random weights (tests only). OpenAI weights were trained with QuickGELU: use the `-quickgelu` names
     (ViT-B-32-quickgelu). open_clip itself only warns on a mismatch for its `openai` tag, and silently builds nn.GELU
     for a plain name with a local file, which lowers accuracy (method.md §7.4). We refuse the mismatch when the file is
     an OpenAI TorchScript archive or its name says "openai"; other OpenAI-derived files cannot be recognised: check
-    the name yourself.
+    the name yourself. A `pretrained` tag builds QuickGELU when open_clip's registry says its weights need it.
     """
+    if pretrained or name.startswith("hf-hub:"):
+        if weights is not None:
+            raise EvalError(f"--clip {name}: give --clip-weights FILE or a pretrained tag / hf-hub: name, not both")
+        return Clip(*_pretrained_clip(name, pretrained), device)
     with torch.random.fork_rng():  # random init seeded: weights=None (tests) gives the same model on every run
         torch.manual_seed(0)
         model, tokenizer, quick = _build_clip(name)
@@ -171,6 +178,26 @@ def _build_clip(name: str):
         tokenizer = open_clip.get_tokenizer(name)
         quick = "quickgelu" in name.lower()
     return model, tokenizer, quick
+
+
+def _pretrained_clip(name: str, tag: str | None) -> tuple:
+    """(model, tokenizer) made by open_clip itself: its registry's weights for `tag` (or an hf-hub: repository's),
+    downloaded into and read from its caches (python models.py fetch clip:NAME:TAG does it in advance)."""
+    import open_clip
+
+    if tag and not open_clip.get_pretrained_cfg(name, tag):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise EvalError(f"--clip {name} --clip-pretrained {tag}: not in open_clip's pretrained registry (tags of "
+                        f"{name}: {', '.join(tags) or 'none; is it an open_clip model name?'})")
+    quick = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))  # OpenAI weights (method.md §7.4)
+    try:
+        model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick, require_pretrained=True)
+        return model.float(), open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip's download and load errors: one line, and how to fetch in advance
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        fetch = f"clip:{name}" + (f":{tag}" if tag else "")
+        raise EvalError(f"--clip {name}{f' --clip-pretrained {tag}' if tag else ''}: {type(e).__name__}: {first}; "
+                        f"to download it in advance: python models.py fetch {fetch}") from None
 
 
 def _load_clip_weights(model, name, weights, quick):

@@ -2,7 +2,10 @@
 text-to-video model in either release layout, and a smoke CLI.
 
     python models.py path/to/model_dir      # which layout, what it holds, one UNet call + VAE decode
+    python models.py cerspense/zeroscope_v2_576w   # the same for a Hub repository id (hub.py: cached or downloaded)
     python models.py --tiny                 # tiny random models through both layouts: the same video back
+    python models.py fetch NAME...          # download a base model or an evaluator's weights in advance (hub.py)
+    python models.py check                  # what the caches hold, what train / sample / evaluate still lack
 
   original  (damo/text-to-video-synthesis, zeroscope's zs2_576w/)      diffusers (text-to-video-ms-1.7b, zeroscope_v2_576w)
     configuration.json                                                   model_index.json (optional)
@@ -10,7 +13,8 @@ text-to-video model in either release layout, and a smoke CLI.
     VQGAN_autoencoder.pth          Lightning checkpoint, first_stage_model.*   vae/config.json + diffusion_pytorch_model[...]
     open_clip_pytorch_model.bin    full OpenCLIP ViT-H-14 (visual.* unused)    text_encoder/config.json + model[...] (HF CLIPTextModel, 23 layers)
 
-Reading and writing the files themselves (safe unpickling, strict assignment, atomic writes) is weights.py's job.
+Reading and writing the files themselves (safe unpickling, strict assignment, atomic writes) is weights.py's job;
+turning a Hub repository id into a folder of these files is hub.py's.
 """
 
 import tempfile
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import hub
 import layouts
 import text_encoder as te
 import unet3d
@@ -48,17 +53,15 @@ class Models:
     layout: str  # "original" or "diffusers"
     root: Path
     gate: object = None  # a delta.NoiseGate: customized weights at high noise only (delta.apply_delta(from_t=...))
+    source: dict | None = None  # where the weights came from (hub.resolve): folder, or Hub id, revision and commit
 
 
 def _pick(folder: Path, stems, variant: str | None, what: str) -> Path:
     """First existing `{stem}[.{variant}].{safetensors,bin}` in `folder` (safetensors preferred: no pickle at all)."""
-    tried = []
-    for stem in stems:
-        for ext in ("safetensors", "bin"):
-            name = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
-            tried.append(name)
-            if (folder / name).is_file():
-                return folder / name
+    tried = hub.weight_names(stems, variant)  # the order hub.py also fetches by
+    for name in tried:
+        if (folder / name).is_file():
+            return folder / name
     raise WeightsError(f"{folder}: no {what} found (looked for {', '.join(tried)})")
 
 
@@ -76,13 +79,15 @@ def detect_layout(root) -> str:
                        f"unet/ folder (diffusers layout)")
 
 
-def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> Models:
-    """Load UNet, VAE, text encoder, tokenizer and schedule constants from a model directory in either layout.
+def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | None = None,
+                revision: str | None = None) -> Models:
+    """Load UNet, VAE, text encoder, tokenizer and schedule constants from a model directory in either layout, or
+    from a Hugging Face Hub repository id (hub.resolve: from the cache, or downloaded; `revision` pins a version).
 
     `variant="fp16"` picks diffusers' `*.fp16.*` files; `dtype` is what the weights become (None: as stored).
     """
 
-    root = Path(root)
+    root, source = hub.resolve(str(root), revision, variant)
     layout = detect_layout(root)
     if layout == "original":
         conf = read_json(root / "configuration.json", "ModelScope configuration.json")
@@ -99,9 +104,10 @@ def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | 
             raise WeightsError(f"{root / 'configuration.json'}: unusable ({type(e).__name__}: {e})") from None
         if model_cfg.get("mean_type", "eps") != "eps":
             raise WeightsError(f"{root / 'configuration.json'}: mean_type {model_cfg['mean_type']!r}; only eps is supported")
-        unet = layouts.load_unet(root / args.get("ckpt_unet", "text2video_pytorch_model.pth"), unet_cfg, dtype)
-        autoencoder = layouts.load_vae(root / args.get("ckpt_autoencoder", "VQGAN_autoencoder.pth"), vae_cfg, dtype)
-        text = layouts.load_text_encoder(root / args.get("ckpt_clip", "open_clip_pytorch_model.bin"), text_cfg, dtype)
+        files = {k: root / args.get(k, name) for k, name in hub.ORIGINAL_FILES.items()}  # the release's names
+        unet = layouts.load_unet(files["ckpt_unet"], unet_cfg, dtype)
+        autoencoder = layouts.load_vae(files["ckpt_autoencoder"], vae_cfg, dtype)
+        text = layouts.load_text_encoder(files["ckpt_clip"], text_cfg, dtype)
         schedule = {**RELEASED_SCHEDULE, "num_train_timesteps": steps}
     else:
         def config(sub):
@@ -127,7 +133,16 @@ def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | 
             raise WeightsError(f"{root / 'scheduler'}: only epsilon prediction with scaled_linear betas is supported, "
                                f"found {schedule['prediction_type']} / {schedule['beta_schedule']}")
     tokenizer = te.Tokenizer(text.cfg.context_length)
-    return Models(unet, autoencoder, text, tokenizer, schedule, layout, root)
+    return Models(unet, autoencoder, text, tokenizer, schedule, layout, root, source=source)
+
+
+def base_metadata(models: Models) -> dict:
+    """The base model's provenance as a delta file's metadata (strings): its Hub id with the revision asked for and the
+    commit it resolved to, or its folder."""
+    source = models.source or {"path": str(Path(models.root).resolve())}
+    if "commit" not in source:
+        return {"base_model": source["path"]}
+    return {"base_model": source["repo_id"], "base_revision": source["revision"], "base_commit": source["commit"]}
 
 
 def save_models(models: Models, root, layout: str = "diffusers") -> Path:
@@ -204,15 +219,48 @@ def check(models: Models, frames: int = 4, size: int = 64, seed: int = 0) -> tor
     return video
 
 
+def fetch_main(argv) -> int:
+    """`python models.py fetch NAME...` and `python models.py check` (hub.py does the work)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="models.py fetch", description="Download base models and the evaluators' weights "
+                                "now, into the caches the runs read (hub.py), and print what is where.")
+    p.add_argument("names", nargs="+", help="Hub repository ids (" + ", ".join(hub.KNOWN_MODELS) + ", or any other), "
+                   "evaluators (" + ", ".join(hub.URL_FILES) + "), CLIPs as clip:MODEL:TAG (clip:ViT-B-32-quickgelu:"
+                   "openai) or clip:hf-hub:org/repo")
+    p.add_argument("--revision", help="branch, tag or commit of the Hub repositories")
+    p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16 (only those files)")
+    p.add_argument("--sha256", action="append", default=[], metavar="HEX",
+                   help="accept a URL file with this sha256 when none is pinned (repeat for several)")
+    try:
+        if argv[:1] == ["check"]:
+            print("\n".join(hub.check()))
+            return 0
+        args = p.parse_args(argv[1:])
+        for name in args.names:
+            print("\n".join(hub.fetch(name, args.revision, args.variant, args.sha256)), flush=True)
+        return 0
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(description="Load a ModelScope text-to-video model directory (original or diffusers "
-                                "layout), print what it holds and run one UNet call + VAE decode on random latents.")
-    p.add_argument("model", nargs="?", help="model directory (configuration.json + *.pth, or unet/ vae/ text_encoder/)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] in (["fetch"], ["check"]):
+        return fetch_main(argv)
+    p = argparse.ArgumentParser(description="Load a ModelScope text-to-video model (a directory in the original or "
+                                "diffusers layout, or a Hugging Face Hub id), print what it holds and run one UNet "
+                                "call + VAE decode on random latents. Also: models.py fetch NAME..., models.py check.")
+    p.add_argument("model", nargs="?", help="model directory (configuration.json + *.pth, or unet/ vae/ "
+                   "text_encoder/), or a Hub repository id, e.g. " + hub.SUGGESTED)
     p.add_argument("--tiny", action="store_true", help="instead: build random tiny models, save them in both layouts "
                    "to a temporary folder, load each back and check that both give the same video")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub repository")
     p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--size", type=int, default=64, help="frame size in pixels for the smoke call")
@@ -221,8 +269,10 @@ def main(argv=None):
         p.error("give a model directory or --tiny (not both)")
     try:
         if args.model:
-            print(f"{args.model}: {detect_layout(args.model)} layout")
-            check(load_models(args.model, variant=args.variant), args.frames, args.size)
+            models = load_models(args.model, variant=args.variant, revision=args.revision)
+            at = f" ({models.source['repo_id']} at {models.source['commit']})" if "commit" in models.source else ""
+            print(f"{args.model}: {models.layout} layout{at}")
+            check(models, args.frames, args.size)
             return 0
         videos = []
         with tempfile.TemporaryDirectory() as tmp:

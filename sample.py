@@ -263,9 +263,15 @@ def save_video(video: torch.Tensor, folder, stem: str, fps: int = 8) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = free_stem(folder, stem)
-    write_mp4(video, base.with_name(base.name + ".mp4"), fps)
-    write_gif(video, base.with_name(base.name + ".gif"), fps)
-    write_png(contact_sheet(video), base.with_name(base.name + ".png"))
+    paths = [base.with_name(base.name + suffix) for suffix in (".mp4", ".gif", ".png")]
+    try:
+        write_mp4(video, paths[0], fps)
+        write_gif(video, paths[1], fps)
+        write_png(contact_sheet(video), paths[2])
+    except BaseException:  # Ctrl-C or an error between two files: all three or none, never a partial video
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     return base
 
 
@@ -277,7 +283,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Generate videos from text with a ModelScope-architecture model "
                                 "(original or diffusers layout), optionally with weights customized by train.py.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory in either release layout")
+    p.add_argument("--model", required=True, help="model directory in either release layout, or a Hugging Face Hub "
+                   "repository id (cerspense/zeroscope_v2_576w: from the cache, else downloaded; hub.py)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub --model")
     p.add_argument("--delta", help="customized weights (.safetensors) written by train.py")
     p.add_argument("--delta-from-t", type=float, default=None, metavar="TAU", help="use --delta only for steps with "
                    "t >= TAU, the base model below: motion from the delta, appearance finished by the base model "
@@ -303,6 +311,7 @@ def main(argv=None):
     p.add_argument("--out", default="out", help="output folder (existing files are never overwritten)")
     args = p.parse_args(argv)
 
+    pairs, written = [], []  # (prompt, seed) to sample; the videos saved so far (Ctrl-C names them)
     try:
         prompts = list(args.prompt)
         if args.prompts:
@@ -318,7 +327,7 @@ def main(argv=None):
         if not math.isfinite(args.guidance) or not 0 <= args.eta <= 1:
             p.error(f"--guidance must be a number and --eta in [0, 1], got {args.guidance} and {args.eta}")
         writable_dir(args.out, "--out")  # before the sampling work, not after it
-        models = load_models(args.model, variant=args.variant)
+        models = load_models(args.model, variant=args.variant, revision=args.revision)
         if args.delta_from_t is not None and not args.delta:
             p.error("--delta-from-t needs --delta")
         if args.delta:
@@ -327,16 +336,26 @@ def main(argv=None):
             m.to(args.device)
         pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]
         dtype = autocast_dtype(args.precision)
-        videos = generate(models, [q for q, _ in pairs], [s for _, s in pairs], negative_prompt=args.negative_prompt,
-                          frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-                          guidance=args.guidance, eta=args.eta, solver=args.solver, batch_size=args.batch_size,
-                          dtype=dtype)
-        for (prompt, seed), video in zip(pairs, videos):
-            base = save_video(video, args.out, f"{slug(prompt)}_seed{seed}", args.fps)
-            print(f"{base}.mp4  ({prompt!r}, seed {seed})")
+        for i in range(0, len(pairs), args.batch_size):  # each batch saved when done: a Ctrl-C keeps what was made
+            batch = pairs[i:i + args.batch_size]
+            if len(batch) < len(pairs):
+                print(f"batch {i // args.batch_size + 1}/{math.ceil(len(pairs) / args.batch_size)}", file=sys.stderr)
+            videos = generate(models, [q for q, _ in batch], [s for _, s in batch],
+                              negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
+                              width=args.width, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                              solver=args.solver, batch_size=args.batch_size, dtype=dtype)
+            for (prompt, seed), video in zip(batch, videos):
+                base = save_video(video, args.out, f"{slug(prompt)}_seed{seed}", args.fps)
+                written.append(f"{base.name}.mp4")
+                print(f"{base}.mp4  ({prompt!r}, seed {seed})")
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each video is written whole (save_video) or not at all
+        listed = ", ".join(written[:10]) + (" ..." if len(written) > 10 else "")
+        done = f"{len(written)} of {len(pairs)} videos written to {args.out} (each with its .gif and .png): {listed}"
+        print(f"\ninterrupted: {done if written else f'no videos written to {args.out}'}", file=sys.stderr)
+        return 130
     return 0
 
 

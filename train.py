@@ -50,8 +50,8 @@ import runs
 import sample
 import text_encoder as te
 from config import PRESETS, TOY_REG_CLIPS, Config, check_config, parse_args  # noqa: F401 (as train.X too)
-from models import load_models
-from weights import DTYPES, WeightsError, autocast_dtype, cast, save_state_dict, writable_dir, write_json
+from models import base_metadata, load_models
+from weights import DTYPES, WeightsError, autocast_dtype, cast, save_state_dict, weights_id, writable_dir, write_json
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     torch.manual_seed(cfg.seed + run.rank)  # dropout/LoRA RNG, per rank (its state is saved in the checkpoint)
 
     # --- the frozen base model: NewMove fine-tunes without dropout (method.md §6.8) ---
-    models = load_models(cfg.model)
+    models = load_models(cfg.model, revision=cfg.revision or None)  # a folder, or a Hub id (cached or downloaded)
+    base_weights = weights_id(models.unet.state_dict())  # in the delta: applying it to other weights warns (delta.py)
     unet, text = models.unet.to(run.device), models.text_encoder.to(run.device)
     models.vae.to(run.device)
     abar = sample.alphas_cumprod(models.schedule).to(run.device)  # (T,), the scaled-linear schedule's alpha-bar
@@ -193,7 +194,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                   flush=True)
     step = runs.resume(state, state_path, trainable, optimizer, scaler, run)
     if run.master:
-        write_json(asdict(cfg), out / "config.json", overwrite=True)
+        # the options, and where the base weights came from (a Hub id's resolved commit: models.source)
+        write_json({**asdict(cfg), "base_model": models.source}, out / "config.json", overwrite=True)
 
     # --- the loop; choice 3, coarse-noise timesteps, is `probs` ---
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
@@ -202,8 +204,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     # and the instance loss is the mean over both sets' clips; either set may be absent (motion-only, subject-only)
     n_inst, n_subj = (cfg.batch_size if s is not None else 0 for s in (inst, subj))
     w = loss_weights(n_inst + n_subj, n_reg, cfg.reg_weight, run.device)  # (B,): instance mean + lambda * reg mean
+    # rank 0 logs: log.jsonl, and each of its records to the --report-to loggers (TensorBoard, wandb)
     stats = runs.Stats(out / "log.jsonl" if run.master else None, T, n_inst + n_subj, cfg.reg_weight, run, step,
-                       f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched")
+                       f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched",
+                       cfg.report_to, asdict(cfg))
     unet.train()  # as upstream; with the default --dropout 0 train and eval mode compute the same thing
     bar, interrupt = tqdm(total=cfg.steps, initial=step, disable=not run.master, desc="train"), runs.Interrupt()
     while step < cfg.steps:
@@ -258,7 +262,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     if not cfg.lora_rank:  # (with LoRA the adapters are merged away below; the last periodic checkpoint stays)
         runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
     delta, meta = delta_tensors(cfg, unet, chosen, trainable, models.tokenizer, text if learn_words else None)
-    meta.update(base_fingerprint=fingerprint, steps=step)
+    meta.update(base_fingerprint=fingerprint, base_weights=base_weights, steps=step,
+                **base_metadata(models))  # base_model (+ Hub commit)
     if run.master:
         save_state_dict(delta, delta_path, metadata=meta, overwrite=cfg.resume)
         if cfg.export_diffusers:
@@ -266,6 +271,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             layouts.save_unet(unet.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
         print(f"wrote {delta_path} ({sum(v.numel() for v in delta.values()):,} params)", flush=True)
         stats.log.close()
+        stats.report.close()
     if run.ddp:
         runs.check_replicas(trainable, run)
     return delta_path
@@ -360,7 +366,8 @@ def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, ru
     base weights' token effect `base` (--val-token-check), also without the token: rank 0 prints and logs the effect,
     flagged when it is at most (1 + TOKEN_MARGIN) x base. Returns whether the paper's stopping rule fired
     (score_fn(videos, prompts) <= stop_score; rank 0 decides)."""
-    videos, prompts, effect = token_check(cfg, models, unet, step, amp, run, check=base is not None)
+    videos, prompts, effect = token_check(cfg, models, unet, step, amp, run, check=base is not None,
+                                          report=stats.report)
     if base is not None and run.master:
         flat = effect <= (1 + TOKEN_MARGIN) * base
         warn = f"; warning: the token has no effect yet (not above {1 + TOKEN_MARGIN:g}x the base's)" if flat else ""
@@ -380,10 +387,12 @@ def validate(cfg: Config, models, unet, step: int, amp, score_fn, stop_score, ru
     return bool(stop.item())
 
 
-def token_check(cfg: Config, models, unet, step: int, amp, run: runs.Run, check=True, save=True) -> tuple:
+def token_check(cfg: Config, models, unet, step: int, amp, run: runs.Run, check=True, save=True,
+                report=None) -> tuple:
     """(videos uint8 (N, 3, F, H, W) of the validation pairs, their prompts, the token effect or None): with `check`,
     each prompt holding `{token}` is also sampled with it deleted (same seeds, in the same generate call), and the
-    effect is token_effect() between those with and without. Rank 0 saves every video to <out>/val/step<N>/."""
+    effect is token_effect() between those with and without. Rank 0 saves every video to <out>/val/step<N>/ and
+    sends it to `report`'s loggers."""
     templates = [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
     seeds = [int(s) for s in cfg.val_seeds.split(",")]
     pairs = [(p.replace("{token}", cfg.token), s) for p in templates for s in seeds]
@@ -397,8 +406,10 @@ def token_check(cfg: Config, models, unet, step: int, amp, run: runs.Run, check=
                              guidance=cfg.val_guidance, solver=cfg.val_solver, dtype=amp, progress=False)
     unet.train()
     if run.master and save:
-        for (p, s), v in zip(pairs + ablated, videos):
-            sample.save_video(v, Path(cfg.out) / "val" / f"step{step:06d}", f"{sample.slug(p)}_seed{s}")
+        stems = [sample.save_video(v, Path(cfg.out) / "val" / f"step{step:06d}", f"{sample.slug(p)}_seed{s}")
+                 for (p, s), v in zip(pairs + ablated, videos)]
+        if report:  # --report-to: the GIFs just written, with and without the token (reporting.Reporter.videos)
+            report.videos(step, stems)
     has = torch.tensor(["{token}" in p for p in templates for _ in seeds])  # the pairs that have an ablated twin
     effect = token_effect(videos[:len(pairs)][has], videos[len(pairs):]) if ablated else None
     return videos[:len(pairs)], [p for p, _ in pairs], effect
@@ -418,7 +429,7 @@ def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tupl
                  for n, p in chosen if p.ndim == 2 and n.endswith(".weight")}
     else:
         delta = {f"unet.{n}": p.detach() for n, p in trainable if not n.startswith("text_encoder.")}
-    meta = {"base_model": str(Path(cfg.model).resolve()), "token": cfg.token, "preset": cfg.preset,
+    meta = {"token": cfg.token, "preset": cfg.preset,
             "alpha": cfg.alpha, "reg_weight": cfg.reg_weight, "config": json.dumps(asdict(cfg)), "dtype": cfg.save_dtype}
     if cfg.subject_videos:  # the word the subject was taught under (prompts name it: "a sks doing pll")
         meta["subject_token"] = cfg.subject_token

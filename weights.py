@@ -1,6 +1,6 @@
-"""Files: read weights safely, assign them strictly, write anything atomically; read text files and check output
-folders with errors that name the file. Imports nothing of the project (models.py loads whole model directories and
-lists the files of the two release layouts).
+"""Files: read weights safely, assign them strictly, write anything atomically, hash them; read text files and check
+output folders with errors that name the file. Imports nothing of the project (models.py loads whole model directories
+and lists the files of the two release layouts).
 
 Security: nothing here unpickles arbitrary code. Pickles are read with `torch.load(weights_only=True)`; the one legacy
 file that needs more (the Lightning VAE checkpoint names `pytorch_lightning` and numpy classes) goes through
@@ -11,6 +11,7 @@ Memory: models are built on the meta device and the loaded tensors are assigned 
 pickles are memory-mapped, so a 1.4 B-parameter UNet never exists twice in RAM.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -279,6 +280,27 @@ def save_state_dict(sd: dict, path, metadata: dict | None = None, overwrite: boo
 def write_json(obj, path, overwrite: bool = False) -> Path:
     """Atomic JSON write with the same no-silent-overwrite rule as save_state_dict."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"), overwrite)
+
+
+def sha256(path) -> str:
+    """The file's SHA-256 (hex), read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_id(tensors: dict) -> str:
+    """A cheap identity of a model's weights (16 hex digits): sha256 over each tensor's name, shape and first and last
+    8 values, rounded to fp16 so that a release's fp16 copy matches its fp32 weights. It reads a few bytes per tensor
+    (never the gigabytes), and whatever folder, layout or copy the weights were loaded from, the same weights give it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        flat = tensors[name].detach().reshape(-1)
+        h.update(f"{name}{tuple(tensors[name].shape)}".encode())
+        h.update(torch.cat([flat[:8], flat[-8:]]).to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_json(path, what: str) -> dict:

@@ -6,6 +6,7 @@ the process itself matters (Ctrl-C) and once per script (train.py, sample.py, ev
 
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -13,14 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import pytest
 import torch
 
 from delta import apply_delta
 import train
 import weights
-from inprocess import run_script, threads
-from models import load_models
+from inprocess import run_script, run_scripts_in_one_process, threads
+from models import load_models, save_models, tiny_models
 from test_train import _moving_square, _write_mp4, world  # noqa: F401 (world is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +277,74 @@ def test_sample_refuses_bad_deltas_and_empty_prompt_files(world, tmp_path, capfd
         apply_delta(load_models(model), tmp_path / "nan.safetensors")
 
 
+def interrupt_when(args, ready, log, timeout=300):
+    """`python args...` as a user runs it, Ctrl-C (SIGINT) once `ready()` holds: (exit code, stdout + stderr). The
+    output goes to the file `log`, so a chatty process never blocks on a full pipe."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=timeout)
+    return proc.returncode, Path(log).read_text()
+
+
+def test_ctrl_c_in_sample_keeps_the_finished_videos_and_names_them(world, tmp_path):  # noqa: F811
+    """Videos are saved batch by batch, each whole (.mp4, .gif, .png) or not at all: Ctrl-C after the first one ends
+    with one line naming those written, and exit code 130."""
+    _, model = world
+    out = tmp_path / "o"
+    code, text = interrupt_when([ROOT / "sample.py", "--model", model, "--prompt", "a square", "--num-samples", "200",
+                                 "--frames", "2", "--height", "32", "--width", "32", "--steps", "10", "--out", out],
+                                lambda: (out / "a-square_seed0.png").exists(), tmp_path / "log")
+    last = text.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    listed = re.fullmatch(rf"interrupted: (\d+) of 200 videos written to {re.escape(str(out))} \(each with its \.gif "
+                          rf"and \.png\): (.*)", last)
+    assert listed and 1 <= int(listed[1]) < 200, last
+    mp4s = sorted(p.name for p in out.glob("*.mp4"))
+    assert len(mp4s) == int(listed[1]) and (len(mp4s) > 10 or listed[2].split(", ") == mp4s), (mp4s, last)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{m[:-4]}{s}" for m in mp4s for s in (".gif", ".mp4",
+                                                                                                   ".png"))
+    with av.open(str(out / mp4s[-1])) as container:  # the last one written is whole too
+        assert len(list(container.decode(video=0))) == 2
+
+
+def test_ctrl_c_in_evaluate_ends_in_one_line(world, tmp_path):  # noqa: F811
+    """Ctrl-C while evaluate.py generates: one line saying that no video and no report were written, exit code 130."""
+    _, model = world
+    (tmp_path / "prompts.txt").write_text("a square doing {token}\n")
+    out = tmp_path / "report"
+    code, text = interrupt_when([ROOT / "evaluate.py", "--model", model, "--prompts", tmp_path / "prompts.txt",
+                                 "--seeds", *range(200), "--frames", "2", "--height", "32", "--width", "32",
+                                 "--steps", "10", "--out", out],
+                                lambda: "DDIM" in (tmp_path / "log").read_text(), tmp_path / "log")  # generating
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "interrupted: no videos, no report" and not any(out.rglob("*.*"))
+
+
+def test_a_delta_on_other_weights_warns_and_on_other_shapes_is_refused(two_step_run, world, tmp_path,  # noqa: F811
+                                                                        capfd):
+    """train.py records the weights its delta was trained on: sample.py on them says nothing, on other weights of the
+    same shapes (ZeroScope vs ModelScope) warns in one line naming both, on other shapes (the toy model) refuses."""
+    _, model = world
+    run = ["--prompt", "a square", "--frames", "2", "--height", "32", "--width", "32", "--steps", "1",
+           "--delta", two_step_run / "delta.safetensors", "--out", tmp_path / "o"]
+    code, text = run_here(capfd, "sample.py", "--model", model, *run)
+    assert code == 0 and "warning" not in text, text[-2000:]
+    other = save_models(tiny_models(seed=7), tmp_path / "other", "original")
+    code, text = run_here(capfd, "sample.py", "--model", other, *run)
+    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1, text[-2000:]
+    assert f"was trained on {Path(model).resolve()} (weights " in warnings[0]
+    assert f"not on {other} (weights " in warnings[0]
+    refused(capfd, "sample.py", "--model", ROOT / "toy" / "model", *run,
+            names=[two_step_run / "delta.safetensors", "a delta for a base model of other shapes",
+                   f"trained on {Path(model).resolve()}, applied to {ROOT / 'toy' / 'model'}"])
+
+
 def test_evaluate_names_an_empty_prompt_file(tmp_path, capfd):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     refused(capfd, "evaluate.py", "--model", tmp_path, "--prompts", tmp_path / "empty.txt", "--token", "pll", "--out",
@@ -313,3 +383,34 @@ def test_openmp_policy_is_left_alone_on_an_idle_cpu(monkeypatch):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         omp.choose_wait_policy()
         assert os.environ.get("OMP_WAIT_POLICY") == want, busy
+
+
+def readme_commands(heading: str) -> list:
+    """[(script, subcommand or None, [--options])] of the `python ...` lines in a README section's code blocks."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("  #")[0])
+            if words[:1] != ["python"]:
+                continue  # shell lines (mkdir, grep, tensorboard)
+            script, rest = words[1], words[2:]
+            sub = rest[0] if rest and rest[0] in ("fetch", "check", "cut", "compress") else None
+            commands.append((script, sub, [w.split("=")[0] for w in rest if w.startswith("--")]))
+    return commands
+
+
+def test_the_readme_real_run_commands_exist():
+    """Every command of README's "A real run, from zero" is a script (and subcommand) of this repository, and every
+    option it names is one that script's --help lists."""
+    commands = readme_commands("## A real run, from zero")
+    assert {c[0] for c in commands} >= {"models.py", "data.py", "train.py", "sample.py", "evaluate.py"}
+    asked = sorted({(script, sub) for script, sub, opts in commands if opts})
+    helps = dict(zip(asked, run_scripts_in_one_process([(s, *([sub] if sub else []), "--help") for s, sub in asked])))
+    for script, sub, opts in commands:
+        assert (ROOT / script).is_file(), script
+        for o in opts:
+            r = helps[(script, sub)]
+            assert r.returncode == 0 and re.search(rf"{re.escape(o)}\b", r.stdout), f"{script} {sub or ''}: no {o}"

@@ -3,6 +3,7 @@ rank, loads like any delta), on tiny random models."""
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 import delta
 import sample
 import train
-from models import save_models, tiny_models
-from weights import WeightsError, read_state_dict, save_state_dict
+from models import load_models, save_models, tiny_models
+from weights import WeightsError, read_state_dict, save_state_dict, weights_id
 
 KW = dict(frames=2, height=32, width=32, steps=4, progress=False)  # DDIM t = 751, 501, 251, 1
 PROMPTS, SEEDS = ["a red circle moving left", "a blue square growing"], [5, 6]
@@ -117,3 +118,42 @@ def test_file_bytes_of_whole_and_compressed_tensors():
     shapes = [(8, 4, 3, 1, 1), (8,)]
     assert delta.file_bytes(shapes, 2, 4) == 4 * (2 * (8 + 12) + 8) and delta.file_bytes(shapes, 0, 2) == 2 * (96 + 8)
     assert math.isclose(delta.file_bytes(shapes, 100, 1), 96 + 8)  # never more than whole tensors
+
+
+def test_a_delta_on_other_weights_of_the_same_shapes_warns_naming_both(tmp_path, capsys):
+    """ZeroScope and ModelScope share every shape, so a delta trained on one loads onto the other: the base weights it
+    records (train.py: weights_id, a few bytes per tensor) are compared, and a mismatch is one warning line naming
+    both. The same weights from another folder or layout, or a delta recording no base, say nothing."""
+    sd = newmove_delta(BASE, tmp_path / "plain.safetensors")
+    trained_on = {"base_model": "zeroscope_v2_576w", "base_weights": weights_id(BASE.unet.state_dict())}
+    path = save_state_dict(sd, tmp_path / "delta.safetensors", metadata=trained_on)
+    delta.apply_delta(load_models(save_models(BASE, tmp_path / "same", "original")), path)
+    assert capsys.readouterr().err == ""
+    other = save_models(tiny_models(seed=5), tmp_path / "other", "diffusers")
+    delta.apply_delta(load_models(other), path)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {path} was trained on zeroscope_v2_576w (weights "), err
+    assert f"not on {other} (weights " in err and "expect worse videos" in err
+    delta.apply_delta(load_models(other), tmp_path / "plain.safetensors")
+    assert capsys.readouterr().err == ""
+    small = tmp_path / "small.safetensors"  # compress takes the change against --model: it warns as well
+    assert delta.main(["compress", "--model", str(other), "--delta", str(path), "--rank", "2", "--out", str(small)]) == 0
+    assert f"warning: {path} was trained on zeroscope_v2_576w" in capsys.readouterr().err
+
+
+def test_a_delta_for_other_shapes_is_refused_in_one_line(tmp_path):
+    """The toy model's UNet has other widths than the tiny one: whole tensors, low-rank pairs (no reshape error) and
+    learned token rows of the wrong width are each refused by one WeightsError naming both models."""
+    toy = load_models(Path(__file__).resolve().parents[1] / "toy" / "model")
+    name = "up_blocks.1.temp_convs.0.conv1.0.bias"
+    kernel = next(n for n, v in toy.unet.state_dict().items() if ".temp_convs." in n and v.dim() == 5)
+    cases = {"unet": {f"unet.{name}": BASE.unet.get_parameter(name).detach()},
+             "lowrank": {f"lowrank.{kernel}.up": torch.ones(16, 1), f"lowrank.{kernel}.down": torch.ones(1, 48)},
+             "token": {"text_encoder.placeholder_embeddings": torch.ones(1, 32)}}  # the toy's rows are 64 wide
+    for kind, tensors in cases.items():
+        path = save_state_dict(tensors, tmp_path / f"{kind}.safetensors", metadata={"base_model": "tiny-model",
+                                                                                      "placeholder_words": '["<pll>"]'})
+        with pytest.raises(WeightsError) as e:
+            delta.apply_delta(toy, path)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+        assert "a delta for a" in str(e.value) and "(trained on tiny-model, applied to " in str(e.value)

@@ -354,8 +354,8 @@ def test_cli_stopping_rule_with_a_clip_model(world, tmp_path, capfd):
     assert bad.returncode != 0 and "--stop-clip needs --val-every" in bad.stderr
 
 
-SCRIPTS = ["train.py", "sample.py", "evaluate.py", "benchmarks/bench.py", "toy/demo.py", "toy/train_base.py",
-           "toy/ablate.py", "toy/probe.py"]
+SCRIPTS = ["train.py", "sample.py", "evaluate.py", "delta.py", "models.py", "data.py", "benchmarks/bench.py",
+           "toy/demo.py", "toy/train_base.py", "toy/ablate.py", "toy/probe.py"]
 
 
 @pytest.fixture(scope="module")
