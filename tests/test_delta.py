@@ -157,3 +157,25 @@ def test_a_delta_for_other_shapes_is_refused_in_one_line(tmp_path):
             delta.apply_delta(toy, path)
         assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
         assert "a delta for a" in str(e.value) and "(trained on tiny-model, applied to " in str(e.value)
+
+
+def test_noise_gate_boundary_step_t_equal_to_tau_uses_the_delta(tmp_path):
+    """`from_t=TAU`: the delta for steps with t >= TAU. TAU = 501, a t the 4-step DDIM sampler visits (751, 501, 251,
+    1), so `t > TAU` and `t >= TAU` differ at that step. The UNet's weights are read at each call (not the gate's own
+    flag): a forward pre-hook records whether a changed tensor holds its customized value."""
+    path = tmp_path / "delta.safetensors"
+    sd = newmove_delta(BASE, path)
+    key, custom = next(iter(sd.items()))
+    ts = sample.ddim_timesteps(KW["steps"])
+    tau = ts[1]
+    assert tau == 501 and ts == [751, 501, 251, 1]
+    runs = {}
+    for from_t in (tau, 400):
+        models = copy.deepcopy(BASE)
+        delta.apply_delta(models, path, from_t)
+        param, used = models.unet.get_parameter(key[len("unet."):]), []
+        record = lambda m, args, used=used, param=param: used.append((int(args[1][0]), torch.equal(param, custom)))
+        models.unet.register_forward_pre_hook(record)
+        runs[from_t] = sample.generate(models, PROMPTS[:1], SEEDS[:1], **dict(KW, height=16, width=16))
+        assert used == [(t, t >= from_t) for t in ts], (from_t, used)
+    assert torch.equal(runs[tau], runs[400])  # the step at t = TAU is customized: the same video as any TAU in (251, 501]

@@ -121,13 +121,47 @@ def test_clip_metrics_match_direct_computation(assets):
     fn = metrics.appearance_score_fn(clip, "pll")
     got = fn(v[None], ["A female firefighter doing the pll sign"])
     assert got == pytest.approx(want, abs=1e-5) and -1 <= got <= 1  # raw cosine, not x100
-    assert metrics.temporal_consistency(clip, v) == pytest.approx((img[:-1] * img[1:]).sum(-1).mean().item(), abs=1e-5)
+    # temporal consistency on the real (tiny) CLIP: the cosine of each consecutive pair, from the unnormalised
+    # features and F.cosine_similarity, one pair at a time
+    with torch.no_grad():
+        raw = clip.model.encode_image(x)
+    pairs = [F.cosine_similarity(raw[i], raw[i + 1], dim=0).item() for i in range(3)]
+    assert metrics.temporal_consistency(clip, v) == pytest.approx(sum(pairs) / 3, abs=1e-5)
     still = v[:, :1].expand(-1, 4, -1, -1).contiguous()
     assert metrics.temporal_consistency(clip, still) == pytest.approx(1.0, abs=1e-5)
     # larger, non-square frames: short side -> 32 bicubic, center crop
     big = torch.randint(0, 256, (3, 2, 48, 64), dtype=torch.uint8)
     pre = clip.preprocess(big.permute(1, 0, 2, 3).float() / 255)
     assert pre.shape == (2, 3, 32, 32)
+
+
+class FixedFeatures:
+    """A stand-in for metrics.Clip whose frame features are given: unit vectors in the plane at these angles."""
+
+    def __init__(self, degrees):
+        t = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+        self.feats = torch.stack([t.cos(), t.sin()], dim=1)
+
+    def image_features(self, video):
+        assert video.shape[1] == len(self.feats)
+        return self.feats
+
+
+@pytest.mark.parametrize("degrees, want", [
+    ([0, 60, 60, 150], (0.5 + 1.0 + 0.0) / 3),  # consecutive cosines 1/2, 1, 0 (all pairs: 0.19; vs frame 0: 0.04)
+    ([0, 0, 0], 1.0),  # a still video
+    ([0, 90], 0.0),  # orthogonal consecutive frames
+    ([0, 180, 0], -1.0),  # opposite: a raw cosine, not clamped or rescaled
+])
+def test_temporal_consistency_on_known_cosines(degrees, want):
+    video = torch.zeros(3, len(degrees), 4, 4, dtype=torch.uint8)
+    assert metrics.temporal_consistency(FixedFeatures(degrees), video) == pytest.approx(want, abs=1e-9)
+
+
+def test_temporal_consistency_of_one_frame_is_nan():
+    import math
+
+    assert math.isnan(metrics.temporal_consistency(FixedFeatures([30]), torch.zeros(3, 1, 4, 4, dtype=torch.uint8)))
 
 
 def test_clip_openai_weights_need_quickgelu(tmp_path):
@@ -213,9 +247,28 @@ def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     assert a["videos"][0]["copy_clip"] == "t0.mp4" and a["videos"][0]["copied"]
     assert a["videos"][0]["appearance_text"] == "A person number 0"
     assert a["videos"][0]["caption"] == "A person number 0 sliding two fingers up"
-    for k in ("appearance_score", "text_alignment", "temporal_consistency", "copy_score_mean_max",
-              "copy_above_threshold_pct", "subject_similarity"):
-        assert isinstance(agg[k], float)
+    # each aggregate is the mean of its per-video values (copies: the percentage of copied videos) ...
+    rows = a["videos"]
+    per_video = {"appearance_score": "appearance", "text_alignment": "text_alignment",
+                 "temporal_consistency": "temporal", "copy_score_mean_max": "copy",
+                 "subject_similarity": "subject_similarity"}
+    for k, rk in per_video.items():
+        assert agg[k] == pytest.approx(sum(r[rk] for r in rows) / 3, abs=1e-9), k
+    assert agg["copy_above_threshold_pct"] == pytest.approx(100 * sum(r["copied"] for r in rows) / 3)
+    assert rows[0]["copied"] and agg["copy_above_threshold_pct"] >= 100 / 3
+    # ... and the per-video values are the metrics of the decoded videos with the right texts (recomputed here)
+    clip = metrics.load_clip(str(assets / "clip.json"), assets / "clip.pth")
+    decoded = dict(ev.read_training_frames(gen, 0))
+    subject = torch.cat([clip.image_features(v) for _, v in ev.read_training_frames(train, 0, stills=True)])
+    for i, r in enumerate(rows):
+        v = decoded[f"v{i}.mp4"]
+        assert r["appearance"] == pytest.approx(metrics.clip_text_score(clip, v, f"A person number {i}"), abs=1e-5)
+        caption = f"A person number {i} sliding two fingers up"
+        assert r["text_alignment"] == pytest.approx(metrics.clip_text_score(clip, v, caption), abs=1e-5)
+        assert r["temporal"] == pytest.approx(metrics.temporal_consistency(clip, v), abs=1e-5)
+        assert r["subject_similarity"] == pytest.approx(metrics.subject_similarity(clip, v, subject), abs=1e-5)
+        assert -1 <= r["appearance"] <= 1 and -1 <= r["temporal"] <= 1
+    assert rows[0]["appearance"] != rows[1]["appearance"]  # the texts differ per video
     assert str(assets / "toy.pt") in a["sha256"] and len(a["sha256"][str(assets / "clip.pth")]) == 64
     assert (out / "report.md").read_text().startswith("# NewMove evaluation")
     assert (out / "sheet_appearance.png").is_file() and (out / "sheet_copy.png").is_file()

@@ -59,3 +59,47 @@ def _tensors(state):
             yield v
         elif isinstance(v, dict):
             yield from _tensors(v)
+
+
+# the official run's AdamW (docs/method.md §2, config.py defaults: lr 5e-6, wd 0.01; betas/eps are diffusers' defaults)
+OFFICIAL = {"lr": 5e-6, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit"])
+def test_adamw_hyperparameters_reach_the_optimizer(kind):
+    """What train.py builds (optim.make_adamw(cfg.optimizer, ps, cfg.lr, cfg.weight_decay, device) with config.py's
+    defaults) hands the official lr, betas, eps and weight decay to the optimizer that steps: checked on the param
+    groups the step reads (and the defaults new groups get), for torch's AdamW and for bitsandbytes' AdamW8bit, which
+    must really keep 8-bit state. Through --free-grads' per-parameter optimizers too."""
+    import dataclasses
+
+    import config
+
+    if kind == "adamw8bit":
+        bnb = pytest.importorskip("bitsandbytes", reason="--optimizer adamw8bit needs bitsandbytes")
+    defaults = {f.name: f.default for f in dataclasses.fields(config.Config)}
+    assert (defaults["lr"], defaults["weight_decay"]) == (OFFICIAL["lr"], OFFICIAL["weight_decay"])
+    params = [torch.nn.Parameter(torch.zeros(64, 128)), torch.nn.Parameter(torch.zeros(7))]
+
+    def make(ps):  # train.py's
+        return optim.make_adamw(kind, ps, defaults["lr"], defaults["weight_decay"], torch.device("cpu"))
+
+    opt = make(params)
+    if kind == "adamw8bit":
+        assert isinstance(opt, bnb.optim.AdamW8bit) and opt.args.optim_bits == 8
+    else:
+        assert type(opt) is torch.optim.AdamW and opt.defaults["amsgrad"] is False
+    for group in [opt.defaults, *opt.param_groups]:
+        got = {k: group[k] for k in OFFICIAL}
+        assert got == OFFICIAL and isinstance(got["betas"][0], float), got
+    # lr and weight decay are passed through, not left at the optimizer's defaults (bitsandbytes' default wd is 0.01
+    # too, so the official value alone would not show a dropped argument)
+    other = optim.make_adamw(kind, [torch.nn.Parameter(torch.zeros(64, 128))], 3e-4, 0.05, torch.device("cpu"))
+    assert {k: other.param_groups[0][k] for k in OFFICIAL} == {**OFFICIAL, "lr": 3e-4, "weight_decay": 0.05}
+    # the same optimizer numbers in --free-grads' per-parameter optimizers
+    step = optim.StepInBackward(params, make)
+    try:
+        for group in step.param_groups:
+            assert {k: group[k] for k in OFFICIAL} == OFFICIAL
+    finally:
+        step.remove()

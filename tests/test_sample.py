@@ -211,3 +211,44 @@ def test_cli_writes_playable_videos_in_both_layouts(tmp_path, capfd):
     bad = run_script(capfd, "sample.py", "--model", str(tmp_path / "original"), "--prompt", "x", "--height", "30",
                      "--out", str(tmp_path / "o"))
     assert bad.returncode == 2 and "multiples of 4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_guidance_matches_diffusers_text_to_video_pipeline(tiny, tmp_path):
+    """generate()'s classifier-free guidance + DDIM against diffusers' TextToVideoSDPipeline built from the SAME tiny
+    weights (unet and vae read back from the diffusers layout we write), the same initial noise (one CPU
+    generator per seed, as generate draws it) and the released DDIM scheduler config. The pipeline stacks
+    [uncond; cond] and guides as uncond + g (cond - uncond) (its own code, not sample.guide), so a swapped half or a
+    wrong formula in generate() shows. Our tokenizer (open_clip's) is not the pipeline's CLIPTokenizer, so the pipeline
+    gets prompt_embeds / negative_prompt_embeds from our text encoder (its parity with transformers' CLIPTextModel is
+    test_models'): what is compared is which embedding goes to which half, the guidance and DDIM, through diffusers'
+    UNet. Guidance 7.5 (not generate's default 9) on both sides, so a hard-wired scale would show too."""
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    root = save_models(tiny, tmp_path / "diffusers", "diffusers")
+    pipe = TextToVideoSDPipeline(vae=AutoencoderKL.from_pretrained(root / "vae").eval(), text_encoder=None,
+                                 tokenizer=None, unet=UNet3DConditionModel.from_pretrained(root / "unet").eval(),
+                                 scheduler=DDIMScheduler.from_pretrained(root / "scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    assert dict(pipe.scheduler.config).items() >= DDIM_CONFIG.items()  # the released config, as written
+    prompts, seeds, frames, size, steps, g = ["a red circle moving left", "a blue square growing"], [5, 6], 2, 16, 3, 7.5
+    _, got = sample.generate(tiny, prompts, seeds, frames=frames, height=size, width=size, steps=steps, guidance=g,
+                             batch_size=2, progress=False, return_latents=True)
+    h = size // tiny.vae.cfg.downsample_factor
+    noise = torch.stack([torch.randn(4, frames, h, h, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        embed = lambda p: tiny.text_encoder(tiny.tokenizer(p))
+        cond, uncond = embed(prompts), embed([""]).expand(len(prompts), -1, -1)
+        want = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_frames=frames, height=size,
+                    width=size, num_inference_steps=steps, guidance_scale=g, eta=0.0, output_type="latent").frames
+        unguided = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_frames=frames,
+                        height=size, width=size, num_inference_steps=steps, guidance_scale=1.0,
+                        output_type="latent").frames
+    assert want.shape == got.shape == noise.shape
+    # float32 throughout, but not the same arithmetic: diffusers' UNet vs ours (~1e-6 per call, test_models), its
+    # schedule in float32 vs our float64 abar, and the guidance multiplies a difference of two UNet outputs by 7.5.
+    # The untrained UNet drives the latents to |x| ~ 11 in 3 steps; measured max abs diff 3e-5 there (3e-6 relative,
+    # ~25 float32 ulps). 1e-3 leaves a 30x margin and is 500x below what a planted guidance bug gives (0.5 for
+    # eps_c + g (eps_c - eps_u), 7 for swapped halves).
+    err = max_abs_diff(got, want)
+    assert err <= 1e-3, f"max abs diff {err}"
+    assert max_abs_diff(want, unguided) > 0.5  # guidance matters here, so the comparison can fail

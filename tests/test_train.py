@@ -685,10 +685,122 @@ def test_adamw8bit_resumes_bit_for_bit(world, tmp_path):
     kw = dict(frames=2, optimizer="adamw8bit", cache=str(tmp_path / "c"))
     full = train.main(_cfg(root, model, tmp_path / "full", steps=2, **kw))
     state = torch.load(tmp_path / "full" / "state.pt", weights_only=True)
-    codes = [t for s in state["optimizer"]["state"].values() for t in s["__bnb_optimizer_quant_state__"].values()
-             if t.dtype == torch.uint8]
-    assert codes and all(t.dtype == torch.uint8 for t in codes)  # m and v held as 8-bit codes
+    quant = [s["__bnb_optimizer_quant_state__"] for s in state["optimizer"]["state"].values()]
+    trained = state["trained"]
+    assert len(quant) == len(trained)  # one state per trained tensor, m and v each as many values as the tensor
+    assert sorted(q["state1"].numel() for q in quant) == sorted(v.numel() for v in trained.values())
+    for q in quant:  # m and v held as 8-bit codes from 4096 values on (bitsandbytes' min_8bit_size), fp32 below
+        want = torch.uint8 if q["state1"].numel() >= 4096 else torch.float32
+        assert q["state1"].dtype == q["state2"].dtype == want and q["state1"].shape == q["state2"].shape
+    assert any(q["state1"].dtype == torch.uint8 for q in quant)
     train.main(_cfg(root, model, tmp_path / "resumed", steps=1, **kw))
     assert _same(full, train.main(_cfg(root, model, tmp_path / "resumed", steps=2, resume=True, **kw)))
     with pytest.raises(SystemExit, match="--optimizer"):  # the optimizer decides what trains: no change on resume
         train.main(_cfg(root, model, tmp_path / "resumed", steps=4, resume=True, **{**kw, "optimizer": "adamw"}))
+
+
+# --------------------------------------------------------------------------------------------------- the loop's method
+
+
+def _record_newmove_loss(monkeypatch):
+    """Record every newmove_loss call the loop makes: its weights w, the drawn t, and the generator state before it."""
+    calls, real = [], train.newmove_loss
+
+    def wrapped(model, x0, ctx, w, probs, abar, g, amp=None):
+        state = g.get_state()
+        loss, mse, t = real(model, x0, ctx, w, probs, abar, g, amp)
+        calls.append(dict(x0=x0.detach().clone(), ctx=ctx.detach().clone(), w=w.detach().clone(), t=t.clone(),
+                          probs=probs, abar=abar, state=state))
+        return loss, mse, t
+
+    monkeypatch.setattr(train, "newmove_loss", wrapped)
+    return calls
+
+
+def _cheap_forward(monkeypatch):
+    """A UNet forward that costs nothing but still depends on a trained tensor (backward and the step run)."""
+    def forward(self, x, t, context):
+        return x + 0 * next(p for p in self.parameters() if p.requires_grad).sum()
+
+    monkeypatch.setattr(unet3d.UNet3D, "forward", forward)
+
+
+def test_timesteps_option_reaches_the_loop(world, tmp_path, monkeypatch):
+    """The t the loop actually draws follow --timesteps: 800 draws per mode (4 steps x (100 instance + 100 reg)), whose
+    mean lies within 4 standard errors of that mode's mean (coarse 600.9, uniform 499.5, fine 398.2). The 4-SE band is
+    < 42 while neighbouring modes' means are 101 apart, so drawing another mode's t fails by > 5.7 SE. (The UNet is
+    replaced by a free stand-in: only the draws matter here.)"""
+    root, model = world
+    _cheap_forward(monkeypatch)
+    calls = _record_newmove_loss(monkeypatch)
+    T = torch.arange(1000, dtype=torch.float64)
+    means = {}
+    for mode in ("coarse", "uniform", "fine"):
+        calls.clear()
+        train.main(_cfg(root, model, tmp_path / mode, timesteps=mode, steps=4, batch_size=100, frames=1,
+                        cache=str(tmp_path / "c")))
+        t = torch.cat([c["t"] for c in calls]).double()
+        assert t.numel() == 800
+        p = train.timestep_probs(mode, 0.5)
+        mu, sd = (p * T).sum().item(), ((p * T ** 2).sum() - (p * T).sum() ** 2).sqrt().item()
+        band = 4 * sd / t.numel() ** 0.5
+        assert band < 42
+        means[mode] = t.mean().item()
+        assert abs(means[mode] - mu) < band, (mode, means[mode], mu, band)
+    assert means["fine"] < means["uniform"] < means["coarse"]
+
+
+def test_subject_clips_are_weighted_as_instance_data(world, subject, tmp_path, monkeypatch):
+    """Motion + subject: the loop's w gives each motion and each subject clip 1 / (their number), the instance mean
+    over both sets, and each reg clip lambda / (reg clips), not the subject clips the reg weight."""
+    root, model = world
+    _cheap_forward(monkeypatch)
+    seen = _spy_batches(monkeypatch)
+    calls = _record_newmove_loss(monkeypatch)
+    train.main(_cfg(root, model, tmp_path / "s", subject_videos=str(subject), subject_class="square", frames=2,
+                    steps=1, reg_ratio=2, reg_weight=0.5))
+    assert len(seen) == len(calls) == 1
+    by = {}
+    for (name, _), w in zip(seen[0], calls[0]["w"].tolist()):
+        by.setdefault(name, []).append(w)
+    assert by == {"instance": [0.5], "subject": [0.5], "reg": [0.25, 0.25]}
+
+
+def test_grad_accum_gradient_is_the_large_batch_gradient_of_the_same_data(world, tmp_path, monkeypatch):
+    """--grad-accum 3 with batch 1 accumulates, before the optimizer step, the gradient of ONE batch of the same 3
+    instance + 3 reg clips (same windows, t and noise) weighted as batch 3: 1/3 per instance clip, lambda/3 per reg
+    clip, i.e. each micro-batch's loss divided by 3. Runs with --grad-accum 3 and --batch-size 3 are not comparable
+    weight for weight: each micro-batch has its own generator (seed, step, micro) and its own clip positions, so the
+    draws differ by design; the comparison is on the gradient, replaying the accumulated run's data in one batch."""
+    root, model = world
+    seen = _spy_batches(monkeypatch)
+    calls = _record_newmove_loss(monkeypatch)
+    grads, real_step = [], train.optimizer_step
+
+    def spy(optimizer, scaler, params, clip):
+        grads.append([p.grad.detach().clone() for p in params])
+        return real_step(optimizer, scaler, params, clip)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    cfg = _cfg(root, model, tmp_path / "acc", steps=1, batch_size=1, grad_accum=3, frames=2, reg_weight=0.5)
+    train.main(cfg)
+    assert len(calls) == 3 and len(grads) == 1 and [n for n, _ in sum(seen, [])] == ["instance", "reg"] * 3
+    # one batch of the 6 clips: each micro-batch's t and noise replayed from its generator state
+    x0 = torch.cat([c["x0"] for c in calls])
+    ctx = torch.cat([c["ctx"] for c in calls])
+    t, eps = [], []
+    for c in calls:
+        g = torch.Generator().set_state(c["state"])
+        t.append(torch.multinomial(c["probs"], c["x0"].shape[0], replacement=True, generator=g))
+        eps.append(torch.randn(c["x0"].shape, generator=g))
+        assert torch.equal(t[-1], c["t"])
+    t, eps = torch.cat(t), torch.cat(eps)
+    w = torch.tensor([1 / 3 if n == "instance" else 0.5 / 3 for n, _ in sum(seen, [])])
+    m = load_models(model)
+    _, trainable, _ = train.make_trainable(cfg, m.unet, m.text_encoder, m.tokenizer, False)
+    params = [p for _, p in trainable]
+    loss, _ = train.weighted_mse(m.unet(train.diffuse(x0, eps, t, calls[0]["abar"]), t, ctx), eps, w)
+    ref = torch.autograd.grad(loss, params)
+    assert len(ref) == len(grads[0])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[0], ref))
+    assert any(b.abs().max() > 1e-6 for b in ref)
