@@ -125,16 +125,15 @@ def test_one_copy_of_each_idiom():
 
 
 # Text about how the code was produced: a reader has none of that context. External references name their project
-# (huggingface/diffusers#2011), which these patterns do not match.
-PROCESS = [r"\b(issue|task|ticket)s? #?\d+", r"\bsessions?\b", r"\bsprints?\b", r"\bthe team\b", r"\bthis machine\b",
-           r"\bwe aimed\b", r"\bgoals we set\b"]
+# (huggingface/diffusers#2011), which these patterns do not match. A bracketed letter keeps each pattern from being
+# such text itself, so this file is checked like any other.
+PROCESS = [r"\b(i[s]sue|t[a]sk|t[i]cket)s? #?\d+", r"\bs[e]ssions?\b", r"\bs[p]rints?\b", r"\bthe t[e]am\b",
+           r"\bthis m[a]chine\b", r"\bwe a[i]med\b", r"\bgoals we s[e]t\b"]
 
 
 def test_no_text_about_how_the_code_was_made():
     bad = []
     for path in tracked("*.py", "*.md", "*.txt", "*.ini", "*.cfg", ".ci/*", ".gitignore"):
-        if path.name == "test_repository.py":
-            continue
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             bad += [f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}" for p in PROCESS
                     if re.search(p, line, re.I)]
@@ -142,8 +141,10 @@ def test_no_text_about_how_the_code_was_made():
 
 
 def test_process_patterns_catch_what_they_are_for():
-    caught = ["a motion and a subject (issue 19)", "the settings issue #14 audited", "over three sessions",
-              "the wait policy for this machine", "earlier sessions", "Task 7: done"]
+    # examples written with a "|" inside a word, removed before matching, so that they are not such text here
+    caught = [t.replace("|", "") for t in ["a motion and a subject (iss|ue 19)", "the settings iss|ue #14 audited",
+                                           "over three sess|ions", "the wait policy for this mach|ine",
+                                           "earlier sess|ions", "Ta|sk 7: done"]]
     kept = ["huggingface/diffusers#2011", "layers issue fewer small ops", "the sessioned cookie"]
     assert all(any(re.search(p, t, re.I) for p in PROCESS) for t in caught)
     assert not any(re.search(p, t, re.I) for p in PROCESS for t in kept)
