@@ -156,6 +156,13 @@ class Stats:
         self.buckets.zero_()
         self.t_last, self.step_last = time.time(), step
 
+    def close(self):
+        """Close log.jsonl and the --report-to loggers (rank 0)."""
+        if self.log:
+            self.log.close()
+        if self.report:
+            self.report.close()
+
     def note(self, rec: dict, memory: bool = False):
         """One more record of log.jsonl, on rank 0 (validation's token check), and to the --report-to loggers, with
         the peak memory if `memory` (for the loggers only: log.jsonl keeps its fields)."""

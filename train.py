@@ -270,8 +270,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             write_json(layouts.unet_config_to_diffusers(unet.cfg), out / "unet" / "config.json", overwrite=cfg.resume)
             layouts.save_unet(unet.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
         print(f"wrote {delta_path} ({sum(v.numel() for v in delta.values()):,} params)", flush=True)
-        stats.log.close()
-        stats.report.close()
+        stats.close()
     if run.ddp:
         runs.check_replicas(trainable, run)
     return delta_path
