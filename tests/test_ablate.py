@@ -36,6 +36,7 @@ def test_bootstrap_intervals_cover_the_truth_and_pairing_resolves_shared_run_eff
     assert ablate.reading("unresolved", "higher: 17.0") == "unresolved" and ablate.reading("lower", "") == "lower"
 
 
+@pytest.mark.slow
 def test_copy_score_separates_a_copied_training_clip_from_an_independent_one():
     motion = "moving in a circle"
     cal = toy_scorer.calibrate_leakage(motion, sets=2, per_set=10)
@@ -112,6 +113,7 @@ def fake_task(task):
              "threads": threads, "pid": os.getpid()} for k in seeds]
 
 
+@pytest.mark.slow
 def test_parallel_runner_runs_in_worker_processes_with_one_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "run_task", fake_task)  # looked up at submit: the workers import it from this module
     monkeypatch.setattr(toy_scorer, "calibrate_leakage", lambda m: {"threshold": 0.8, "detected": 1.0})

@@ -18,6 +18,7 @@ import unet3d  # noqa: E402
 from inprocess import run_script  # noqa: E402
 
 
+@pytest.mark.slow
 def test_estimator_counts_match_the_model():
     cfg = unet3d.UNET_PRESETS["tiny"]
     model = unet3d.UNet3D(cfg)
@@ -45,6 +46,7 @@ def test_allocator_peak_sees_a_known_allocation():
     assert 2 * n <= peak < 2 * n + 2 ** 20
 
 
+@pytest.mark.slow
 def test_side_by_side_compares_the_same_computation():
     """The bench's own cases on the smallest config: identical outputs, gradients and latents; finite timings."""
     cfg = compare.BENCH_CONFIGS["small"]
@@ -69,6 +71,7 @@ def test_side_by_side_compares_the_same_computation():
     assert ddim["fns"]["ours"]().shape == ddim["fns"]["diffusers"]().shape == (1, 3, 2, 16, 16)  # tiny VAE: x2
 
 
+@pytest.mark.slow
 def test_selective_recompute_keeps_gradients_and_saves_memory():
     """Ours, with and without train.py --checkpointing selective: the same gradients as diffusers, a smaller step peak
     (allocator)."""
@@ -91,6 +94,7 @@ def test_selective_recompute_keeps_gradients_and_saves_memory():
     assert peaks["ours"] < min(0.95 * plain_peak, 0.8 * peaks["diffusers"]), (plain_peak, peaks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,free_grads", [("none", False), ("selective", False), ("full", False), ("full", True)])
 def test_estimator_predicts_the_measured_step_peak(mode, free_grads):
     """--estimate's traced peak vs the same step really run (allocator), for each --checkpointing mode, and with
@@ -105,6 +109,7 @@ def test_estimator_predicts_the_measured_step_peak(mode, free_grads):
     assert harness.parse_args(["--estimate", "--checkpointing"]).checkpointing == "full"  # the bare flag
 
 
+@pytest.mark.slow
 def test_estimator_counts_autocast_copies_where_full_checkpointing_keeps_them():
     """bf16 autocast with full checkpointing: autocast caches the trainable weights' bf16 copies only while the forward
     runs; in backward each recomputed layer re-casts its own. The estimate, max(forward + all copies, backward + the
@@ -135,6 +140,7 @@ def test_time_breakdown_separates_kernels_from_the_rest():
     assert conv_attn["kernel"] > 0.3 * conv_attn["total"], conv_attn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench.py", "compare.py"])
 def test_estimate_runs_from_the_readme_command_and_from_compare_py(script, capfd):
     """bench.py (the documented command) dispatches --estimate to estimate.py; a direct run of compare.py hands it on.
@@ -150,6 +156,7 @@ def test_estimate_runs_from_the_readme_command_and_from_compare_py(script, capfd
     assert r.returncode == 0 and "parameters: total" in r.stdout and "GPU memory budget" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_memory_option_in_its_tiny_cpu_mode(tmp_path):
     """benchmarks/gpu_check.py --tiny (the CUDA check's code on the CPU): each memory option trains, its peak is measured
     next to the estimator's total for the same step (within 3%: measured 0.993-1.003), and the results files are

@@ -150,22 +150,26 @@ def test_bad_numbers_are_refused_at_once(world, tmp_path, capfd, flags, names): 
     assert "encode clips" not in text and not (tmp_path / "run").exists()
 
 
-def test_unwritable_out_is_refused_before_the_work(world, tmp_path, capfd):  # noqa: F811
+def _refuse_unwritable_out(world, tmp_path, refuse, outs):  # noqa: F811
     root, model = world
-    (tmp_path / "a_file").write_text("x")
     (tmp_path / "videos_in").mkdir()
-
-    def here(*a, **k):
-        return refused(capfd, *a, **k)
-
-    cases = [(out, here) for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub", Path("/proc/newmove-out"))]
-    cases.append((Path("/proc/newmove-out"), refused_in_a_process))  # and each script as a user runs it, end to end
-    for out, refuse in cases:
+    for out in outs:
         text = refuse("train.py", *train_args(root, model, out, "--steps", "1"), names=["--out", out])
         assert "encode clips" not in text
         refuse("sample.py", "--model", model, "--prompt", "a square", "--frames", "2", "--height", "32",
                "--width", "32", "--steps", "1", "--out", out, names=["--out", out])
         refuse("evaluate.py", "--videos-in", tmp_path / "videos_in", "--out", out, names=["--out", out])
+
+
+def test_unwritable_out_is_refused_before_the_work(world, tmp_path, capfd):  # noqa: F811
+    (tmp_path / "a_file").write_text("x")
+    _refuse_unwritable_out(world, tmp_path, lambda *a, **k: refused(capfd, *a, **k),
+                           [tmp_path / "a_file", tmp_path / "a_file" / "sub", Path("/proc/newmove-out")])
+
+
+@pytest.mark.slow
+def test_unwritable_out_is_refused_by_each_script_run_as_a_user_runs_it(world, tmp_path):  # noqa: F811
+    _refuse_unwritable_out(world, tmp_path, refused_in_a_process, [Path("/proc/newmove-out")])
 
 
 def test_missing_csv_and_non_utf8_text_files_are_named(world, tmp_path, capfd):  # noqa: F811
@@ -204,33 +208,6 @@ def test_long_captions_warn_and_a_cut_token_is_refused(world, tmp_path, capfd): 
         else:  # cut, but the token survives: a warning naming the clip, and the run goes on
             code, text = run_here(capfd, "train.py", *args)
             assert code == 0 and f"warning: {folder / 'clip.mp4'}: its caption is" in text, text[-2000:]
-
-
-def test_ctrl_c_writes_a_checkpoint_and_resume_reaches_the_same_weights(world, tmp_path, capfd):  # noqa: F811
-    """Ctrl-C needs a real process; the uninterrupted run and the resume run in this process, on one thread like the
-    interrupted one (OMP_NUM_THREADS=1), so all three compute with the same kernels and compare bit for bit."""
-    root, model = world
-    steps = 8  # Ctrl-C after the 3rd logged step: the run stops at step 4 or so, well before the last
-    common = train_args(root, model, tmp_path / "full", "--steps", steps, "--ckpt-every", "0",
-                        "--cache", tmp_path / "cache", frames=2)  # 2-frame windows: half the cost of a step
-    assert run_here(capfd, "train.py", *common)[0] == 0
-    args = [str(a) for a in common]
-    args[args.index("--out") + 1] = str(tmp_path / "int")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = tmp_path / "int" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    text = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
-    step = torch.load(tmp_path / "int" / "state.pt", weights_only=True)["step"]
-    assert 3 <= step < steps and f"interrupted at step {step}" in text and "--resume" in text
-    assert run_here(capfd, "train.py", *args, "--resume")[0] == 0  # (run_here: one thread)
-    a = weights.read_state_dict(tmp_path / "full" / "delta.safetensors")
-    b = weights.read_state_dict(tmp_path / "int" / "delta.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_outputs_get_the_users_file_mode(tmp_path):
@@ -291,6 +268,7 @@ def interrupt_when(args, ready, log, timeout=300):
     return proc.returncode, Path(log).read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_sample_keeps_the_finished_videos_and_names_them(world, tmp_path):  # noqa: F811
     """Videos are saved batch by batch, each whole (.mp4, .gif, .png) or not at all: Ctrl-C after the first one ends
     with one line naming those written, and exit code 130."""
@@ -312,6 +290,7 @@ def test_ctrl_c_in_sample_keeps_the_finished_videos_and_names_them(world, tmp_pa
         assert len(list(container.decode(video=0))) == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_evaluate_ends_in_one_line(world, tmp_path):  # noqa: F811
     """Ctrl-C while evaluate.py generates: one line saying that no video and no report were written, exit code 130."""
     _, model = world
@@ -402,6 +381,7 @@ def readme_commands(heading: str) -> list:
     return commands
 
 
+@pytest.mark.slow
 def test_the_readme_real_run_commands_exist():
     """Every command of README's "A real run, from zero" is a script (and subcommand) of this repository, and every
     option it names is one that script's --help lists."""

@@ -35,6 +35,7 @@ def videos(path=None, from_t=None, batch_size=1):
     return models, sample.generate(models, PROMPTS, SEEDS, batch_size=batch_size, **KW)
 
 
+@pytest.mark.slow
 def test_noise_gate_is_exact_at_both_ends_and_switches_once_per_video(tmp_path):
     path = tmp_path / "delta.safetensors"
     sd = newmove_delta(BASE, path)
@@ -66,6 +67,7 @@ def test_noise_gate_keeps_only_the_changed_tensors_twice(tmp_path):
     assert held == sum(v.numel() for v in sd.values()) < sum(p.numel() for p in models.unet.parameters())
 
 
+@pytest.mark.slow
 def test_low_rank_delta_reproduces_at_full_rank_and_shrinks_below(tmp_path):
     base_sd = BASE.unet.state_dict()
     path, full, small = tmp_path / "delta.safetensors", tmp_path / "full.safetensors", tmp_path / "r2.safetensors"
@@ -120,6 +122,7 @@ def test_file_bytes_of_whole_and_compressed_tensors():
     assert math.isclose(delta.file_bytes(shapes, 100, 1), 96 + 8)  # never more than whole tensors
 
 
+@pytest.mark.slow
 def test_a_delta_on_other_weights_of_the_same_shapes_warns_naming_both(tmp_path, capsys):
     """ZeroScope and ModelScope share every shape, so a delta trained on one loads onto the other: the base weights it
     records (train.py: weights_id, a few bytes per tensor) are compared, and a mismatch is one warning line naming

@@ -164,6 +164,7 @@ def test_temporal_consistency_of_one_frame_is_nan():
     assert math.isnan(metrics.temporal_consistency(FixedFeatures([30]), torch.zeros(3, 1, 4, 4, dtype=torch.uint8)))
 
 
+@pytest.mark.slow
 def test_clip_openai_weights_need_quickgelu(tmp_path):
     bad = tmp_path / "openai_vit.pth"
     bad.write_bytes(b"x")
@@ -231,6 +232,7 @@ def cli_args(assets, gen, train, out):
             "--sscd-size", "64", "--train-videos", str(train), "--token", "pll", "--device", "cpu", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_cli_videos_in_end_to_end(assets, video_dirs, tmp_path, capsys):
     gen, train = video_dirs
     out = tmp_path / "report"
@@ -333,6 +335,7 @@ def test_cli_bad_input(assets, video_dirs, tmp_path, capsys, change, message):
     assert re.search(message, err), err
 
 
+@pytest.mark.slow
 def test_generation_path(tmp_path):
 
     model_dir = tmp_path / "model"

@@ -32,6 +32,7 @@ def fake_samples(folder, seeds=(0, 1), before=True):
     return results
 
 
+@pytest.mark.slow
 def test_keep_samples_writes_clips_and_an_index_the_figures_read_back_exactly(tmp_path):
     results = fake_samples(tmp_path)
     index = figures.load_index(tmp_path)
@@ -47,6 +48,7 @@ def test_keep_samples_writes_clips_and_an_index_the_figures_read_back_exactly(tm
             assert torch.equal(torch.from_numpy(clip).permute(3, 0, 1, 2), results[when]["videos"][i])
 
 
+@pytest.mark.slow
 def test_figures_have_their_sizes_and_fit_the_budget(tmp_path):
     fake_samples(tmp_path / "samples")
     sizes = figures.main(["--samples", str(tmp_path / "samples"), "--out", str(tmp_path / "img"), "--rows", "3"])
@@ -63,6 +65,7 @@ def test_figures_have_their_sizes_and_fit_the_budget(tmp_path):
     assert Image.open(tmp_path / "img" / figures.TIMESTEPS).size == (640, 300)
 
 
+@pytest.mark.slow
 def test_grid_rows_are_one_seed_in_index_order_and_need_before_samples(tmp_path):
     fake_samples(tmp_path / "a")
     index = figures.load_index(tmp_path / "a")

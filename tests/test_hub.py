@@ -162,6 +162,7 @@ def test_loader_files_take_one_weight_format_per_network():
     assert hub.loader_files({"README.md"}) == (None, [])
 
 
+@pytest.mark.slow
 def test_a_hub_id_samples_fetching_only_what_the_loader_reads_then_works_offline(fake_hub, tiny_repos, tmp_path,
                                                                                  capfd):
     files = dict(tiny_repos["diffusers"])
@@ -188,6 +189,7 @@ def test_a_hub_id_samples_fetching_only_what_the_loader_reads_then_works_offline
                                                            "revision": "main", "commit": commit, "path": str(snapshot)}
 
 
+@pytest.mark.slow
 def test_revision_pins_a_version_and_outputs_record_its_commit(fake_hub, tiny_repos, tmp_path, capfd):
     """The original layout by id; --revision v1 recorded by evaluate.py's report.json (its command line) and by
     train.py's config.json and delta metadata (train.main)."""
@@ -222,6 +224,7 @@ def test_revision_pins_a_version_and_outputs_record_its_commit(fake_hub, tiny_re
     assert run.returncode == 2 and "no revision 'nope'" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_unknown_and_offline_repositories_are_one_line(fake_hub, tiny_repos, tmp_path, capfd):
     run = run_script(capfd, "models.py", "user/missing")
     assert run.returncode == 2 and "no such Hub repository" in run.stderr and "Traceback" not in run.stderr
@@ -238,6 +241,7 @@ def test_unknown_and_offline_repositories_are_one_line(fake_hub, tiny_repos, tmp
     assert fake_hub.log == [] and not (tmp_path / "empty-hf").exists()
 
 
+@pytest.mark.slow
 def test_fetch_and_check(fake_hub, tiny_repos, monkeypatch, capfd):
     commit = fake_hub.add("user/tiny-repo", tiny_repos["diffusers"])
     monkeypatch.setattr(hub, "KNOWN_MODELS", {"user/tiny-repo": ("diffusers", "a tiny test model")})

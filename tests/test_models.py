@@ -28,6 +28,7 @@ def tiny_dirs(tmp_path_factory):
     return models, {layout: save_models(models, tmp / layout, layout) for layout in ("original", "diffusers")}
 
 
+@pytest.mark.slow
 def test_both_layouts_load_the_same_models(tiny_dirs):
     models, dirs = tiny_dirs
     for layout, folder in dirs.items():
@@ -43,6 +44,7 @@ def test_both_layouts_load_the_same_models(tiny_dirs):
     assert torch.equal(videos[0], videos[1])
 
 
+@pytest.mark.slow
 def test_diffusers_reads_the_diffusers_layout_we_write(tiny_dirs):
     from diffusers import AutoencoderKL, UNet3DConditionModel
     from transformers import CLIPTextModel
@@ -80,6 +82,7 @@ def test_fp16_variant_and_dtype(tiny_dirs, tmp_path):
     assert w.dtype == torch.float32 and torch.equal(w, models.unet.conv_in.weight.half().float())
 
 
+@pytest.mark.slow
 def test_weights_are_held_once(tmp_path):
     """Meta-device build + assign: loading a ~270 MB UNet raises peak memory by about one copy, not two. The files are
     written here; each load is measured in a fresh process of its own (peak RSS only grows)."""
@@ -130,6 +133,7 @@ def test_bad_directories_give_clear_errors(tiny_dirs, tmp_path):
         save_models(tiny_models(), dirs["original"], "original")
 
 
+@pytest.mark.slow
 def test_check_cli(tmp_path, tiny_dirs, capfd):
     """models.py as a user runs it (a process of its own), then its refusal of a bad folder (in this process)."""
     _, dirs = tiny_dirs

@@ -41,6 +41,7 @@ def test_report_to_takes_several_loggers_either_way():
         runs.check_fields(config.Config(report_to="tb"))
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_log_and_the_gifs_and_a_resume_continues_it(world, tmp_path, monkeypatch):  # noqa: F811
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -114,6 +115,7 @@ def test_a_missing_package_is_one_line_before_any_model_loads(world, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_writes_its_files_and_a_resume_continues_it(world, tmp_path, monkeypatch):  # noqa: F811
     root, model = world
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -87,6 +87,7 @@ def test_ddim_matches_original_modelscope_sampler_exactly_in_float64():
     assert want.abs().max() > 1  # the sampler really moved the latent
 
 
+@pytest.mark.slow
 def test_ddim_matches_original_modelscope_sampler_in_float32():
     """float32, with both UNets wrapped into a denoiser-like eps-model (eps = x_t / sqrt(1 - abar_t) + 0.3 UNet) so the
     latents keep the O(1) scale of a trained model; the wrapper is applied identically on both sides."""
@@ -141,6 +142,7 @@ def tiny():
     return tiny_models(seed=3)
 
 
+@pytest.mark.slow
 def test_determinism_and_batch_independence(tiny):
     kw = dict(frames=3, height=32, width=32, steps=4, progress=False)
     prompts, seeds = ["a red circle moving left", "a blue square growing"], [5, 6]
@@ -175,6 +177,7 @@ def test_apply_delta(tiny, tmp_path):
         apply_delta(models, tmp_path / "bad.safetensors")
 
 
+@pytest.mark.slow
 def test_cli_writes_playable_videos_in_both_layouts(tmp_path, capfd):
     """The first layout runs sample.py as a user does, in a process of its own (the command line end to end); the
     second layout, the second run and the bad size run its command line in this process (inprocess.run_script)."""

@@ -237,6 +237,7 @@ def test_save_load_round_trip(tmp_path, tokenizer, layout, name):
             assert max_abs_diff(hf(input_ids=tokens).last_hidden_state, back(tokens)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_module_does_not_import_transformers():
     code = ("import sys, text_encoder; text_encoder.Tokenizer(); "
             "bad = [m for m in ('transformers', 'diffusers', 'modelscope', 'open_clip') if m in sys.modules]; "

@@ -4,6 +4,7 @@ budget, and a short customization run teaches it a novel motion."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from models import load_models
@@ -28,6 +29,7 @@ def test_committed_toy_model_loads_and_samples():
     assert total < 25e6, f"toy model is {total / 1e6:.1f} MB"
 
 
+@pytest.mark.slow
 def test_short_customization_teaches_the_novel_motion(tmp_path, monkeypatch):
     """The end-to-end claim of the toy world, in CI: a short NewMove run (train.py's defaults, toy-scale steps) makes
     the committed base model produce a motion it never saw, on appearance pairs absent from the examples. Fixed seeds;
@@ -42,6 +44,7 @@ def test_short_customization_teaches_the_novel_motion(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_demo_scores_the_same_in_two_processes_as_in_one(tmp_path):
     """--jobs 2 (the base model scored in a worker process while training, the customized scoring split) is only a
     schedule: the same per-video scores as --jobs 1 with one thread on a short run (one thread in both, as the float
@@ -65,6 +68,7 @@ def test_demo_scores_the_same_in_two_processes_as_in_one(tmp_path):
     assert sum(v["videos"] for v in copies.values()) == round(5 * leaked)
 
 
+@pytest.mark.slow
 def test_probe_measures_prompt_sensitivity():
     from toy import probe
 

@@ -104,12 +104,14 @@ def test_scorer_interface_and_layouts():
     assert reversals(np.array([0, 1, 0, 1, 0, 1.0]), 1.5) == 0
 
 
+@pytest.mark.slow
 def test_scorer_reads_clean_clips():
     clips = make_dataset(200, MOTIONS, seed=123)
     motion, colour, shape = accuracies(clips, torch.stack([c.video for c in clips]))
     assert motion >= 0.97 and colour >= 0.98 and shape >= 0.95, (motion, colour, shape)
 
 
+@pytest.mark.slow
 def test_scorer_reads_degraded_clips():
     clips = make_dataset(80, MOTIONS, seed=321)
     videos = torch.stack([degrade(c.video, seed=i) for i, c in enumerate(clips)])
@@ -173,6 +175,7 @@ def test_the_toy_subject_is_told_apart_from_every_named_colour():
     assert all(read(rings, look)) and not any(read(others, look))
 
 
+@pytest.mark.slow
 def test_the_subject_measurement_is_reproducible_from_its_command(tmp_path):
     """toy/subject.py (a motion and a subject in one run) in a tiny setting (one training step, one seed, 2 DDIM steps): the command it writes
     at the top of its table, run again into a new folder, gives the same record and table."""

@@ -23,7 +23,7 @@ import train
 import layouts
 import unet3d
 import weights
-from inprocess import run_script, run_scripts_in_one_process
+from inprocess import run_script, run_scripts_in_one_process, threads
 from models import load_models, save_models, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,7 @@ def _cfg(root, model, out, **kw):
     return train.Config(**base)
 
 
+@pytest.mark.slow
 def test_train_smoke_delta_changes_samples(world, tmp_path):
     root, model = world
     delta = train.main(_cfg(root, model, tmp_path / "run", batch_size=2, precision="auto"))
@@ -151,6 +152,7 @@ def test_train_smoke_delta_changes_samples(world, tmp_path):
         train.main(_cfg(root, model, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_each_clip_gets_its_own_timestep_and_noise_and_cache_is_reused(world, tmp_path, monkeypatch):
     import text_encoder
     import vae
@@ -184,26 +186,43 @@ def test_each_clip_gets_its_own_timestep_and_noise_and_cache_is_reused(world, tm
     assert calls == {"vae": 6, "text": 6}, "second run must read the cache"
 
 
+def _interruptible_run(root, model, subject, out, *extra):
+    """A two-set run for the interruption tests: 2-frame windows (half the cost of a step); the motion set, the
+    regularization set and a subject set of two stills (one-frame clips: their own UNet call) and a captioned video, so
+    each set's order, windows and noise must resume exactly."""
+    return ["--model", str(model), "--videos", str(root / "videos"), "--reg-videos", str(root / "reg"),
+            "--reg-caption", "a square moving", "--frames", "2", "--size", "32", "--steps", "8", "--lr", "1e-3",
+            "--precision", "fp32", "--log-every", "1", "--seed", "2", "--subject-videos", str(subject),
+            "--subject-class", "square", "--still-frames", "1", "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, subject, tmp_path_factory):
+    """The delta of _interruptible_run trained without interruption (with a checkpoint at every step), once for both
+    interruption tests. It runs in this process on one thread like the interrupted processes (OMP_NUM_THREADS=1), so
+    all of them compute with the same kernels and compare bit for bit."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with threads(1):
+        train.main(train.parse_args(_interruptible_run(*world, subject, out, "--ckpt-every", "1")))
+    return weights.read_state_dict(out / "delta.safetensors")
+
+
+def _same_delta(reference, run_dir):
+    got = weights.read_state_dict(run_dir / "delta.safetensors")
+    return got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+
+
 def _run(args, **kw):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_exact_resume_after_sigkill(world, subject, tmp_path, capfd):
-    """SIGKILL needs a real process; the uninterrupted run and the resume run in this process, on one thread like the
-    killed process (OMP_NUM_THREADS=1), so all three compute with the same kernels and compare bit for bit. The run has
-    both example sets (--videos and --subject-videos), so the motion set's and the subject set's order, windows and noise (and the
-    regularization set's) all resume exactly; one run for both, as a SIGKILL case costs ~20 s."""
-    root, model = world
-    common = ["--model", str(model), "--videos", str(root / "videos"), "--reg-videos", str(root / "reg"),
-              "--reg-caption", "a square moving", "--frames", "2", "--size", "32", "--steps", "8", "--lr", "1e-3",
-              "--precision", "fp32", "--log-every", "1", "--ckpt-every", "1", "--seed", "2",
-              "--cache", str(tmp_path / "cache"),  # 2-frame windows: half the cost of a step
-              # two stills (one-frame clips: their own UNet call) and a video with a caption
-              "--subject-videos", str(subject), "--subject-class", "square", "--still-frames", "1"]
-    full = run_script(capfd, "train.py", *common, "--out", tmp_path / "full", num_threads=1)
-    assert full.returncode == 0, full.text[-3000:]
-    killed = _run(common + ["--out", str(tmp_path / "killed")], env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(world, subject, uninterrupted, tmp_path, capfd):
+    """SIGKILL needs a real process; the resume runs in this process on one thread. Killed after the 3rd of 8
+    checkpoints, the resumed run ends with the uninterrupted run's delta, bit for bit."""
+    args = _interruptible_run(*world, subject, tmp_path / "killed", "--ckpt-every", "1")
+    killed = _run(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
     state = tmp_path / "killed" / "state.pt"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill somewhere after the 3rd checkpoint, mid-run
@@ -214,13 +233,34 @@ def test_exact_resume_after_sigkill(world, subject, tmp_path, capfd):
     killed.wait()
     step = torch.load(state, weights_only=True)["step"]
     assert 3 <= step < 8, step
-    resumed = run_script(capfd, "train.py", *common, "--out", tmp_path / "killed", "--resume", num_threads=1)
+    resumed = run_script(capfd, "train.py", *args, "--resume", num_threads=1)
     assert resumed.returncode == 0, resumed.text[-3000:]
-    a = weights.read_state_dict(tmp_path / "full" / "delta.safetensors")
-    b = weights.read_state_dict(tmp_path / "killed" / "delta.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_delta(uninterrupted, tmp_path / "killed")
 
 
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_resume_reaches_the_same_weights(world, subject, uninterrupted, tmp_path,
+                                                                        capfd):
+    """Ctrl-C needs a real process. With no periodic checkpoint (--ckpt-every 0) the interrupted run writes one as it
+    stops, says how to resume, and exits 130; the resume (in this process, one thread) ends with the uninterrupted
+    run's delta, which was trained with a checkpoint at every step: checkpointing changes nothing either."""
+    args = _interruptible_run(*world, subject, tmp_path / "int", "--ckpt-every", "0")
+    proc = _run(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "int" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # after the 3rd logged step: the run stops at step 4 or so, well before the 8th
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    step = torch.load(tmp_path / "int" / "state.pt", weights_only=True)["step"]
+    assert 3 <= step < 8 and f"interrupted at step {step}" in text and "--resume" in text
+    resumed = run_script(capfd, "train.py", *args, "--resume", num_threads=1)
+    assert resumed.returncode == 0, resumed.text[-3000:]
+    assert _same_delta(uninterrupted, tmp_path / "int")
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes(world, tmp_path):
     root, model = world
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -248,6 +288,7 @@ def test_bad_options_are_clear_errors(world, tmp_path, capfd):
     assert run.returncode == 2 and "unrecognized arguments: --no-such-flag" in run.stderr
 
 
+@pytest.mark.slow
 def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     import text_encoder as te
 
@@ -281,6 +322,7 @@ def test_ablation_presets_lora_token_and_baselines(world, tmp_path):
     assert d and all(train.param_group(k[5:]) != "temporal" for k in d)
 
 
+@pytest.mark.slow
 def test_validation_videos_early_stop_and_nan_guard(world, tmp_path, monkeypatch):
     root, model = world
     scores = iter([0.30, 0.20])
@@ -308,6 +350,7 @@ def test_validation_videos_early_stop_and_nan_guard(world, tmp_path, monkeypatch
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["trained"].values())
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_jester_selection(world, tmp_path):
     """--grad-accum runs and trains (a smoke check: micro-batches draw their own timesteps and noise, so it is not
     bit-equal to one larger batch); --jester-* picks clips by class name and rejects a near-miss name."""
@@ -336,6 +379,7 @@ def test_grad_accumulation_and_jester_selection(world, tmp_path):
         train.main(dataclasses.replace(_cfg(root, model, tmp_path / "bad"), **{**kw, "jester_class": "Drumming fingers"}))
 
 
+@pytest.mark.slow
 def test_cli_stopping_rule_with_a_clip_model(world, tmp_path, capfd):
     """--stop-clip wires evaluate.py's appearance score into validation; a threshold of 1.0 is met at once. (train.py's
     command line, run in this process: the wiring is in its `__main__` block, which inprocess.run_script runs.)"""
@@ -365,6 +409,7 @@ def help_outputs():
     return dict(zip(SCRIPTS, run_scripts_in_one_process([(script, "--help") for script in SCRIPTS])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_command_line_help_works(script, help_outputs):
     """`--help` of each script prints its usage (argparse %-formats help texts: a bare % breaks it)."""
@@ -385,6 +430,7 @@ def test_defaults_are_the_official_run():
         5e-6, 0.01, 1.0, 3000, 1, 0.5, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_customization_runs_without_dropout_by_default(world, tmp_path, monkeypatch, dropout):
     """In the training loop (train mode), a second forward pass of the same input gives the same output unless
@@ -474,6 +520,7 @@ def test_landscape_clip_trains_at_its_bucket_and_mixed_buckets_give_the_same_los
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grouped, torch.autograd.grad(separate, kv)))
 
 
+@pytest.mark.slow
 def test_validation_uses_the_official_sampler(world, tmp_path, monkeypatch):
     root, model = world
     calls = []
@@ -493,6 +540,7 @@ def _token_checks(out):
     return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "token_effect" in r]
 
 
+@pytest.mark.slow
 def test_token_check_flags_a_delta_of_zeros(world, tmp_path, monkeypatch, capsys):
     """Weights that never change give bit-identical videos with and without the token to the base weights', so the
     effect equals the base effect and the run is flagged, in the log and on stdout."""
@@ -504,6 +552,7 @@ def test_token_check_flags_a_delta_of_zeros(world, tmp_path, monkeypatch, capsys
     assert "step 1: token effect" in capsys.readouterr().out.split("warning: the token has no effect yet")[0]
 
 
+@pytest.mark.slow
 def test_token_check_logs_a_changed_effect(world, tmp_path, capsys):
     """A high learning rate changes the weights a lot in one step: the token's effect is logged and differs from the
     base weights', which a resumed run measures again before loading the checkpoint. --no-val-token-check samples
@@ -524,6 +573,7 @@ def test_token_check_logs_a_changed_effect(world, tmp_path, capsys):
         train.main(_cfg(root, model, tmp_path / "x", val_every=1, val_prompts="a square moving"))
 
 
+@pytest.mark.slow
 def test_the_design_cards_command_runs_on_the_toy_model(tmp_path, capfd):
     """`python train.py --videos dir/ --token pll` with no --model: the toy model with the toy world's settings and
     a toy regularization set, to completion (steps shortened here). The command line runs in this process."""
@@ -583,6 +633,7 @@ def _spy_batches(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_path, monkeypatch):
     root, model = world
     seen = _spy_batches(monkeypatch)
@@ -601,6 +652,7 @@ def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_p
     # (exact resume of a run with both sets, killed mid-run: test_exact_resume_after_sigkill)
 
 
+@pytest.mark.slow
 def test_still_images_as_one_frame_clips_and_a_learned_subject_word(world, subject, tmp_path, monkeypatch):
     """--still-frames 1: each still is a clip of one frame, in a UNet call of its own (F = 1) next to the call of the
     other clips; --train-subject-token: the subject word's embedding row trains and the delta carries it."""
@@ -630,6 +682,7 @@ def test_still_images_as_one_frame_clips_and_a_learned_subject_word(world, subje
         train.main(_cfg(root, model, tmp_path / "bad", train_subject_token=True))
 
 
+@pytest.mark.slow
 def test_subject_only_run_trains_the_subject_set_only(world, subject, tmp_path, monkeypatch):
     root, model = world
     seen = _spy_batches(monkeypatch)
@@ -657,6 +710,7 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_free_grads_gives_the_usual_weights_bit_for_bit(world, tmp_path):
     """--free-grads (each tensor's AdamW step inside backward, its gradient freed there) vs the usual step with clipping
     off: a step with --grad-accum 2 (the first micro-batch's backward only accumulates) taken inside backward, then
@@ -677,6 +731,7 @@ def test_free_grads_gives_the_usual_weights_bit_for_bit(world, tmp_path):
             train.main(_cfg(root, model, tmp_path / "bad", **{**kw, "free_grads": True, **bad}))
 
 
+@pytest.mark.slow
 def test_adamw8bit_resumes_bit_for_bit(world, tmp_path):
     """--optimizer adamw8bit (bitsandbytes): its uint8 state goes through the weights-only checkpoint, and a run stopped
     after 1 step and resumed to 2 equals the uninterrupted run bit for bit; the optimizer cannot change on resume."""

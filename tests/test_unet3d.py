@@ -87,6 +87,7 @@ def test_parity_with_diffusers_unet(tmp_path):
         assert want.abs().mean() > 0.1
 
 
+@pytest.mark.slow
 def test_round_trip_both_layouts(tmp_path):
     cfg = layouts.unet_config_from_original(TINY_ORIGINAL)
     model = randomize_(unet3d.UNet3D(cfg), seed=3)
@@ -100,6 +101,7 @@ def test_round_trip_both_layouts(tmp_path):
         layouts.save_unet(model, tmp_path / "unet.pth", layout="original")
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_identical_gradients():  # full and selective recomputation
     cfg = unet3d.UNET_PRESETS["tiny"]
     model = randomize_(unet3d.UNet3D(cfg), seed=4).train()
