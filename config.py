@@ -57,6 +57,13 @@ class Config:
                             "static by default: in the toy world's motion + subject run, prompts naming the subject "
                             "followed the motion words far more often after static clips (docs/subject.md)",
                             choices=("static", "1"))
+    subject_timesteps: str = opt("same", "timestep distribution of the --subject-videos clips: same (as --timesteps) | "
+                                 "coarse | uniform | fine. Appearance is settled at low noise, motion at high noise "
+                                 "(docs/subject.md)", choices=("same", "coarse", "uniform", "fine"))
+    subject_trains: str = opt("all", "what the --subject-videos clips' loss trains, next to --videos: all (every "
+                              "trained weight) | appearance (only the spatial cross-attention K/V and the subject "
+                              "word's row: the temporal layers learn from the motion and regularization clips alone)",
+                              choices=("all", "appearance"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
     subject_caption: str = opt("a {subject_token} {class}", "caption for subject examples without a sidecar "

@@ -198,13 +198,20 @@ def write_markdown(path: Path, report: dict):
     if "copies_per_training_clip" in agg:  # which clip to drop: videos above the copy threshold, by nearest clip
         lines += ["", f"Copied training clips (copy score > {s.get('copy_threshold')}, `sheet_copy_pairs.png`):", ""]
         lines += copies_table(agg["copies_per_training_clip"])
-    keys = [k for k in ("motion_correct", "target_prob", "appearance", "text_alignment", "temporal", "copy", "copy_clip")
+    keys = [k for k in ("motion_correct", "target_prob", "appearance", "text_alignment", "temporal",
+                                "subject_similarity", "subject_present", "joint_success", "copy", "copy_clip")
             if any(k in r for r in report["videos"])]
     lines += ["", "| video | prompt | seed | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for r in report["videos"]:
         lines.append(f"| {r['name']} | {r.get('prompt') or ''} | {fmt(r.get('seed'))} | "
                      + " | ".join(fmt(r.get(k)) for k in keys) + " |")
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), overwrite=True)
+
+
+def names_both(template, args) -> bool:
+    """Whether a prompt template names the motion's word ({token}) and the subject's (--subject-token)."""
+    return template is not None and "{token}" in template and bool(args.subject_token) and \
+        args.subject_token in template.split()
 
 
 def score(args, items: list, train=None) -> tuple:
@@ -246,12 +253,29 @@ def score(args, items: list, train=None) -> tuple:
         agg["text_alignment"] = mean([r.get("text_alignment") for r in rows])
         agg["temporal_consistency"] = mean([r["temporal"] for r in rows])
         if args.subject_videos:  # appearance of the taught subject, next to motion accuracy
-            subject = torch.cat([clip.image_features(v) for _, v in read_training_frames(
-                args.subject_videos, 0, stills=True, flag="--subject-videos")])
+            examples = [clip.image_features(v) for _, v in read_training_frames(
+                args.subject_videos, 0, stills=True, flag="--subject-videos")]
+            threshold = metrics.subject_threshold(examples) if args.subject_threshold is None else \
+                args.subject_threshold
             for r, v in zip(rows, videos):
-                r["subject_similarity"] = metrics.subject_similarity(clip, v, subject)
+                r["subject_similarity"] = metrics.subject_similarity(clip, v, torch.cat(examples))
+                if threshold is not None:
+                    r["subject_present"] = float(r["subject_similarity"] >= threshold)
             agg["subject_similarity"] = mean([r["subject_similarity"] for r in rows])
+            agg["subject_threshold"] = threshold
+            if threshold is None:
+                print("note: one subject example: no threshold to calibrate whether a video shows the subject "
+                      "(give 2 or more, or --subject-threshold); subject similarity only")
+            else:
+                agg["subject_present_pct"] = 100.0 * mean([r["subject_present"] for r in rows])
         del clip
+    # a new subject doing the new motion: a prompt naming both words succeeds when the video shows both
+    both = [r for r in rows if "subject_present" in r and "motion_correct" in r and names_both(r["template"], args)]
+    for r in both:
+        r["joint_success"] = r["subject_present"] * r["motion_correct"]
+    if both:
+        agg["joint_success_pct"] = 100.0 * mean([r["joint_success"] for r in both])
+        agg["joint_videos"] = len(both)
 
     if args.sscd:
         sscd = metrics.load_sscd(args.sscd, args.sscd_size, args.device)
@@ -320,7 +344,12 @@ def parse_args(argv=None):
                    "(testing only)")
     g.add_argument("--motion-regex", default=metrics.DEFAULT_MOTION_REGEX,
                    help="the motion phrase of a template; removed for the appearance text")
-    g.add_argument("--subject-videos", help="the subject's examples (train.py --subject-videos): subject similarity")
+    g.add_argument("--subject-videos", help="the subject's examples (train.py --subject-videos): subject similarity, "
+                   "whether each video shows the subject (similarity >= --subject-threshold), and with a classifier "
+                   "the joint success of prompts naming both words (subject shown and motion recognised)")
+    g.add_argument("--subject-threshold", type=float, default=None, help="subject similarity a video needs to count "
+                   "as showing the subject; default: calibrated on the examples (the lowest similarity of one example "
+                   "to the others)")
     g.add_argument("--motion-phrase", help="replaces the motion phrase in the text-alignment caption, e.g. "
                    "'sliding two fingers up'; no text alignment without it")
     g = p.add_argument_group("copy score")

@@ -271,6 +271,16 @@ def subject_similarity(clip: Clip, video: torch.Tensor, subject: torch.Tensor) -
     return (clip.image_features(video).mean(0) @ subject.mean(0)).item()
 
 
+def subject_threshold(examples: list) -> float | None:
+    """The subject similarity a video needs to count as showing the subject, calibrated on its examples [(S_i, D)
+    normalised features of each example's frames]: the lowest similarity of one example to all the others (leave one
+    out, the formula of subject_similarity), i.e. as close to the examples as their least typical one is. None for a
+    single example (nothing to calibrate on)."""
+    if len(examples) < 2:
+        return None
+    return min((f.mean(0) @ torch.cat(examples[:i] + examples[i + 1:]).mean(0)).item() for i, f in enumerate(examples))
+
+
 def temporal_consistency(clip: Clip, video: torch.Tensor) -> float:
     """Mean over consecutive frame pairs of cos(CLIP(f_i), CLIP(f_i+1)) (VGen cal_metric_DreamVideo.py; method.md
     §7.6). NaN for a single-frame video."""

@@ -112,12 +112,16 @@ def loss_weights(n_instance: int, n_reg: int, reg_weight: float, device=None) ->
 
 
 def newmove_loss(model, x0, ctx, w, probs, abar, g, amp=None):
-    """One UNet call on a batch of same-shape clips: t_i ~ p(t) and eps_i ~ N(0, I) per clip, then
+    """One UNet call on a batch of same-shape clips: t_i ~ p(t) (probs: (T,), or (B, T) one per clip) and
+    eps_i ~ N(0, I) per clip, then
     sum_i w_i ||eps_hat(x_t_i, t_i, c_i) - eps_i||^2 / numel. Returns (loss, per-clip MSE (B,), t (B,))."""
     # the paper's denoising objective (eq. 1, the LDM eps-prediction loss) with t drawn from p(t) rather than
     # uniformly; every clip draws its own t and noise, also in batches > 1 (the official code's batch > 1 bug,
     # method.md §6.3)
-    t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=g)  # (B,), one timestep per clip
+    if probs.dim() == 1:  # one p(t) for every clip
+        t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=g)  # (B,), one timestep per clip
+    else:  # (B, T): each clip's own set's p(t) (--subject-timesteps)
+        t = torch.multinomial(probs, 1, generator=g)[:, 0]  # (B,)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)  # one noise draw per clip
     with sample.autocast(x0.device, amp):  # bf16 on GPUs; weights stay fp32
         eps_hat = model(diffuse(x0, eps, t, abar), t, ctx.to(x0.dtype))  # (B, 4, F, h, w)
@@ -199,6 +203,12 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- the loop; choice 3, coarse-noise timesteps, is `probs` ---
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
+    # a joint run can draw the subject's clips from their own p(t) and let their loss reach the appearance weights only
+    # (docs/subject.md: the toy model settles colour at low noise; the temporal layers learn motion from motion clips)
+    subject_probs = None if subj is None or cfg.subject_timesteps in ("same", cfg.timesteps) else \
+        timestep_probs(cfg.subject_timesteps, cfg.alpha, T).to(run.device)
+    appearance = appearance_params(trainable) if subj is not None and inst is not None and \
+        cfg.subject_trains == "appearance" else None
     n_reg = cfg.batch_size * cfg.reg_ratio if reg is not None else 0
     # the subject's examples are instance data too (motion and appearance customization): batch_size more per step,
     # and the instance loss is the mean over both sets' clips; either set may be absent (motion-only, subject-only)
@@ -224,6 +234,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
             # usually one group: all clips in ONE UNet call; else one per aspect bucket, and one for one-frame stills
             groups = latents.shape_groups(clips, cfg.frames)
+            if appearance is not None:  # the subject's clips in UNet calls of their own, first: the last call trains all
+                groups = [[j for j in pos if clips[j][0] == "subject"] for pos in groups] + \
+                         [[j for j in pos if clips[j][0] != "subject"] for pos in groups]
+                groups = [pos for pos in groups if pos]
             for k, pos in enumerate(groups):
                 x0, ctx = latents.batch_latents([clips[j] for j in pos], b, cfg.seed, cfg.frames,
                                                 cfg.window == "random", g, run.device)  # (b, 4, F, h, w), (b, 77, D)
@@ -233,9 +247,13 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                 last = micro == cfg.grad_accum - 1 and k == len(groups) - 1  # DDP all-reduces in the last backward
                 if cfg.free_grads:  # earlier backward passes only accumulate; the last one steps and frees
                     optimizer.armed = last
+                subject = [clips[j][0] == "subject" for j in pos]
+                p_t = probs if subject_probs is None else \
+                    torch.stack([subject_probs if s else probs for s in subject])  # (b, T)
                 with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
-                    loss, mse, t = newmove_loss(model, x0, ctx, w[pos], probs, abar, g, amp)
-                    scaler.scale(loss / cfg.grad_accum).backward()
+                    loss, mse, t = newmove_loss(model, x0, ctx, w[pos], p_t, abar, g, amp)
+                    # inputs: the only tensors this call's gradient reaches (None: every trained one)
+                    scaler.scale(loss / cfg.grad_accum).backward(inputs=appearance if all(subject) else None)
                 per_clip[pos] = mse.detach()
                 stats.by_timestep(t, mse.detach())
             stats.add(per_clip)
@@ -326,6 +344,16 @@ def make_trainable(cfg: Config, unet, text, tokenizer, train_token: bool) -> tup
     if not trainable:
         raise SystemExit(f"error: preset {cfg.preset} with these options trains nothing")
     return chosen, trainable, token_id
+
+
+def appearance_params(trainable: list) -> list:
+    """The trained tensors that hold appearance: spatial cross-attention K/V (or their LoRA adapters) and learned word
+    rows; what --subject-trains appearance lets the subject's clips change."""
+    found = [p for n, p in trainable if param_group(n) == "spatial_kv" or n == "text_encoder.placeholder_embeddings"]
+    if not found:
+        raise SystemExit("error: --subject-trains appearance: this preset trains no spatial cross-attention K/V and no "
+                         "subject word (--train-subject-token); use --subject-trains all")
+    return found
 
 
 def print_param_table(unet, trainable: list, cfg: Config):

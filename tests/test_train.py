@@ -821,6 +821,119 @@ def test_subject_clips_are_weighted_as_instance_data(world, subject, tmp_path, m
     assert by == {"instance": [0.5], "subject": [0.5], "reg": [0.25, 0.25]}
 
 
+def test_subject_timesteps_draws_the_subject_clips_from_their_own_p_t(world, subject, tmp_path, monkeypatch):
+    """--subject-timesteps fine next to --timesteps coarse: the subject clips' drawn t follow fine (mean 398.2) and the
+    motion and reg clips' coarse (600.9), each within 4 standard errors (400 subject draws: band < 60; the means are
+    203 apart); with --subject-timesteps same, the subject clips' t follow coarse."""
+    root, model = world
+    _cheap_forward(monkeypatch)
+    seen = _spy_batches(monkeypatch)
+    calls = _record_newmove_loss(monkeypatch)
+    T = torch.arange(1000, dtype=torch.float64)
+    for mode, want in (("fine", {"subject": "fine", "other": "coarse"}), ("same", {"subject": "coarse"})):
+        seen.clear()
+        calls.clear()
+        train.main(_cfg(root, model, tmp_path / mode, subject_videos=str(subject), subject_class="square", frames=1,
+                        steps=4, batch_size=100, subject_timesteps=mode, cache=str(tmp_path / "c")))
+        names = [n for batch in seen for n, _ in batch]
+        t = torch.cat([c["t"] for c in calls]).double()
+        assert len(names) == t.numel() == 4 * 300
+        for which, density in want.items():
+            x = t[torch.tensor([(n == "subject") == (which == "subject") for n in names])]
+            p = train.timestep_probs(density, 0.5)
+            mu, sd = (p * T).sum().item(), ((p * T ** 2).sum() - (p * T).sum() ** 2).sqrt().item()
+            band = 4 * sd / x.numel() ** 0.5
+            assert band < 60 and abs(x.mean().item() - mu) < band, (mode, which, x.mean().item(), mu, band)
+
+
+def _grads_per_unet_call(monkeypatch):
+    """Record, per UNet call of the loop, the sets of its clips and the names of the trained tensors whose gradient
+    that call's backward changed (from snapshots of every gradient before each call and before the optimizer step)."""
+    trained, snaps, real_mt, real_batch, real_step = {}, [], train.make_trainable, latents.batch_latents, \
+        train.optimizer_step
+
+    def snapshot(names):
+        snaps.append((names, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in trained.items()}))
+
+    def make_trainable(*a, **k):
+        out = real_mt(*a, **k)
+        trained.update(out[1])
+        return out
+
+    def batch(clips, *a, **k):
+        snapshot({name for name, _, _ in clips})
+        return real_batch(clips, *a, **k)
+
+    def step(*a, **k):
+        snapshot(None)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "make_trainable", make_trainable)
+    monkeypatch.setattr(latents, "batch_latents", batch)
+    monkeypatch.setattr(train, "optimizer_step", step)
+
+    def calls():
+        return [(names, {n for n in a if not torch.equal(a[n], b[n])}) for (names, a), (_, b) in zip(snaps, snaps[1:])
+                if names is not None]
+    return calls
+
+
+def test_subject_trains_appearance_keeps_the_subject_clips_gradient_off_the_temporal_layers(world, tmp_path,
+                                                                                              monkeypatch):
+    """--subject-trains appearance: the subject's clips run in UNet calls of their own, first, whose backward reaches
+    only the spatial cross-attention K/V and the learned subject row; the motion and reg clips' call reaches the
+    temporal layers too. With --subject-trains all the same subject clips' call changes temporal gradients as well
+    (so the check can fail)."""
+    from PIL import Image
+
+    root, model = world
+    stills = tmp_path / "stills"  # stills only, as one-frame clips: a subject-only UNet call in either mode
+    stills.mkdir()
+    for i in range(2):
+        Image.fromarray(_moving_square(30 + i)[0]).save(stills / f"{i}.png")
+    kw = dict(subject_videos=str(stills), subject_class="square", frames=2, steps=1, still_frames="1",
+              train_subject_token=True, cache=str(tmp_path / "c"))
+    for mode in ("appearance", "all"):
+        calls = _grads_per_unet_call(monkeypatch)
+        train.main(_cfg(root, model, tmp_path / mode, subject_trains=mode, **kw))
+        found = dict((frozenset(names), changed) for names, changed in calls())
+        assert found.keys() == {frozenset({"subject"}), frozenset({"instance", "reg"})}
+        reached, others = found[frozenset({"subject"})], found[frozenset({"instance", "reg"})]
+        groups = {train.param_group(n) if n.startswith(("down_", "up_", "mid_", "transformer_in", "conv_"))
+                  else n for n in reached}
+        if mode == "appearance":
+            assert groups == {"spatial_kv", "text_encoder.placeholder_embeddings"}, groups
+            assert calls()[0][0] == {"subject"}  # first: the last backward of a step (DDP's all-reduce) trains all
+        else:
+            assert "temporal" in groups, groups
+        assert any(train.param_group(n) == "temporal" for n in others)
+
+
+def test_two_set_run_with_the_joint_options_resumes_bit_for_bit(world, subject, tmp_path):
+    """2 steps straight equal 1 step, a checkpoint, and 1 resumed step, with both example sets, the learned subject
+    word, one-frame stills, the subject's own p(t) and appearance-only subject gradients."""
+    root, model = world
+    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, still_frames="1",
+              train_subject_token=True, subject_timesteps="fine", subject_trains="appearance",
+              cache=str(tmp_path / "c"))
+    full = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "full", steps=2, **kw)))
+    train.main(_cfg(root, model, tmp_path / "resumed", steps=1, **kw))
+    resumed = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "resumed", steps=2, resume=True, **kw)))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert "text_encoder.placeholder_embeddings" in full  # the subject word's row trained and resumed too
+
+
+def test_subject_options_leave_a_motion_only_run_unchanged(world, tmp_path):
+    """The subject set's options do nothing without --subject-videos: a motion-only run with them is bit for bit the
+    plain one."""
+    root, model = world
+    kw = dict(steps=2, frames=2, cache=str(tmp_path / "c"))
+    plain = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "plain", **kw)))
+    other = weights.read_state_dict(train.main(_cfg(root, model, tmp_path / "other", subject_timesteps="fine",
+                                                    subject_trains="appearance", **kw)))
+    assert plain.keys() == other.keys() and all(torch.equal(plain[k], other[k]) for k in plain)
+
+
 def test_grad_accum_gradient_is_the_large_batch_gradient_of_the_same_data(world, tmp_path, monkeypatch):
     """--grad-accum 3 with batch 1 accumulates, before the optimizer step, the gradient of ONE batch of the same 3
     instance + 3 reg clips (same windows, t and noise) weighted as batch 3: 1/3 per instance clip, lambda/3 per reg

@@ -1,0 +1,225 @@
+"""A new subject doing a new motion: the joint run's recipes (train.py --videos + --subject-videos), measured in the toy
+world over motions and customization seeds, with bootstrap intervals and paired differences to today's recipe.
+
+    python toy/joint.py --out joint_out/                                  # every row, 2 motions x 3 seeds
+    python toy/joint.py --out joint_out/ --rows joint split --seeds 1     # a subset; rerunning resumes
+
+Each run teaches a novel motion as `pll` (the demo's 8 clips of it, "a <colour> <shape> doing pll") and, in the same
+train.py run, the subject (toy/subject.py's red triangle, a look no pretraining clip has) as `sks` from 8 still images
+captioned "a sks"; the regularization set, lambda, 200 steps, lr 6e-4 and batch 4 are the demo's. A row is a recipe:
+train.py options for the joint run, or a single-set run (motion only, subject only) to compare against. Each run's
+model samples --videos-per-prompt videos of each prompt, read by toy/scorer.py:
+
+    "a sks doing pll"        the subject drawn (its colour and shape), the motion, and BOTH in the same video
+    "a blue cross doing pll" the motion on another subject
+    "a sks moving left"      the subject in another motion (drawn, and moving left)
+    base prompts             a base motion on a seen look (what the model knew before: forgetting)
+
+Records are appended to --out/joint.jsonl as runs finish (a rerun skips what is there); the table goes to
+--out/joint.md (docs/subject.md has the measured one).
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import json
+import multiprocessing
+import time
+
+import numpy as np
+
+from toy import world
+from toy.ablate import append_result, bootstrap, read_results, verdict
+
+# row: (what it is, the example sets it trains on, train.Config options). "joint" is train.py's joint recipe as it was
+# before the per-set options existed (static stills, no learned word, one p(t), every weight from every clip).
+ROWS = {
+    "motion": ("motion only", ("motion",), {}),
+    "subject": ("subject only, learned word, one-frame stills", ("subject",),
+                {"train_subject_token": True, "still_frames": "1"}),
+    "joint": ("joint, the earlier defaults", ("motion", "subject"),
+              {"still_frames": "static", "subject_timesteps": "same", "subject_trains": "all"}),
+    "joint-word": ("joint, learned word, one-frame stills", ("motion", "subject"),
+                   {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
+                    "subject_trains": "all"}),
+    "split": ("joint, learned word, one-frame stills; subject clips: fine p(t), appearance weights only",
+              ("motion", "subject"), {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
+                                       "subject_trains": "appearance"}),
+    "split-coarse": ("as split, subject clips at the coarse p(t)", ("motion", "subject"),
+                     {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
+                      "subject_trains": "appearance"}),
+    "fine-all": ("as split, subject clips training every weight", ("motion", "subject"),
+                 {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
+                  "subject_trains": "all"}),
+    "split-static": ("as split, static stills", ("motion", "subject"),
+                     {"train_subject_token": True, "still_frames": "static", "subject_timesteps": "fine",
+                      "subject_trains": "appearance"}),
+}
+MOTIONS = ("moving in a circle", "zigzagging")
+OTHER = ("blue", "cross")  # "the motion on another subject": an evaluation look the examples never show
+BASE_LOOKS = (("green", "square"), ("white", "circle"), ("orange", "diamond"), ("cyan", "triangle"))
+
+
+def prompts(motion: str, n: int) -> dict:
+    """name -> ([prompt] * n or n base prompts, [motion asked for], subject asked for?)."""
+    base = [(world.caption_for(*BASE_LOOKS[k % len(BASE_LOOKS)], m), m)
+            for k, m in enumerate(world.BASE_MOTIONS[i % len(world.BASE_MOTIONS)] for i in range(n))]
+    return {"joint": (["a sks doing pll"] * n, [motion] * n, True),
+            "other subject": ([f"a {OTHER[0]} {OTHER[1]} doing pll"] * n, [motion] * n, False),
+            "other motion": (["a sks moving left"] * n, ["moving left"] * n, True),
+            "base": ([p for p, _ in base], [m for _, m in base], False)}
+
+
+def data_folder(out, motion: str, seed: int) -> Path:
+    return Path(out) / "data" / f"{motion.replace(' ', '-')}-{seed}"
+
+
+def write_data(out, motion: str, seed: int):
+    """A run's example sets, per motion and seed (as toy/demo.py and toy/ablate.py): the motion's 8 clips, the
+    subject's 8 stills, 24 regularization clips. Written once, before the runs start."""
+    from toy import subject
+    from toy.demo import examples_for
+
+    data = data_folder(out, motion, seed)
+    if not (data / "motion").is_dir():
+        world.write_folder(examples_for(motion, 8, seed, "pll"), data / "motion")
+    if not (data / "subject").is_dir():
+        subject.write_stills(data / "subject", 8, seed, subject.SUBJECT)
+    world.write_regularization_set(data / "reg", 24, seed)
+
+
+def run_one(task: tuple) -> dict:
+    """Customize (row, motion, seed) with train.py and score it; its record. One thread, output to the run's log."""
+    row, motion, seed, s, out = task
+    import torch
+
+    import train
+    from delta import apply_delta
+    from models import load_models
+    from toy import subject
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    sets, options = ROWS[row][1], ROWS[row][2]
+    data = data_folder(out, motion, seed)
+    run = Path(out) / "runs" / f"{row}-{motion.replace(' ', '-')}-{seed}"
+    cfg = train.Config(model=s["model"], videos=str(data / "motion") if "motion" in sets else "",
+                       subject_videos=str(data / "subject") if "subject" in sets else "",
+                       subject_caption="a {subject_token}", reg_videos=str(data / "reg"), reg_caption="a shape moving",
+                       token="pll", subject_token="sks", frames=8, size=32, steps=s["steps"], lr=s["lr"],
+                       batch_size=4, precision="fp32", log_every=50, ckpt_every=0, seed=seed, out=str(run),
+                       resume=(run / "state.pt").exists(), cache=str(Path(out) / "cache"), **options)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        delta = train.main(cfg)
+    models = load_models(s["model"])
+    apply_delta(models, delta)
+    per_video = {}
+    for name, (texts, want, has_subject) in prompts(motion, s["videos"]).items():
+        args = argparse.Namespace(sample_steps=s["sample_steps"])
+        found = subject.sample_and_read(models, texts, list(range(len(texts))), args)
+        moved = [float(a["motion"] == m) for a, m in zip(found, want)]
+        per_video[name + ": motion"] = moved
+        if has_subject:
+            drawn = [float(subject.subject_present(a)) for a in found]
+            per_video[name + ": subject"] = drawn
+            per_video[name + ": both"] = [a * b for a, b in zip(moved, drawn)]
+    return {"row": row, "motion": motion, "seed": seed, "settings": s, "per_video": per_video,
+            "seconds": round(time.time() - t0, 1)}
+
+
+# the table's columns: (heading, per-video key)
+COLUMNS = (("both, 'a sks doing pll'", "joint: both"), ("subject, 'a sks doing pll'", "joint: subject"),
+           ("motion, 'a sks doing pll'", "joint: motion"), ("motion, 'a blue cross doing pll'", "other subject: motion"),
+           ("subject, 'a sks moving left'", "other motion: subject"),
+           ("moving left, 'a sks moving left'", "other motion: motion"), ("base motions", "base: motion"))
+
+
+def cells(records: list) -> dict:
+    """row -> {(motion, seed): {key: per-video array}}."""
+    out = {}
+    for r in records:
+        out.setdefault(r["row"], {})[(r["motion"], r["seed"])] = {k: np.array(v) for k, v in r["per_video"].items()}
+    return out
+
+
+def table(records: list, reference: str = "joint") -> str:
+    """Markdown: per row, each column's mean over runs and videos [95% two-level bootstrap interval], then the paired
+    differences to `reference` on the runs both have."""
+    c = cells(records)
+    fmt = lambda m, lo, hi: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"  # noqa: E731
+    lines = ["| row | runs | " + " | ".join(h for h, _ in COLUMNS) + " |", "| --- | --- |" + " --- |" * len(COLUMNS)]
+    for row in (r for r in ROWS if r in c):
+        runs = sorted(c[row])
+        vals = [fmt(*bootstrap(np.stack([c[row][k][key] for k in runs]))) if key in c[row][runs[0]] else "-"
+                for _, key in COLUMNS]
+        lines.append(f"| {row} | {len(runs)} | " + " | ".join(vals) + " |")
+    lines += ["", f"Paired differences to {reference} (row minus {reference}, percentage points, same motions, seeds, "
+                  "prompts and sampling seeds; 95% bootstrap interval; 'higher'/'lower' = the interval excludes 0):", "",
+              "| row | pairs | " + " | ".join(h for h, _ in COLUMNS) + " |", "| --- | --- |" + " --- |" * len(COLUMNS)]
+    for row in (r for r in ROWS if r in c and r != reference and reference in c):
+        shared = sorted(set(c[row]) & set(c[reference]))
+        vals = []
+        for _, key in COLUMNS:
+            if not shared or key not in c[row][shared[0]] or key not in c[reference][shared[0]]:
+                vals.append("-")
+                continue
+            m, lo, hi = bootstrap(np.stack([c[row][k][key] - c[reference][k][key] for k in shared]))
+            vals.append(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {verdict(lo, hi)}")
+        lines.append(f"| {row} | {len(shared)} | " + " | ".join(vals) + " |")
+    settings = json.dumps(records[0]["settings"], sort_keys=True) if records else "{}"
+    lines += ["", "Rows: " + "; ".join(f"{k}: {v[0]}" for k, v in ROWS.items() if k in c) + ".",
+              f"Settings: {settings}."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the runs, joint.jsonl (the records) and joint.md")
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--motions", nargs="*", default=list(MOTIONS), choices=list(world.NOVEL_MOTIONS))
+    p.add_argument("--seeds", type=int, default=3, help="customization seeds per motion (0, 1, ...)")
+    p.add_argument("--videos-per-prompt", type=int, default=8, help="sampling seeds per prompt")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sampled video")
+    p.add_argument("--model", default=str(ROOT / "toy" / "model"))
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = {"steps": args.steps, "lr": args.lr, "videos": args.videos_per_prompt, "sample_steps": args.sample_steps,
+         "model": args.model}
+    results = out / "joint.jsonl"
+    done = {(r["row"], r["motion"], r["seed"]) for r in read_results(results) if r["settings"] == s}
+    # seed-major: a runner stopped early leaves every row measured on the same first seeds
+    tasks = [(row, m, k, s, str(out)) for k in range(args.seeds) for m in args.motions for row in args.rows
+             if (row, m, k) not in done]
+    print(f"{len(tasks)} runs to do, {len(done)} in {results}", flush=True)
+    for m, k in sorted({(t[1], t[2]) for t in tasks}):
+        write_data(out, m, k)
+    with cf.ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in cf.as_completed([pool.submit(run_one, t) for t in tasks]):
+            r = f.result()
+            append_result(results, r)
+            print(f"{r['row']} {r['motion']} seed {r['seed']}: {r['seconds']} s; both "
+                  f"{np.mean(r['per_video'].get('joint: both', [np.nan])):.2f}", flush=True)
+    records = [r for r in read_results(results) if r["settings"] == s and r["row"] in args.rows]
+    text = table(records)
+    (out / "joint.md").write_text(f"python toy/joint.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
+                                  f"{text}\n")
+    print(text)
+    return records
+
+
+if __name__ == "__main__":
+    main()
