@@ -80,11 +80,12 @@ def read_video_folder(folder) -> list:
         if index.is_file():
             rows = json.loads(read_text(index, "index.json"))
             return [(r["file"], r.get("template"), r.get("seed"), read_video(folder / r["file"])) for r in rows]
-        clips, seen = [], set()
-        for p in data.find_clips(folder):
-            if p.stem in seen:  # sample.save_video writes .mp4 and .gif of the same video: keep the first (mp4)
+        clips, found = [], data.find_clips(folder)
+        # sample.save_video writes an .mp4 and a .gif (256-colour palette) of each video: score the mp4
+        mp4 = {p.with_suffix("") for p in found if p.suffix.lower() == ".mp4"}
+        for p in found:
+            if p.suffix.lower() != ".mp4" and p.with_suffix("") in mp4:
                 continue
-            seen.add(p.stem)
             txt = p.with_suffix(".txt")
             clips.append((p.name, read_text(txt, "prompt file").strip() if txt.is_file() else None, None,
                           read_video(p)))
@@ -211,7 +212,7 @@ def write_markdown(path: Path, report: dict):
 def names_both(template, args) -> bool:
     """Whether a prompt template names the motion's word ({token}) and the subject's (--subject-token)."""
     return template is not None and "{token}" in template and bool(args.subject_token) and \
-        args.subject_token in template.split()
+        args.subject_token in template.replace("{token}", " ").split()
 
 
 def score(args, items: list, train=None) -> tuple:

@@ -131,6 +131,25 @@ def test_short_clips_can_be_skipped(tmp_path):
     assert len(ds) == 1 and "short (short: 3 frames, needs 9)" in ds.report
 
 
+COLOURS = [(220, 40, 90), (30, 120, 200), (90, 200, 20), (250, 250, 10)]  # no two channels alike in any frame
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".gif", "frames"])
+def test_colour_channels_come_out_in_rgb_order(tmp_path, ext):
+    """Every other test clip is gray (R = G = B): here frame i is a flat colour COLOURS[i], so a BGR read, a channel
+    axis taken for the frame axis or frames out of order shows. Lossless sources: ffv1 in 4:4:4 (up to the RGB<->YUV
+    rounding), a 4-colour GIF, PNG frames; the output is (C, F, H, W) in [-1, 1], level c at c / 127.5 - 1."""
+    frames = np.stack([np.full((32, 32, 3), c, np.uint8) for c in COLOURS])
+    if ext == "frames":
+        write_frames(tmp_path / "clip", frames)
+    else:
+        write_video(tmp_path / f"clip{ext}", frames)
+    v = load(tmp_path, spec=dict(frames=4), strict=True)[0]["video"]
+    assert v.shape == (3, 4, 32, 32)
+    got = (v.mean(dim=(2, 3)).T + 1) * 127.5  # (F, C) levels
+    assert (got - torch.tensor(COLOURS, dtype=torch.float32)).abs().max() <= 3, got.round().tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # videos as a player shows them: phones' rotation, audio, extra tracks, a varying rate, 10-bit and HDR, non-square pixels
 

@@ -129,10 +129,22 @@ def test_clip_metrics_match_direct_computation(assets):
     assert metrics.temporal_consistency(clip, v) == pytest.approx(sum(pairs) / 3, abs=1e-5)
     still = v[:, :1].expand(-1, 4, -1, -1).contiguous()
     assert metrics.temporal_consistency(clip, still) == pytest.approx(1.0, abs=1e-5)
-    # larger, non-square frames: short side -> 32 bicubic, center crop
-    big = torch.randint(0, 256, (3, 2, 48, 64), dtype=torch.uint8)
-    pre = clip.preprocess(big.permute(1, 0, 2, 3).float() / 255)
-    assert pre.shape == (2, 3, 32, 32)
+    # other frame sizes: short side -> 32 bicubic (antialiased), then the central 32 x 32, as torchvision's
+    # Resize(32) + CenterCrop(32) (open_clip's eval transform) do it on uint8 frames. Random pixels, so a swapped
+    # height and width, a squash or a crop one pixel off differ by far more than the half level torchvision's uint8
+    # rounding leaves (0.5 / 255 / std; 1 level allowed). 48 x 65: the crop offset (43 - 32) / 2 rounds; 67 x 48: the
+    # long side 44.67 truncates to 44, as torchvision does.
+    import torchvision.transforms as T
+
+    tv = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(32)])
+    level = 1 / 255 / min(metrics.OPENAI_STD)
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(48, 65), (67, 48), (20, 24)]:  # landscape, portrait, upscaled
+        frames = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
+        want = metrics.normalize(tv(frames).float() / 255, metrics.OPENAI_MEAN, metrics.OPENAI_STD)
+        pre = clip.preprocess(frames.float() / 255)
+        err = (pre - want).abs().max().item()
+        assert pre.shape == (2, 3, 32, 32) and err <= level, (h, w, err)
 
 
 class FixedFeatures:
@@ -316,6 +328,26 @@ def test_copy_attribution_names_the_copied_training_clip(tmp_path):
     assert torch.equal(sheet[:96], sheet[96:192]) and not torch.equal(sheet[192:288], sheet[288:])
 
 
+def test_aggregates_skip_missing_values_and_training_clips_are_sampled_evenly(tmp_path):
+    """A report's aggregate is the mean of the values that exist: a one-frame video's NaN temporal consistency and a
+    video with no prompt (None) are left out, not counted as 0 or turned into NaN. --train-frames N keeps the centres
+    of N equal segments of a longer clip (frames 2, 6, 10, 14 of 16), a shorter clip whole. Lossless frame folders
+    whose frame i is the flat gray level 10 i, so the frames kept are read back exactly."""
+    assert ev.mean([0.5, float("nan"), None, 0.25]) == pytest.approx(0.375)
+    assert ev.mean([None, float("nan")]) is None and ev.mean([]) is None
+    for name, n in (("long", 16), ("short", 3)):
+        write_frames(torch.arange(n).mul(10).to(torch.uint8).view(1, n, 1, 1).expand(3, n, 4, 4).contiguous(),
+                     tmp_path / name)
+    levels = lambda v: (v[0, :, 0, 0].long() // 10).tolist()  # noqa: E731
+    got = {name: levels(v) for name, v in ev.read_training_frames(tmp_path, 4)}
+    assert got == {"long": [2, 6, 10, 14], "short": [0, 1, 2]}
+    assert {name: levels(v) for name, v in ev.read_training_frames(tmp_path, 0)} == {"long": list(range(16)),
+                                                                                    "short": [0, 1, 2]}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(metrics.EvalError, match="--train-videos .*empty: no videos found"):
+        ev.read_training_frames(tmp_path / "empty", 4)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a, d: a.__setitem__(a.index("--clip-weights") + 1, str(d / "missing.pth")), "missing.pth: file not found"),
     (lambda a, d: a.__setitem__(a.index("--target-class") + 1, "Thumb Up"), "'Thumb Up' is not in"),
@@ -397,3 +429,57 @@ def test_subject_similarity_and_prompts_with_both_tokens(assets, tmp_path):
     assert ev.read_templates(prompts, "sks") == ["A sks dog doing the {token} sign"]
     with pytest.raises(metrics.EvalError, match="give --subject-token"):
         ev.read_templates(prompts)
+
+
+def test_a_folder_of_sample_outputs_is_scored_from_its_mp4s(tmp_path):
+    """sample.save_video writes <stem>.mp4, .gif (a 256-colour palette) and .png: the folder reader keeps the mp4 of
+    each video (the .gif sorts first by name), a .gif alone is still read."""
+    import sample
+
+    v = ramp(True, frames=4)
+    sample.save_video(v, tmp_path, "a_seed0")
+    (tmp_path / "a_seed0.txt").write_text("a square doing pll\n")
+    sample.save_video(ramp(False, frames=4), tmp_path / "gif", "b_seed0")
+    (tmp_path / "gif" / "b_seed0.mp4").unlink()
+    assert [(n, t) for n, t, *_ in ev.read_video_folder(tmp_path)] == [("a_seed0.mp4", "a square doing pll")]
+    assert [n for n, *_ in ev.read_video_folder(tmp_path / "gif")] == ["b_seed0.gif"]
+
+
+def test_subject_threshold_is_the_least_typical_example_left_out():
+    """Three examples with unit features e1 = (1, 0), e2 = (.8, .6), e3 = (.6, .8): left out in turn, each against
+    the mean of the other two: e1 . (.7, .7) = .70, e2 . (.8, .4) = .88, e3 . (.9, .3) = .78; the threshold is .70
+    (with the example itself kept in the mean it would be .80; the mean of the three .787). One example: None."""
+    e = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.8, 0.6]]), torch.tensor([[0.6, 0.8]])]
+    assert metrics.subject_threshold(e) == pytest.approx(0.70, abs=1e-6)
+    # an example of several frames counts as one example (its frames' mean), each frame in the others' mean
+    two = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), e[1], e[2]]
+    assert metrics.subject_threshold(two) == pytest.approx(0.70, abs=1e-6)
+    assert metrics.subject_threshold(e[:1]) is None
+
+
+def test_joint_success_counts_prompts_naming_both_words(assets, tmp_path, monkeypatch):
+    """evaluate.score: a video shows the subject when its subject similarity reaches the threshold; a prompt naming the
+    subject's word and the motion's ({token}) succeeds when the video shows the subject AND the classifier recognises
+    the motion; prompts naming the motion's word alone are left out of the joint rate."""
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i in range(2):
+        write_mp4(ramp(True, frames=4, seed=10 + i), subject / f"{i}.mp4")
+    # (template, brightening = the target motion, similarity): similarity stubbed per video, so presence is known
+    cases = [("a sks doing a {token} sign", True, 0.9), ("a sks doing a {token} sign", True, 0.1),
+             ("a sks doing a {token} sign", False, 0.9), ("a blue cross doing a {token} sign", True, 0.9),
+             ("a sks dog doing a {token} sign", True, 0.9), ("a sksy cat doing a {token} sign", True, 0.9)]
+    items = [(f"v{i}", t, 0, ramp(up, frames=4, seed=i)) for i, (t, up, _) in enumerate(cases)]
+    sims = {id(v): s for (*_, v), (_, _, s) in zip(items, cases)}
+    monkeypatch.setattr(metrics, "subject_similarity", lambda clip, v, examples: sims[id(v)])
+    args = ev.parse_args(["--videos-in", str(tmp_path), "--target-class", "Getting Brighter", "--classifier",
+                          str(assets / "toy.pt"), "--classes", str(assets / "classes.txt"), "--classifier-frames", "4",
+                          "--classifier-size", "16", "--clip", str(assets / "clip.json"), "--clip-weights",
+                          str(assets / "clip.pth"), "--subject-videos", str(subject), "--subject-token", "sks",
+                          "--subject-threshold", "0.5", "--token", "pll"])
+    rows, agg = ev.score(args, items)
+    assert [r["motion_correct"] for r in rows] == [1, 1, 0, 1, 1, 1]
+    assert [r["subject_present"] for r in rows] == [1, 0, 1, 1, 1, 1]
+    assert [r.get("joint_success") for r in rows] == [1, 0, 0, None, 1, None]  # "sksy" is another word
+    assert agg["joint_videos"] == 4 and agg["joint_success_pct"] == pytest.approx(50.0)
+    assert agg["subject_present_pct"] == pytest.approx(100 * 5 / 6) and agg["subject_threshold"] == 0.5

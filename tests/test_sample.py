@@ -114,26 +114,36 @@ def _toy_eps(x, t):
     return (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
 
 
-@pytest.mark.parametrize("solver,steps", [("ddim", 50), ("ddim", 20), ("dpmpp-2m", 25), ("dpmpp-2m", 10)])
-def test_matches_diffusers_schedulers(solver, steps):
+@pytest.mark.parametrize("solver,steps,eta", [("ddim", 50, 0.0), ("ddim", 20, 0.0), ("ddim", 20, 0.5),
+                                             ("ddim", 10, 1.0), ("dpmpp-2m", 25, 0.0), ("dpmpp-2m", 10, 0.0)])
+def test_matches_diffusers_schedulers(solver, steps, eta):
+    """Our samplers against diffusers' schedulers on a fixed nonlinear eps-model. For DDIM with eta > 0 both loops add
+    the same noise draw at each step (diffusers' `variance_noise`, our `noise_fn`), so what is compared is sigma_t
+    (eta 1: DDPM's posterior std) and the shrunken direction term sqrt(1 - abar_prev - sigma^2) eps."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     ddim = DDIMScheduler(**DDIM_CONFIG)
     sched = ddim if solver == "ddim" else DPMSolverMultistepScheduler.from_config(ddim.config)  # the model card's way
     sched.set_timesteps(steps)
     x0 = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(steps))
+    # one fresh N(0, 1) draw per step, the same list for both loops (unused at eta 0)
+    g = torch.Generator().manual_seed(100 + steps)
+    draws = [torch.randn(x0.shape, generator=g) for _ in range(steps)]
     x = x0.clone()
-    for t in sched.timesteps:
-        x = sched.step(_toy_eps(x, int(t)), t, x).prev_sample
+    for k, t in enumerate(sched.timesteps):
+        extra = dict(eta=eta, variance_noise=draws[k]) if solver == "ddim" else {}
+        x = sched.step(_toy_eps(x, int(t)), t, x, **extra).prev_sample
     abar = sample.alphas_cumprod(RELEASED_SCHEDULE)
     if solver == "ddim":
         assert [int(t) for t in sched.timesteps] == sample.ddim_timesteps(steps)
-        got = sample.sample_ddim(_toy_eps, x0, abar, steps, progress=False)
+        ours = iter(draws)
+        got = sample.sample_ddim(_toy_eps, x0, abar, steps, eta=eta, noise_fn=lambda _: next(ours), progress=False)
+        assert next(ours, None) is None or eta == 0  # with eta > 0 every step drew exactly one noise tensor
     else:
         assert [int(t) for t in sched.timesteps] == sample.dpm_timesteps(steps)
         got = sample.sample_dpmpp_2m(_toy_eps, x0, abar, steps, progress=False)
     err = max_abs_diff(got, x)
-    assert err <= 1e-5, f"{solver} {steps} steps: max abs diff {err}"
+    assert err <= 1e-5, f"{solver} {steps} steps eta {eta}: max abs diff {err}"
     assert 0.3 < x.abs().max() < 5 and max_abs_diff(x, x0) > 0.1
 
 
@@ -162,19 +172,44 @@ def test_determinism_and_batch_independence(tiny):
 
 
 def test_apply_delta(tiny, tmp_path):
+    """A delta's UNet tensor replaces the base one; its learned token rows come back in file order, each word of
+    placeholder_words with its own row, which is what the text encoder embeds wherever that word is written."""
     import text_encoder as te
     from weights import WeightsError, save_state_dict
 
     models = tiny_models(seed=3)
     new = torch.randn_like(models.unet.conv_in.weight)
-    save_state_dict({"unet.conv_in.weight": new, "text_encoder.placeholder_embeddings": torch.randn(1, 64)},
-                    tmp_path / "delta.safetensors", metadata={"placeholder_words": json.dumps(["<pll>"])})
+    rows = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    save_state_dict({"unet.conv_in.weight": new, "text_encoder.placeholder_embeddings": rows},
+                    tmp_path / "delta.safetensors", metadata={"placeholder_words": json.dumps(["<pll>", "sks"])})
     apply_delta(models, tmp_path / "delta.safetensors")
     assert torch.equal(models.unet.conv_in.weight, new)
-    assert models.tokenizer("a <pll> sign")[0, 2].item() == te.TEXT_PRESETS["tiny"].vocab_size
+    V = te.TEXT_PRESETS["tiny"].vocab_size
+    tokens = models.tokenizer("a sks <pll> sign")
+    assert tokens[0, 2:4].tolist() == [V + 1, V]  # ids in the file's order: <pll> first, sks second
+    with torch.no_grad():
+        embedded = models.text_encoder.embed(tokens)[0]
+    assert torch.equal(embedded[2], rows[1]) and torch.equal(embedded[3], rows[0])  # each word its own row
     save_state_dict({"unet.nope.weight": new}, tmp_path / "bad.safetensors")
     with pytest.raises(WeightsError, match="nope.weight is not a parameter"):
         apply_delta(models, tmp_path / "bad.safetensors")
+
+
+def test_contact_sheet_lays_frames_out_row_by_row():
+    """10 frames of 2 x 3 pixels, frame i filled with 10 i + channel, on 4 columns: rows of frames 0-3, 4-7, 8-9, the
+    two cells after the last frame black. Each cell is read back at the place a reader of the sheet expects it."""
+    video = torch.stack([torch.full((2, 3), 10 * i + ch) for ch in range(3) for i in range(10)]).view(3, 10, 2, 3)
+    sheet = sample.contact_sheet(video.to(torch.uint8), columns=4)
+    assert sheet.dtype == torch.uint8 and sheet.shape == (3, 3 * 2, 4 * 3)
+    for row in range(3):
+        for col in range(4):
+            cell = sheet[:, 2 * row:2 * row + 2, 3 * col:3 * col + 3]
+            i = 4 * row + col  # left to right, then top to bottom
+            want = 10 * i + torch.arange(3) if i < 10 else torch.zeros(3)
+            assert torch.equal(cell, want.to(torch.uint8).view(3, 1, 1).expand(3, 2, 3)), (row, col)
+    # fewer frames than columns: one row exactly as wide as the frames
+    assert torch.equal(sample.contact_sheet(video[:, :3].to(torch.uint8), columns=8),
+                       torch.cat(list(video[:, :3].to(torch.uint8).unbind(1)), dim=-1))
 
 
 @pytest.mark.slow
@@ -234,8 +269,8 @@ def test_generate_guidance_matches_diffusers_text_to_video_pipeline(tiny, tmp_pa
     pipe.set_progress_bar_config(disable=True)
     assert dict(pipe.scheduler.config).items() >= DDIM_CONFIG.items()  # the released config, as written
     prompts, seeds, frames, size, steps, g = ["a red circle moving left", "a blue square growing"], [5, 6], 2, 16, 3, 7.5
-    _, got = sample.generate(tiny, prompts, seeds, frames=frames, height=size, width=size, steps=steps, guidance=g,
-                             batch_size=2, progress=False, return_latents=True)
+    video, got = sample.generate(tiny, prompts, seeds, frames=frames, height=size, width=size, steps=steps, guidance=g,
+                                 batch_size=2, progress=False, return_latents=True)
     h = size // tiny.vae.cfg.downsample_factor
     noise = torch.stack([torch.randn(4, frames, h, h, generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad():
@@ -255,3 +290,14 @@ def test_generate_guidance_matches_diffusers_text_to_video_pipeline(tiny, tmp_pa
     err = max_abs_diff(got, want)
     assert err <= 1e-3, f"max abs diff {err}"
     assert max_abs_diff(want, unguided) > 0.5  # guidance matters here, so the comparison can fail
+    # the videos: the pipeline's own decode (1 / scaling_factor, diffusers' VAE frame by frame) and post-processing
+    # (x / 2 + 0.5 clamped to [0, 1]) of its latents, against generate()'s uint8, which truncates 255 x as upstream's
+    # tensor2vid does: 0 <= 255 x - got < 1, up to the ~1e-4 the latents differ by (0.05 leaves a 10x margin)
+    with torch.no_grad():
+        frames01 = pipe.video_processor.postprocess_video(video=pipe.decode_latents(want), output_type="pt")
+    ref = 255 * frames01.permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
+    assert video.dtype == torch.uint8 and video.shape == ref.shape == (2, 3, frames, size, size)
+    lag = ref - video.float()
+    assert -0.05 <= lag.min() and lag.max() <= 1.05, (lag.min().item(), lag.max().item())
+    assert ref.std() > 30 and ((ref > 0) & (ref < 255)).float().mean() > 0.9  # spread out, hardly clamped: a wrong
+    # offset or scale in the conversion shows (measured: std 48, 1.7% of values clamped)

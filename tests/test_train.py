@@ -878,6 +878,7 @@ def _grads_per_unet_call(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_subject_trains_appearance_keeps_the_subject_clips_gradient_off_the_temporal_layers(world, tmp_path,
                                                                                               monkeypatch):
     """--subject-trains appearance: the subject's clips run in UNet calls of their own, first, whose backward reaches
@@ -909,6 +910,7 @@ def test_subject_trains_appearance_keeps_the_subject_clips_gradient_off_the_temp
         assert any(train.param_group(n) == "temporal" for n in others)
 
 
+@pytest.mark.slow
 def test_two_set_run_with_the_joint_options_resumes_bit_for_bit(world, subject, tmp_path):
     """2 steps straight equal 1 step, a checkpoint, and 1 resumed step, with both example sets, the learned subject
     word, one-frame stills, the subject's own p(t) and appearance-only subject gradients."""
@@ -923,6 +925,7 @@ def test_two_set_run_with_the_joint_options_resumes_bit_for_bit(world, subject, 
     assert "text_encoder.placeholder_embeddings" in full  # the subject word's row trained and resumed too
 
 
+@pytest.mark.slow
 def test_subject_options_leave_a_motion_only_run_unchanged(world, tmp_path):
     """The subject set's options do nothing without --subject-videos: a motion-only run with them is bit for bit the
     plain one."""

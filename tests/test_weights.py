@@ -94,3 +94,27 @@ def test_save_is_atomic_and_never_overwrites(tmp_path):
     save_state_dict({"a": torch.zeros(3)}, path, overwrite=True)
     assert torch.equal(read_state_dict(path)["a"], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no temp files left behind
+
+
+def test_weights_id_is_the_same_for_a_half_precision_copy_and_changes_with_the_weights():
+    """weights_id (a delta's base_weights) names the weights, not their copy: the fp16 file of the same fp32 weights
+    (a release's fp16 variant), and any key order, give the same id; another first or last value of one tensor, a
+    renamed tensor, or the same values in another shape give another. Values away from fp16's grid (0.1 + 1e-4 k), so
+    an id over the raw bytes could not match its half-precision copy."""
+    from weights import cast, weights_id
+
+    sd = {"b.weight": 0.1 + 1e-4 * torch.arange(24.0).reshape(4, 6), "a.bias": torch.linspace(-1, 1, 20),
+          "steps": torch.tensor([3])}
+    base = weights_id(sd)
+    assert len(base) == 16 and int(base, 16) >= 0  # 16 hex digits
+    assert weights_id(cast(sd, "fp16")) == base
+    assert weights_id(cast(sd, "bf16")) != base  # bf16 keeps fewer bits than fp16: its values are others
+    assert weights_id(dict(reversed(sd.items()))) == base
+    first, last = dict(sd), dict(sd)
+    first["a.bias"] = sd["a.bias"].clone().index_fill_(0, torch.tensor([0]), 0.5)  # a value fp16 tells apart
+    last["b.weight"] = sd["b.weight"].clone()
+    last["b.weight"][-1, -1] = 0.5  # the last value only: the id reads both ends of each tensor
+    renamed = {("c.bias" if k == "a.bias" else k): v for k, v in sd.items()}
+    reshaped = {**sd, "b.weight": sd["b.weight"].reshape(6, 4)}
+    ids = [weights_id(d) for d in (first, last, renamed, reshaped)]
+    assert len({base, *ids}) == 5, ids
