@@ -53,17 +53,17 @@ class Config:
                               "of a new subject, trained in the same run as --videos (motion and appearance "
                               "customization, paper Table 1); alone: a subject-only run ('' = none)")
     still_frames: str = opt("static", "a still image in --subject-videos becomes: static = a clip of --frames copies "
-                            "of it | 1 = a clip of one frame, in a UNet call of its own (1/--frames of the compute). "
-                            "static by default: in the toy world's motion + subject run, prompts naming the subject "
-                            "followed the motion words far more often after static clips (docs/subject.md)",
-                            choices=("static", "1"))
+                            "of it | 1 = a clip of one frame, in a UNet call of its own (1/--frames of the compute; "
+                            "the joint recipe's, JOINT_SETTINGS, with --videos too). In a subject-only run a static "
+                            "clip also teaches 'does not move' (docs/subject.md)", choices=("static", "1"))
     subject_timesteps: str = opt("same", "timestep distribution of the --subject-videos clips: same (as --timesteps) | "
                                  "coarse | uniform | fine. Appearance is settled at low noise, motion at high noise "
                                  "(docs/subject.md)", choices=("same", "coarse", "uniform", "fine"))
-    subject_trains: str = opt("all", "what the --subject-videos clips' loss trains, next to --videos: all (every "
+    subject_trains: str = opt("auto", "what the --subject-videos clips' loss trains, next to --videos: all (every "
                               "trained weight) | appearance (only the spatial cross-attention K/V and the subject "
-                              "word's row: the temporal layers learn from the motion and regularization clips alone)",
-                              choices=("all", "appearance"))
+                              "word's row: the temporal layers learn from the motion and regularization clips alone) "
+                              "| auto = appearance with --videos, and then the joint recipe (JOINT_SETTINGS) for "
+                              "the options not given; all otherwise", choices=("auto", "all", "appearance"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
     subject_caption: str = opt("a {subject_token} {class}", "caption for subject examples without a sidecar "
@@ -182,21 +182,37 @@ TOY_MODEL = Path(__file__).resolve().parent / "toy" / "model"  # the committed t
 # a toy-scale lr and step count, and 24 base-motion regularization clips from toy/world.py unless --reg-videos is given.
 TOY_SETTINGS = dict(frames=8, size=32, lr=6e-4, steps=200, batch_size=4, log_every=25)
 TOY_REG_CLIPS = 24
+# With --videos and --subject-videos (a new subject doing a new motion), the options not given take these values: the
+# subject's stills as one-frame clips (no motion to learn from them) whose loss reaches only the appearance weights
+# (spatial cross-attention K/V and the subject word's learned row), so the temporal layers learn the motion from the
+# motion clips alone. Measured best of the recipes in toy/joint.py (docs/subject.md).
+JOINT_SETTINGS = dict(train_subject_token=True, still_frames="1", subject_trains="appearance",
+                      subject_timesteps="same")
 
 
 def check_config(cfg: Config, given=None):
     """Clear errors for bad option values before anything heavy happens. With no --model: the toy model and its
     settings (TOY_SETTINGS) for every option not in `given` (the flags set on the command line; from Python: the
-    fields that differ from their defaults)."""
+    fields that differ from their defaults); with --videos and --subject-videos, the joint recipe (JOINT_SETTINGS)
+    likewise, unless --subject-trains is given."""
     runs.check_fields(cfg)  # each option's choices and range, as the parser checks them
     reporting.check(cfg.report_to)  # a logger's missing package, named before anything loads
+    if given is None:
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    if cfg.subject_trains == "auto":  # resolved once: config.json and a resume see the values used
+        joint = bool(cfg.videos and cfg.subject_videos)
+        changed = {k: v for k, v in JOINT_SETTINGS.items() if k not in given} if joint else {}
+        for k, v in changed.items():
+            setattr(cfg, k, v)
+        cfg.subject_trains = changed.get("subject_trains", "appearance" if joint else "all")
+        if changed and int(os.environ.get("RANK", "0")) == 0:
+            flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
+            print(f"motion + subject: the joint recipe's settings ({flags}; docs/subject.md)", flush=True)
     prior = PRESETS[cfg.preset].get("prior", cfg.prior)
     toy = not cfg.model or Path(cfg.model).resolve() == TOY_MODEL
     if not cfg.model:
         if not TOY_MODEL.is_dir():
             raise SystemExit("error: --model is required (a model directory in either release layout)")
-        if given is None:
-            given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
         changed = {k: v for k, v in TOY_SETTINGS.items() if k not in given}
         for k, v in changed.items():
             setattr(cfg, k, v)

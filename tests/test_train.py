@@ -637,7 +637,8 @@ def _spy_batches(monkeypatch):
 def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_path, monkeypatch):
     root, model = world
     seen = _spy_batches(monkeypatch)
-    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"))
+    kw = dict(subject_videos=str(subject), subject_class="square", frames=2, batch_size=1, cache=str(tmp_path / "c"),
+              subject_trains="all")  # every clip trains every weight: one UNet batch for all (not the joint recipe)
     full = train.main(_cfg(root, model, tmp_path / "full", steps=3, **kw))
     tok = load_models(model).tokenizer
     pll, sks = tok.encode("pll")[0], tok.encode("sks")[0]
@@ -650,6 +651,32 @@ def test_motion_and_subject_in_one_run_both_tokens_trained(world, subject, tmp_p
     with safe_open(str(full), "pt") as f:
         assert f.metadata()["subject_token"] == "sks"
     # (exact resume of a run with both sets, killed mid-run: test_exact_resume_after_sigkill)
+
+
+def test_the_joint_recipe_is_the_default_only_with_both_sets():
+    """--videos with --subject-videos: the options not typed take JOINT_SETTINGS (a typed one is kept; --subject-trains
+    all keeps every default); a motion-only or subject-only run keeps every default; resolving twice (the command line,
+    then train.main) changes nothing more."""
+    from config import JOINT_SETTINGS, check_config
+
+    base = ["--model", "m", "--reg-videos", "r", "--subject-class", "dog"]
+    plain = {"train_subject_token": False, "still_frames": "static", "subject_trains": "all",
+             "subject_timesteps": "same"}
+
+    def resolved(*args):
+        cfg = train.parse_args([*base, *args])
+        before = dataclasses.asdict(cfg)
+        check_config(cfg)  # as train.main does again
+        assert dataclasses.asdict(cfg) == before
+        return {k: getattr(cfg, k) for k in plain}
+
+    assert resolved("--videos", "v", "--subject-videos", "s") == JOINT_SETTINGS
+    assert JOINT_SETTINGS["subject_trains"] == "appearance" and JOINT_SETTINGS != plain
+    assert resolved("--videos", "v", "--subject-videos", "s", "--still-frames", "static") == \
+        {**JOINT_SETTINGS, "still_frames": "static"}
+    assert resolved("--videos", "v", "--subject-videos", "s", "--subject-trains", "all") == plain
+    assert resolved("--videos", "v") == plain
+    assert resolved("--subject-videos", "s") == plain
 
 
 @pytest.mark.slow
@@ -666,7 +693,8 @@ def test_still_images_as_one_frame_clips_and_a_learned_subject_word(world, subje
 
     monkeypatch.setattr(latents, "batch_latents", spy)
     delta = train.main(_cfg(root, model, tmp_path / "one", subject_videos=str(subject), subject_class="square",
-                            frames=2, batch_size=3, steps=2, still_frames="1", train_subject_token=True))
+                            frames=2, batch_size=3, steps=2, still_frames="1", train_subject_token=True,
+                            subject_trains="all"))  # (the joint recipe would also split the subject's video off)
     # per step: the motion clips, the subject's video and the reg clips in one call (2 frames), its stills in another
     assert len(calls) == 4 and sorted(f for _, _, f in calls) == [1, 1, 2, 2]
     assert all(names == ["subject"] * len(names) and set(lengths) == {1} for names, lengths, f in calls if f == 1)
@@ -807,18 +835,23 @@ def test_timesteps_option_reaches_the_loop(world, tmp_path, monkeypatch):
 
 def test_subject_clips_are_weighted_as_instance_data(world, subject, tmp_path, monkeypatch):
     """Motion + subject: the loop's w gives each motion and each subject clip 1 / (their number), the instance mean
-    over both sets, and each reg clip lambda / (reg clips), not the subject clips the reg weight."""
+    over both sets, and each reg clip lambda / (reg clips), not the subject clips the reg weight; the same whether all
+    clips share one UNet call (--subject-trains all) or the subject's run in a call of their own (the joint recipe)."""
     root, model = world
     _cheap_forward(monkeypatch)
     seen = _spy_batches(monkeypatch)
     calls = _record_newmove_loss(monkeypatch)
-    train.main(_cfg(root, model, tmp_path / "s", subject_videos=str(subject), subject_class="square", frames=2,
-                    steps=1, reg_ratio=2, reg_weight=0.5))
-    assert len(seen) == len(calls) == 1
-    by = {}
-    for (name, _), w in zip(seen[0], calls[0]["w"].tolist()):
-        by.setdefault(name, []).append(w)
-    assert by == {"instance": [0.5], "subject": [0.5], "reg": [0.25, 0.25]}
+    for mode, n_calls in (("all", 1), ("auto", 2)):
+        seen.clear()
+        calls.clear()
+        train.main(_cfg(root, model, tmp_path / mode, subject_videos=str(subject), subject_class="square", frames=2,
+                        steps=1, reg_ratio=2, reg_weight=0.5, subject_trains=mode))
+        assert len(seen) == len(calls) == n_calls
+        by = {}
+        for batch, call in zip(seen, calls):
+            for (name, _), w in zip(batch, call["w"].tolist()):
+                by.setdefault(name, []).append(w)
+        assert by == {"instance": [0.5], "subject": [0.5], "reg": [0.25, 0.25]}, mode
 
 
 def test_subject_timesteps_draws_the_subject_clips_from_their_own_p_t(world, subject, tmp_path, monkeypatch):
