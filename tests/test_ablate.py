@@ -128,3 +128,26 @@ def test_parallel_runner_runs_in_worker_processes_with_one_thread(tmp_path, monk
     assert os.getpid() not in {r["pid"] for r in records} and {r["threads"] for r in records} == {1}
     ablate.main(argv)  # nothing left to do
     assert len(ablate.read_results(results)) == 12
+
+
+def test_joint_table_means_intervals_and_paired_differences():
+    """toy/joint.py's table on records with known per-video values: a row's cell is its mean over runs and videos
+    with a bootstrap interval (constant values: a zero-width interval), a paired difference is taken run by run
+    against "joint" on the runs both rows have, and its verdict follows the interval's sign."""
+    from toy import joint
+
+    def record(row, seed, both, motion):
+        per_video = {"joint: both": both, "joint: subject": [1.0] * 4, "joint: motion": motion,
+                     "other subject: motion": motion, "other motion: motion": [0.0] * 4,
+                     "other motion: subject": [1.0] * 4, "other motion: both": [0.0] * 4, "base: motion": [1.0] * 4}
+        return {"row": row, "motion": "zigzagging", "seed": seed, "settings": {"steps": 1}, "per_video": per_video}
+
+    records = [record("joint", s, [0.0] * 4, [1.0, 0.0, 1.0, 0.0]) for s in range(2)] + \
+        [record("split-coarse", s, [1.0] * 4, [1.0] * 4) for s in range(3)]
+    text = joint.table(records)
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "| split-coarse | 3 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] |" in text
+    assert rows["joint"].startswith("| joint | 2 | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] | 50.0 [")
+    diff = [ln for ln in text.splitlines() if ln.startswith("| split-coarse | 2 |")]  # paired: the 2 shared runs
+    assert len(diff) == 1 and diff[0].split(" | ")[2] == "+100.0 [+100.0, +100.0] higher"
+    assert diff[0].split(" | ")[3] == "+0.0 [+0.0, +0.0] unresolved"  # subject: equal in both rows

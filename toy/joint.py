@@ -1,8 +1,9 @@
 """A new subject doing a new motion: the joint run's recipes (train.py --videos + --subject-videos), measured in the toy
 world over motions and customization seeds, with bootstrap intervals and paired differences to today's recipe.
 
-    python toy/joint.py --out joint_out/                                  # every row, 2 motions x 3 seeds
-    python toy/joint.py --out joint_out/ --rows joint split --seeds 1     # a subset; rerunning resumes
+    python toy/joint.py                        # the measured rows (MEASURED): 2 motions x 3 seeds; reruns resume
+    python toy/joint.py --rows joint-word split fine-all split-static --motions "moving in a circle" --seeds 1
+    python toy/joint.py --table                # only the table, from the records
 
 Each run teaches a novel motion as `pll` (the demo's 8 clips of it, "a <colour> <shape> doing pll") and, in the same
 train.py run, the subject (toy/subject.py's red triangle, a look no pretraining clip has) as `sks` from 8 still images
@@ -15,8 +16,8 @@ model samples --videos-per-prompt videos of each prompt, read by toy/scorer.py:
     "a sks moving left"      the subject in another motion (drawn, and moving left)
     base prompts             a base motion on a seen look (what the model knew before: forgetting)
 
-Records are appended to --out/joint.jsonl as runs finish (a rerun skips what is there); the table goes to
---out/joint.md (docs/subject.md has the measured one).
+Records are appended to --results (toy/joint.jsonl) as runs finish, a rerun skipping what is there; the table, with
+bootstrap intervals and paired differences to "joint", goes to --out (toy/joint.md; docs/subject.md reads it).
 """
 
 import sys
@@ -33,12 +34,14 @@ import concurrent.futures as cf
 import contextlib
 import json
 import multiprocessing
+import shutil
 import time
 
 import numpy as np
 
 from toy import world
 from toy.ablate import append_result, bootstrap, read_results, verdict
+from weights import atomic_write
 
 # row: (what it is, the example sets it trains on, train.Config options). "joint" is train.py's joint recipe as it was
 # before the per-set options existed (static stills, no learned word, one p(t), every weight from every clip).
@@ -67,6 +70,7 @@ ROWS = {
                      {"train_subject_token": True, "still_frames": "static", "subject_timesteps": "fine",
                       "subject_trains": "appearance"}),
 }
+MEASURED = ("motion", "subject", "joint", "split-coarse", "split-uniform")  # each on MOTIONS x 3 seeds
 MOTIONS = ("moving in a circle", "zigzagging")
 OTHER = ("blue", "cross")  # "the motion on another subject": an evaluation look the examples never show
 BASE_LOOKS = (("green", "square"), ("white", "circle"), ("orange", "diamond"), ("cyan", "triangle"))
@@ -115,16 +119,19 @@ def run_one(task: tuple) -> dict:
     sets, options = ROWS[row][1], ROWS[row][2]
     data = data_folder(out, motion, seed)
     run = Path(out) / "runs" / f"{row}-{motion.replace(' ', '-')}-{seed}"
-    cfg = train.Config(model=s["model"], videos=str(data / "motion") if "motion" in sets else "",
+    model = str(ROOT / s["model"])  # (an absolute --model stays as it is)
+    cfg = train.Config(model=model, videos=str(data / "motion") if "motion" in sets else "",
                        subject_videos=str(data / "subject") if "subject" in sets else "",
                        subject_caption="a {subject_token}", reg_videos=str(data / "reg"), reg_caption="a shape moving",
                        token="pll", subject_token="sks", frames=8, size=32, steps=s["steps"], lr=s["lr"],
-                       batch_size=4, precision="fp32", log_every=50, ckpt_every=0, seed=seed, out=str(run),
+                       batch_size=4, precision="fp32", log_every=50, ckpt_every=50, seed=seed, out=str(run),
                        resume=(run / "state.pt").exists(), cache=str(Path(out) / "cache"), **options)
+    if run.is_dir() and not (run / "state.pt").exists():  # a run killed before its first checkpoint: start again
+        shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         delta = train.main(cfg)
-    models = load_models(s["model"])
+    models = load_models(model)
     apply_delta(models, delta)
     per_video = {}
     for name, (texts, want, has_subject) in prompts(motion, s["videos"]).items():
@@ -187,39 +194,44 @@ def table(records: list, reference: str = "joint") -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for the runs, joint.jsonl (the records) and joint.md")
-    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="*", default=list(MEASURED), choices=list(ROWS),
+                   help="recipes to run (default: the measured set; the others ran on one motion and seed)")
     p.add_argument("--motions", nargs="*", default=list(MOTIONS), choices=list(world.NOVEL_MOTIONS))
     p.add_argument("--seeds", type=int, default=3, help="customization seeds per motion (0, 1, ...)")
     p.add_argument("--videos-per-prompt", type=int, default=8, help="sampling seeds per prompt")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sampled video")
-    p.add_argument("--model", default=str(ROOT / "toy" / "model"))
+    p.add_argument("--model", default="toy/model", help="base model (relative paths: from the repository root)")
+    p.add_argument("--work", default="joint_work", help="folder for the runs' data, caches and deltas")
+    p.add_argument("--results", default=str(ROOT / "toy" / "joint.jsonl"), help="JSON-lines records (appended)")
+    p.add_argument("--out", default=str(ROOT / "toy" / "joint.md"), help="the markdown table (rewritten)")
+    p.add_argument("--table", action="store_true", help="only write the table from --results")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for flag in ("seeds", "videos_per_prompt", "steps", "sample_steps", "jobs"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     s = {"steps": args.steps, "lr": args.lr, "videos": args.videos_per_prompt, "sample_steps": args.sample_steps,
          "model": args.model}
-    results = out / "joint.jsonl"
+    results = Path(args.results)
     done = {(r["row"], r["motion"], r["seed"]) for r in read_results(results) if r["settings"] == s}
     # seed-major: a runner stopped early leaves every row measured on the same first seeds
-    tasks = [(row, m, k, s, str(out)) for k in range(args.seeds) for m in args.motions for row in args.rows
+    tasks = [(row, m, k, s, args.work) for k in range(args.seeds) for m in args.motions for row in args.rows
              if (row, m, k) not in done]
-    print(f"{len(tasks)} runs to do, {len(done)} in {results}", flush=True)
-    for m, k in sorted({(t[1], t[2]) for t in tasks}):
-        write_data(out, m, k)
-    with cf.ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for f in cf.as_completed([pool.submit(run_one, t) for t in tasks]):
-            r = f.result()
-            append_result(results, r)
-            print(f"{r['row']} {r['motion']} seed {r['seed']}: {r['seconds']} s; both "
-                  f"{np.mean(r['per_video'].get('joint: both', [np.nan])):.2f}", flush=True)
-    records = [r for r in read_results(results) if r["settings"] == s and r["row"] in args.rows]
+    if not args.table:
+        print(f"{len(tasks)} runs to do, {len(done)} in {results}", flush=True)
+        for m, k in sorted({(t[1], t[2]) for t in tasks}):
+            write_data(args.work, m, k)
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in cf.as_completed([pool.submit(run_one, t) for t in tasks]):
+                r = f.result()
+                append_result(results, r)
+                print(f"{r['row']} {r['motion']} seed {r['seed']}: {r['seconds']} s; both "
+                      f"{np.mean(r['per_video'].get('joint: both', [np.nan])):.2f}", flush=True)
+    records = [r for r in read_results(results) if r["settings"] == s]
     text = table(records)
-    (out / "joint.md").write_text(f"python toy/joint.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
-                                  f"{text}\n")
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=True)
     print(text)
     return records
 

@@ -102,7 +102,8 @@ def customize(name: str, args, work: Path):
                        token="pll", subject_token="sks", frames=8, size=32, steps=args.steps, lr=args.lr,
                        batch_size=4, precision="fp32", log_every=25, ckpt_every=0, preset=args.preset,
                        timesteps=args.timesteps, train_subject_token=args.train_subject_token and "subject" in sets,
-                       still_frames=args.still_frames, out=str(run), seed=args.seed, cache=str(work / "cache"))
+                       still_frames=args.still_frames, out=str(run), seed=args.seed, cache=str(work / "cache"),
+                       subject_trains="all")  # the options above as given, not the joint recipe (toy/joint.py)
     return train.main(cfg)
 
 
