@@ -137,6 +137,18 @@ def pixel_multiple(models: Models) -> int:
 
 
 @torch.no_grad()
+def seeded_noise(shape: tuple, seeds: list) -> tuple:
+    """(noise (N, *shape), the N generators): noise i from a CPU generator seeded with seeds[i], so a (prompt, seed)
+    pair gives the same video on any batch size and device; the generators go on to draw eta > 0 noise."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """A decoded video in about [-1, 1] as uint8: upstream tensor2vid's x * 0.5 + 0.5, clamp, * 255, truncate."""
+    return (video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
+
+
 def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str = "", frames: int = 16,
              height: int = 256, width: int = 256, steps: int = 50, guidance: float = 9.0, eta: float = 0.0,
              solver: str = "ddim", batch_size: int = 1, dtype=None, decode_chunk: int = 8, progress: bool = True,
@@ -163,9 +175,8 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         B = len(bp)
         cond = text(models.tokenizer(bp).to(device))  # (B, 77, D)
         context = torch.cat([cond, uncond.expand(B, -1, -1)])  # (2B, 77, D): [cond; uncond]
-        gens = [torch.Generator().manual_seed(int(s)) for s in bs]
-        shape = (unet.cfg.in_channels, frames, *latent_hw)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, C, F, h, w)
+        x, gens = seeded_noise((unet.cfg.in_channels, frames, *latent_hw), bs)
+        x = x.to(device)  # (B, C, F, h, w)
 
         def eps_fn(x, t):
             if models.gate:  # a noise-gated delta (delta.py): the customized weights only while t >= its from_t
@@ -188,8 +199,7 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
             raise ValueError(f"solver must be 'ddim' or 'dpmpp-2m', got {solver!r}")
         with autocast(device, dtype):
             video = vae.decode(x, chunk_size=decode_chunk).float()  # (B, 3, F, H, W) in about [-1, 1]
-        # upstream tensor2vid: x*0.5+0.5, clamp, *255, truncate to uint8
-        videos.append((video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8).cpu())
+        videos.append(to_uint8(video).cpu())
         latents_out.append(x.cpu())
     if models.gate:  # leave the model as it was given: customized
         models.gate.at(math.inf)

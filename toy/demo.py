@@ -122,6 +122,17 @@ def split_after(sets: dict) -> tuple:
     return ({n: v for n, v in there.items() if v[0]}, {"base": (prompts[:k], seeds[:k], wants[:k], extra)})
 
 
+def train_config(args, work: Path, **overrides):
+    """The demo's customization run: train.py's defaults (the three choices) at toy scale, on the folders main writes
+    in `work`; `overrides` are train.Config fields (toy/ablate.py's rows). The element-wise intermediates are kept
+    rather than recomputed, for speed only: the same gradients bit for bit (toy/speed.md)."""
+    return train.Config(**{**dict(
+        model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"), reg_caption="a shape moving",
+        token=args.token, frames=8, size=32, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        precision="fp32", log_every=25, ckpt_every=0, out=str(work / "run"), seed=args.seed, prior_count=8,
+        val_steps=args.sample_steps, elementwise_recompute=False, optimizer=args.optimizer), **overrides})
+
+
 def examples_for(motion: str, n: int, seed: int, token: str) -> list:
     """The demo's example clips of `motion` (world clips, never in an evaluation look), captioned with the token."""
     clips = world.make_dataset(n, [motion], seed=1000 + seed, exclude_combos=world.HELD_OUT_COMBOS)
@@ -137,6 +148,19 @@ def prompts_for(motion: str, token: str, seeds: int, base_seeds: int) -> tuple:
     novel = [(f"a {c} {s} doing {token}", k) for c, s in combos for k in range(seeds)]
     base = [(world.caption_for(c, s, m), k) for m in world.BASE_MOTIONS for c, s in combos for k in range(base_seeds)]
     return novel, base, [" ".join(pr.split()[3:]) for pr, _ in base]
+
+
+def prompt_sets(args, examples: list) -> dict:
+    """The sets scored before and after customization, {name: (prompts, seeds, wanted motions, extras)}: "novel" (the
+    token on every evaluation look; extras: the examples' looks and videos, for the copy scores) and "base" (each base
+    motion on those looks; absent with --base-seeds 0)."""
+    novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)
+    sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
+                      {"train_looks": {(c.colour, c.shape) for c in examples},
+                       "train_videos": [c.video for c in examples]})}
+    if base:
+        sets["base"] = ([p for p, _ in base], [k for _, k in base], base_want, {})
+    return sets
 
 
 def samples_folder(arg, quiet: bool):
@@ -233,15 +257,10 @@ def main(argv=None, overrides=None, quiet=False, full=False):
         paths = world.write_folder(examples, work / "videos")
         clip_names = [f"{p.name} ({c.colour} {c.shape})" for p, c in zip(paths, examples)]  # the copy table's names
         world.write_regularization_set(work / "reg", args.reg, args.seed)
-        train_looks = {(c.colour, c.shape) for c in examples}
 
         # 2. prompts with appearance pairs the base model never saw: (prompts, seeds, wanted motions, extras) per set
-        novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)
-        sets = {"novel": ([p for p, _ in novel], [k for _, k in novel], [args.motion] * len(novel),
-                          {"train_looks": train_looks, "train_videos": [c.video for c in examples]}),
-                "base": ([p for p, _ in base], [k for _, k in base], base_want, {})}
-        if not base:
-            del sets["base"]
+        sets = prompt_sets(args, examples)
+        novel, base, base_want = prompts_for(args.motion, args.token, args.seeds, args.base_seeds)  # (the table's)
         # --jobs 2: a second process (one thread each: the toy's ops gain little from a second thread, toy/speed.md)
         # scores the base model while this one trains, then half of the customized model's videos while this one
         # scores the other half; --jobs 1: all here, with --threads
@@ -264,13 +283,8 @@ def main(argv=None, overrides=None, quiet=False, full=False):
 
             # 3. NewMove customization with train.py's defaults, toy-scale lr/steps (and, for speed only, the
             # element-wise intermediates kept rather than recomputed: the same gradients bit for bit, toy/speed.md)
-            cfg = train.Config(model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"),
-                               reg_caption="a shape moving", token=args.token, frames=8, size=32, steps=args.steps,
-                               lr=args.lr, batch_size=args.batch_size, precision="fp32", log_every=25, ckpt_every=0,
-                               out=str(work / "run"), seed=args.seed, prior_count=8, val_steps=args.sample_steps,
-                               elementwise_recompute=False, **{"optimizer": args.optimizer, **(overrides or {})})
             t_train = time.time()
-            delta = args.delta or train.main(cfg)
+            delta = args.delta or train.main(train_config(args, work, **(overrides or {})))
             t_train = time.time() - t_train
 
             # 4. the same prompts and seeds, customized: with --jobs 2 half the videos each (split_after), else the
