@@ -62,8 +62,9 @@ class Config:
     subject_trains: str = opt("auto", "what the --subject-videos clips' loss trains, next to --videos: all (every "
                               "trained weight) | appearance (only the spatial cross-attention K/V and the subject "
                               "word's row: the temporal layers learn from the motion and regularization clips alone) "
-                              "| auto = appearance with --videos, and then the joint recipe (JOINT_SETTINGS) for "
-                              "the options not given; all otherwise", choices=("auto", "all", "appearance"))
+                              "| word (only the subject word's row, --train-subject-token) | auto = appearance with "
+                              "--videos, and then the joint recipe (JOINT_SETTINGS) for the options not given; all "
+                              "otherwise", choices=("auto", "all", "appearance", "word"))
     subject_token: str = opt("sks", "rare word that names the subject in captions (official config's token: 'sks')")
     subject_class: str = opt("", "the subject's class word for {class} in --subject-caption, e.g. 'dog'")
     subject_caption: str = opt("a {subject_token} {class}", "caption for subject examples without a sidecar "

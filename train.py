@@ -207,8 +207,8 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     # (docs/subject.md: the toy model settles colour at low noise; the temporal layers learn motion from motion clips)
     subject_probs = None if subj is None or cfg.subject_timesteps in ("same", cfg.timesteps) else \
         timestep_probs(cfg.subject_timesteps, cfg.alpha, T).to(run.device)
-    appearance = appearance_params(trainable) if subj is not None and inst is not None and \
-        cfg.subject_trains == "appearance" else None
+    appearance = appearance_params(trainable, cfg.subject_trains) if subj is not None and inst is not None and \
+        cfg.subject_trains != "all" else None
     n_reg = cfg.batch_size * cfg.reg_ratio if reg is not None else 0
     # the subject's examples are instance data too (motion and appearance customization): batch_size more per step,
     # and the instance loss is the mean over both sets' clips; either set may be absent (motion-only, subject-only)
@@ -346,13 +346,15 @@ def make_trainable(cfg: Config, unet, text, tokenizer, train_token: bool) -> tup
     return chosen, trainable, token_id
 
 
-def appearance_params(trainable: list) -> list:
-    """The trained tensors that hold appearance: spatial cross-attention K/V (or their LoRA adapters) and learned word
-    rows; what --subject-trains appearance lets the subject's clips change."""
-    found = [p for n, p in trainable if param_group(n) == "spatial_kv" or n == "text_encoder.placeholder_embeddings"]
+def appearance_params(trainable: list, which: str = "appearance") -> list:
+    """What --subject-trains lets the subject's clips change: appearance = the spatial cross-attention K/V (or their
+    LoRA adapters) and the learned word rows; word = the learned word rows only."""
+    found = [p for n, p in trainable if n == "text_encoder.placeholder_embeddings" or
+             which == "appearance" and param_group(n) == "spatial_kv"]
     if not found:
-        raise SystemExit("error: --subject-trains appearance: this preset trains no spatial cross-attention K/V and no "
-                         "subject word (--train-subject-token); use --subject-trains all")
+        raise SystemExit(f"error: --subject-trains {which}: this run trains no "
+                         f"{'spatial cross-attention K/V and no ' if which == 'appearance' else ''}subject word "
+                         f"(--train-subject-token); use --subject-trains all")
     return found
 
 
