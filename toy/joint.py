@@ -2,7 +2,8 @@
 world over motions and customization seeds, with bootstrap intervals and paired differences to today's recipe.
 
     python toy/joint.py                        # the measured rows (MEASURED): 2 motions x 3 seeds; reruns resume
-    python toy/joint.py --rows joint-word split fine-all split-static --motions "moving in a circle" --seeds 1
+    python toy/joint.py --rows joint-word split split-uniform fine-all split-static --motions "moving in a circle" --seeds 1
+    python toy/joint.py --rows split-uniform --motions zigzagging --seeds 1
     python toy/joint.py --table                # only the table, from the records
 
 Each run teaches a novel motion as `pll` (the demo's 8 clips of it, "a <colour> <shape> doing pll") and, in the same
@@ -63,12 +64,10 @@ ROWS = {
     "split-uniform": ("as split, subject clips at the uniform p(t)", ("motion", "subject"),
                       {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "uniform",
                        "subject_trains": "appearance"}),
-    "split-word": ("as split-coarse, the subject clips training the subject word's row only", ("motion", "subject"),
+    "split-word": ("as split-coarse, the subject clips training the subject word's row only (train.py's joint "
+                   "default, config.JOINT_SETTINGS)", ("motion", "subject"),
                    {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
                     "subject_trains": "word"}),
-    "split-word-fine": ("as split-word, subject clips at the fine p(t)", ("motion", "subject"),
-                        {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
-                         "subject_trains": "word"}),
     "fine-all": ("as split, subject clips training every weight", ("motion", "subject"),
                  {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
                   "subject_trains": "all"}),
@@ -76,7 +75,7 @@ ROWS = {
                      {"train_subject_token": True, "still_frames": "static", "subject_timesteps": "fine",
                       "subject_trains": "appearance"}),
 }
-MEASURED = ("motion", "subject", "joint", "split-coarse", "split-uniform")  # each on MOTIONS x 3 seeds
+MEASURED = ("motion", "subject", "joint", "split-coarse", "split-word")  # each on MOTIONS x 3 seeds
 MOTIONS = ("moving in a circle", "zigzagging")
 OTHER = ("blue", "cross")  # "the motion on another subject": an evaluation look the examples never show
 BASE_LOOKS = (("green", "square"), ("white", "circle"), ("orange", "diamond"), ("cyan", "triangle"))
