@@ -136,7 +136,6 @@ def pixel_multiple(models: Models) -> int:
     return models.vae.cfg.downsample_factor * models.unet.cfg.downsample_factor
 
 
-@torch.no_grad()
 def seeded_noise(shape: tuple, seeds: list) -> tuple:
     """(noise (N, *shape), the N generators): noise i from a CPU generator seeded with seeds[i], so a (prompt, seed)
     pair gives the same video on any batch size and device; the generators go on to draw eta > 0 noise."""
@@ -149,6 +148,7 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
     return (video * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
 
 
+@torch.no_grad()
 def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str = "", frames: int = 16,
              height: int = 256, width: int = 256, steps: int = 50, guidance: float = 9.0, eta: float = 0.0,
              solver: str = "ddim", batch_size: int = 1, dtype=None, decode_chunk: int = 8, progress: bool = True,

@@ -301,3 +301,18 @@ def test_generate_guidance_matches_diffusers_text_to_video_pipeline(tiny, tmp_pa
     assert -0.05 <= lag.min() and lag.max() <= 1.05, (lag.min().item(), lag.max().item())
     assert ref.std() > 30 and ((ref > 0) & (ref < 255)).float().mean() > 0.9  # spread out, hardly clamped: a wrong
     # offset or scale in the conversion shows (measured: std 48, 1.7% of values clamped)
+
+
+def test_generate_builds_no_autograd_graph(tiny, monkeypatch):
+    """generate() samples without autograd (a graph kept across the sampler's steps grows with every step: tens of GB
+    on the toy demo's 50 videos): every UNet call it makes runs with gradients off, even when the caller has them on."""
+    seen, real = [], type(tiny.unet).forward
+
+    def forward(self, *a, **k):
+        seen.append(torch.is_grad_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(tiny.unet), "forward", forward)
+    with torch.enable_grad():
+        sample.generate(tiny, ["a square"], [0], frames=2, height=32, width=32, steps=2, progress=False)
+    assert seen and not any(seen)
