@@ -672,6 +672,8 @@ def test_the_joint_recipe_is_the_default_only_with_both_sets():
 
     assert resolved("--videos", "v", "--subject-videos", "s") == JOINT_SETTINGS
     assert JOINT_SETTINGS["subject_trains"] in ("appearance", "word") and JOINT_SETTINGS != plain
+    from toy.joint import ROWS  # the default is the recipe measured under its name in toy/joint.md
+    assert ROWS["split-word"][2] == JOINT_SETTINGS
     assert resolved("--videos", "v", "--subject-videos", "s", "--still-frames", "static") == \
         {**JOINT_SETTINGS, "still_frames": "static"}
     assert resolved("--videos", "v", "--subject-videos", "s", "--subject-trains", "all") == plain

@@ -46,34 +46,30 @@ from weights import atomic_write
 
 # row: (what it is, the example sets it trains on, train.Config options). "joint" is train.py's joint recipe as it was
 # before the per-set options existed (static stills, no learned word, one p(t), every weight from every clip).
+BOTH = ("motion", "subject")
+
+
+def recipe(trains: str, timesteps: str = "same", stills: str = "1") -> dict:
+    """A joint run's options: the learned subject word, the still kind, what the subject's clips train, their p(t)."""
+    return {"train_subject_token": True, "still_frames": stills, "subject_trains": trains,
+            "subject_timesteps": timesteps}
+
+
 ROWS = {
     "motion": ("motion only", ("motion",), {}),
     "subject": ("subject only, learned word, one-frame stills", ("subject",),
                 {"train_subject_token": True, "still_frames": "1"}),
-    "joint": ("joint, the earlier defaults", ("motion", "subject"),
+    "joint": ("joint, the earlier defaults", BOTH,
               {"still_frames": "static", "subject_timesteps": "same", "subject_trains": "all"}),
-    "joint-word": ("joint, learned word, one-frame stills", ("motion", "subject"),
-                   {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
-                    "subject_trains": "all"}),
-    "split": ("joint, learned word, one-frame stills; subject clips: fine p(t), appearance weights only",
-              ("motion", "subject"), {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
-                                       "subject_trains": "appearance"}),
-    "split-coarse": ("as split, subject clips at the coarse p(t)", ("motion", "subject"),
-                     {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
-                      "subject_trains": "appearance"}),
-    "split-uniform": ("as split, subject clips at the uniform p(t)", ("motion", "subject"),
-                      {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "uniform",
-                       "subject_trains": "appearance"}),
+    "joint-word": ("joint, learned word, one-frame stills", BOTH, recipe("all")),
+    "split": ("joint, learned word, one-frame stills; subject clips: fine p(t), appearance weights only", BOTH,
+              recipe("appearance", "fine")),
+    "split-coarse": ("as split, subject clips at the coarse p(t)", BOTH, recipe("appearance")),
+    "split-uniform": ("as split, subject clips at the uniform p(t)", BOTH, recipe("appearance", "uniform")),
     "split-word": ("as split-coarse, the subject clips training the subject word's row only (train.py's joint "
-                   "default, config.JOINT_SETTINGS)", ("motion", "subject"),
-                   {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "same",
-                    "subject_trains": "word"}),
-    "fine-all": ("as split, subject clips training every weight", ("motion", "subject"),
-                 {"train_subject_token": True, "still_frames": "1", "subject_timesteps": "fine",
-                  "subject_trains": "all"}),
-    "split-static": ("as split, static stills", ("motion", "subject"),
-                     {"train_subject_token": True, "still_frames": "static", "subject_timesteps": "fine",
-                      "subject_trains": "appearance"}),
+                   "default, config.JOINT_SETTINGS)", BOTH, recipe("word")),
+    "fine-all": ("as split, subject clips training every weight", BOTH, recipe("all", "fine")),
+    "split-static": ("as split, static stills", BOTH, recipe("appearance", "fine", "static")),
 }
 MEASURED = ("motion", "subject", "joint", "split-coarse", "split-word")  # each on MOTIONS x 3 seeds
 MOTIONS = ("moving in a circle", "zigzagging")
