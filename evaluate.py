@@ -200,7 +200,7 @@ def write_markdown(path: Path, report: dict):
         lines += ["", f"Copied training clips (copy score > {s.get('copy_threshold')}, `sheet_copy_pairs.png`):", ""]
         lines += copies_table(agg["copies_per_training_clip"])
     keys = [k for k in ("motion_correct", "target_prob", "appearance", "text_alignment", "temporal",
-                                "subject_similarity", "subject_present", "joint_success", "copy", "copy_clip")
+                        "subject_similarity", "subject_present", "joint_success", "copy", "copy_clip")
             if any(k in r for r in report["videos"])]
     lines += ["", "| video | prompt | seed | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for r in report["videos"]:
@@ -258,8 +258,9 @@ def score(args, items: list, train=None) -> tuple:
                 args.subject_videos, 0, stills=True, flag="--subject-videos")]
             threshold = metrics.subject_threshold(examples) if args.subject_threshold is None else \
                 args.subject_threshold
+            subject = torch.cat(examples)  # (S, D): every example frame
             for r, v in zip(rows, videos):
-                r["subject_similarity"] = metrics.subject_similarity(clip, v, torch.cat(examples))
+                r["subject_similarity"] = metrics.subject_similarity(clip, v, subject)
                 if threshold is not None:
                     r["subject_present"] = float(r["subject_similarity"] >= threshold)
             agg["subject_similarity"] = mean([r["subject_similarity"] for r in rows])

@@ -134,14 +134,18 @@ def run_one(task: tuple) -> dict:
         delta = train.main(cfg)
     models = load_models(model)
     apply_delta(models, delta)
+    asked = prompts(motion, s["videos"])
+    # every prompt's videos in one sampling pass (full batches; a (prompt, seed) pair's video does not depend on them)
+    found = subject.sample_and_read(models, [x for texts, _, _ in asked.values() for x in texts],
+                                    [k for texts, _, _ in asked.values() for k in range(len(texts))],
+                                    argparse.Namespace(sample_steps=s["sample_steps"]))
     per_video = {}
-    for name, (texts, want, has_subject) in prompts(motion, s["videos"]).items():
-        args = argparse.Namespace(sample_steps=s["sample_steps"])
-        found = subject.sample_and_read(models, texts, list(range(len(texts))), args)
-        moved = [float(a["motion"] == m) for a, m in zip(found, want)]
+    for i, (name, (texts, want, has_subject)) in enumerate(asked.items()):
+        mine = found[i * s["videos"]:(i + 1) * s["videos"]]
+        moved = [float(a["motion"] == m) for a, m in zip(mine, want)]
         per_video[name + ": motion"] = moved
         if has_subject:
-            drawn = [float(subject.subject_present(a)) for a in found]
+            drawn = [float(subject.subject_present(a)) for a in mine]
             per_video[name + ": subject"] = drawn
             per_video[name + ": both"] = [a * b for a, b in zip(moved, drawn)]
     return {"row": row, "motion": motion, "seed": seed, "settings": s, "per_video": per_video,
