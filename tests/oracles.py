@@ -1,4 +1,4 @@
-"""Test oracles: the ORIGINAL ModelScope model files loaded by path, and helpers to give tiny models random weights.
+"""Test oracles: the ORIGINAL ModelScope and Wan model files loaded by path, and helpers to give tiny models random weights.
 
 The `modelscope` wheel ships `unet_sd.py`, `autoencoder.py` and `diffusion.py` byte-identical to the GitHub release
 (modelscope.md §8.1). Importing them through the package runs `modelscope/__init__` and fails without its heavy extras,
@@ -6,8 +6,12 @@ so they are executed directly from their file path; they need only torch, einops
 """
 
 import gzip
+import importlib
 import importlib.util
 import math
+import sys
+import types
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -27,6 +31,28 @@ def modelscope_module(name: str):
         mspec.loader.exec_module(module)
         _cache[name] = module
     return _cache[name]
+
+
+def wan_module(name: str):
+    """Load `wan/{name}.py` of the ORIGINAL Wan code (the `wan22` wheel of the Wan team, Wan2.2's `wan/` package:
+    its `modules/model.py`, `vae2_1.py`, `t5.py` and `utils/fm_solvers_unipc.py` are the Wan 2.1 networks and sampler)
+    without running `wan/__init__`, which imports every pipeline and their extras (flash_attn, cv2, dashscope).
+
+    The parent packages are registered as bare namespaces over the real folders, so the files' relative imports
+    (`from .attention import ...`) resolve; `name` is dotted, e.g. "modules.model" or "utils.fm_solvers_unipc".
+    """
+    if "wan_oracle" not in sys.modules:
+        spec = importlib.util.find_spec("wan")  # locates the folder without executing the package
+        assert spec is not None, "the test oracle `wan22` is not installed (pip install --no-deps wan22==2.2.11)"
+        root = Path(spec.submodule_search_locations[0])
+        for pkg, folder in (("wan_oracle", root), ("wan_oracle.modules", root / "modules"),
+                            ("wan_oracle.utils", root / "utils")):
+            module = types.ModuleType(pkg)
+            module.__path__ = [str(folder)]
+            sys.modules[pkg] = module
+    # t5.py evaluates torch.cuda.current_device() in a default argument at import time: answer 0 on a CPU machine
+    with unittest.mock.patch("torch.cuda.current_device", lambda: 0):
+        return importlib.import_module(f"wan_oracle.{name}")
 
 
 @torch.no_grad()
