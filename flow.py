@@ -113,3 +113,26 @@ def _unic(x, x0s, x0_new, lam, sigmas, i: int, c: int):
         corr = rho0.float() * (x0s[-2] - m0) / r1.float() + rho1.float() * d_new
     alpha = 1 - sigmas[i]
     return sigmas[i] / sigmas[i - 1] * x - alpha * phi.float() * (m0 + corr)
+
+
+@torch.no_grad()
+def sample_latents(net, noise, context, uncond, steps: int = 50, shift: float = 5.0, guidance: float = 5.0,
+                   solver: str = "unipc") -> torch.Tensor:
+    """Wan's denoising loop on latents: `net(x, t, context)` -> velocity, guided as v_u + g (v_c - v_u) (the original
+    runs the conditional and unconditional passes separately; here they share one batch: the same numbers), from
+    `noise` (B, C, F, h, w) through `steps` steps of the shifted schedule. context, uncond: (B, L, D)."""
+    sigmas, timesteps = wan_schedule(steps, shift)
+    sigmas = sigmas.to(noise.device)
+    timesteps = timesteps.to(noise.device)
+    both = torch.cat([context, uncond]) if guidance != 1 else context  # (2B, L, D)
+
+    def velocity(x, i):
+        t = timesteps[i].float().expand(len(both))  # the network sees the truncated integer t
+        v = net(torch.cat([x, x]) if guidance != 1 else x, t, both).float()
+        if guidance == 1:
+            return v
+        v_c, v_u = v.chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    sampler = sample_unipc if solver == "unipc" else sample_euler
+    return sampler(velocity, noise.float(), sigmas)

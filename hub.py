@@ -33,6 +33,8 @@ KNOWN_MODELS = {
     "cerspense/zeroscope_v2_576w": ("diffusers", "zeroscope v2 576w, the official NewMove base model (§7); its "
                                                  "zs2_576w/ copy in the original format is not fetched"),
     "ali-vilab/modelscope-damo-text-to-video-synthesis": ("original", "the original ModelScope release (§1)"),
+    "Wan-AI/Wan2.1-T2V-1.3B": ("wan", "Wan 2.1 T2V 1.3B, the original release (wan_models.py)"),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ("wan-diffusers", "Wan 2.1 T2V 1.3B, diffusers port (wan_models.py)"),
 }
 
 # What load_models reads (models.py's docstring draws both layouts). Diffusers layout: these configs (the first and
@@ -45,6 +47,13 @@ DIFFUSERS_WEIGHTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_py
 # Original layout: configuration.json and the three files its model_args name (these names when it names none).
 ORIGINAL_FILES = {"ckpt_unet": "text2video_pytorch_model.pth", "ckpt_autoencoder": "VQGAN_autoencoder.pth",
                   "ckpt_clip": "open_clip_pytorch_model.bin"}
+# Wan 2.1 (wan_models.py): the original release's files (the DiT's safetensors may be sharded, then its index names
+# the shards), and the diffusers port's folders, whose large networks come as shards listed in an index.
+WAN_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth",
+             "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/tokenizer.json")
+WAN_DIFFUSERS_FILES = ("model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                       "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                       "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json")
 
 # The evaluators' weights by name: (URL, pinned sha256). Their publishers give no checksum (none found in the TRN or
 # SSCD repositories, nor in code that downloads these files), so none is pinned: a download is kept only when its
@@ -80,8 +89,15 @@ def loader_files(names, variant=None, read_config=None, layout=None) -> tuple:
     JSON file (the original layout's configuration.json may name other weight files)."""
     names = set(names)
     if layout is None:  # models.detect_layout's rule
-        layout = "original" if "configuration.json" in names else \
+        layout = "original" if "configuration.json" in names else "wan" if "Wan2.1_VAE.pth" in names else \
+            "wan-diffusers" if "transformer/config.json" in names else \
             "diffusers" if "unet/config.json" in names or "model_index.json" in names else None
+    if layout in ("wan", "wan-diffusers"):
+        files = []
+        for f in WAN_FILES if layout == "wan" else WAN_DIFFUSERS_FILES:
+            index = f"{f}.index.json"  # a large network may come sharded: its index and the shards it names
+            files += _shards(index, read_config) if f not in names and index in names else [f]
+        return layout, files
     if layout == "original":
         args = read_config("configuration.json") if read_config and "configuration.json" in names else {}
         args = (args.get("model") or {}).get("model_args") or {}
@@ -93,6 +109,13 @@ def loader_files(names, variant=None, read_config=None, layout=None) -> tuple:
             files.append(next((c for c in candidates if c in names), candidates[0]))  # one format, never both
         return layout, files
     return None, []
+
+
+def _shards(index: str, read_config) -> list:
+    """A sharded safetensors file: its index and the shard files it names (folder-relative)."""
+    folder = index.rsplit("/", 1)[0] + "/" if "/" in index else ""
+    mapping = (read_config(index) if read_config else {}).get("weight_map") or {}
+    return [index] + sorted({folder + shard for shard in mapping.values()})
 
 
 def folder_missing(folder: Path, variant=None, layout=None) -> list:
@@ -134,7 +157,7 @@ def snapshot(repo_id: str, revision=None) -> Path | None:
     """The cached snapshot folder of repo_id at revision (refs/ name branches and tags), complete or not; no network."""
     from huggingface_hub import try_to_load_from_cache
 
-    for probe in ("configuration.json", "unet/config.json", "model_index.json"):
+    for probe in ("configuration.json", "unet/config.json", "model_index.json", "Wan2.1_VAE.pth"):
         hit = try_to_load_from_cache(repo_id, probe, revision=revision)
         if isinstance(hit, str):  # else None, or a marker that the Hub said the file does not exist
             return Path(hit).parents[probe.count("/")]

@@ -91,3 +91,31 @@ def test_shift_moves_sigmas_towards_noise():
     assert torch.equal(flow.shift_sigma(s, 1.0), s)
     assert bool((flow.shift_sigma(s, 5.0) > s).all()) and torch.allclose(flow.shift_sigma(torch.tensor(0.5), 3.0),
                                                                          torch.tensor(0.75))
+
+
+def test_sample_latents_is_guided_unipc_with_the_network_seeing_integer_timesteps():
+    """One batched call per step for both branches gives what the original's two calls and its guidance give."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(4, 4, generator=g)
+    seen = []
+
+    def net(x, t, ctx):  # depends on x, t and the context, per sample
+        seen.append(t.clone())
+        return torch.tanh(torch.einsum("bcfhw,cd->bdfhw", x, w) + ctx.mean((1, 2)).view(-1, 1, 1, 1, 1) + t.view(
+            -1, 1, 1, 1, 1) / 1000)
+
+    noise = torch.randn(2, 4, 3, 2, 2, generator=g)
+    ctx, unc = torch.randn(2, 5, 3, generator=g), torch.zeros(2, 5, 3)
+    out = flow.sample_latents(net, noise, ctx, unc, steps=6, shift=5.0, guidance=4.0)
+    sigmas, timesteps = flow.wan_schedule(6, 5.0)
+    assert all(bool((s == float(t)).all()) and len(s) == 4 for s, t in zip(seen, timesteps))
+
+    def velocity(x, i):  # the original's form: conditional and unconditional passes apart
+        t = timesteps[i].float().expand(2)
+        v_c, v_u = net(x, t, ctx), net(x, t, unc)
+        return v_u + 4.0 * (v_c - v_u)
+
+    assert torch.allclose(out, flow.sample_unipc(velocity, noise, sigmas), atol=1e-6)
+    plain = flow.sample_latents(net, noise, ctx, unc, steps=6, shift=5.0, guidance=1.0)
+    assert torch.allclose(plain, flow.sample_unipc(lambda x, i: net(x, timesteps[i].float().expand(2), ctx), noise,
+                                                   sigmas), atol=1e-6) and not torch.allclose(plain, out, atol=1e-3)

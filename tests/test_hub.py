@@ -162,6 +162,34 @@ def test_loader_files_take_one_weight_format_per_network():
     assert hub.loader_files({"README.md"}) == (None, [])
 
 
+def test_loader_files_of_both_wan_layouts_follow_shard_indexes():
+    """Wan 2.1 as released (the repository's file names): only what wan_models reads, shards through their index."""
+    original = {"config.json", "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
+                "google/umt5-xxl/tokenizer.json", "google/umt5-xxl/spiece.model", "README.md", "assets/logo.png"}
+    assert hub.loader_files(original) == ("wan", list(hub.WAN_FILES))
+    index = {"weight_map": {"a.weight": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                            "b.weight": "diffusion_pytorch_model-00002-of-00002.safetensors",
+                            "c.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
+    sharded = original - {"diffusion_pytorch_model.safetensors"} | {"diffusion_pytorch_model.safetensors.index.json"}
+    layout, files = hub.loader_files(sharded, read_config=lambda f: index)
+    assert layout == "wan" and files[1:4] == ["diffusion_pytorch_model.safetensors.index.json",
+                                              "diffusion_pytorch_model-00001-of-00002.safetensors",
+                                              "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    port = {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors.index.json",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+            "text_encoder/model.safetensors.index.json", "tokenizer/tokenizer.json", "tokenizer/spiece.model",
+            "scheduler/scheduler_config.json"}
+    reads = []
+    layout, files = hub.loader_files(port, read_config=lambda f: reads.append(f) or {
+        "weight_map": {"x": f"{f.split('/')[0]}-00001.safetensors"}})
+    assert layout == "wan-diffusers" and reads == ["transformer/diffusion_pytorch_model.safetensors.index.json",
+                                                   "text_encoder/model.safetensors.index.json"]
+    assert "transformer/transformer-00001.safetensors" in files and "text_encoder/text_encoder-00001.safetensors" in files
+    assert "tokenizer/spiece.model" not in files and "vae/diffusion_pytorch_model.safetensors" in files
+    # a ModelScope diffusers folder is still that (model_index.json alone does not make it Wan)
+    assert hub.loader_files({"model_index.json", "unet/config.json"})[0] == "diffusers"
+
+
 @pytest.mark.slow
 def test_a_hub_id_samples_fetching_only_what_the_loader_reads_then_works_offline(fake_hub, tiny_repos, tmp_path,
                                                                                  capfd):

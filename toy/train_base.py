@@ -111,6 +111,20 @@ def train_vae(videos, steps, seed, logfile):
     return model.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def encode_pool(vae, videos):
+    """Every clip's VAE posterior once, scaled: (mean, std), each (n, 4, F, h, w)."""
+    means, stds = [], []
+    for chunk in videos.split(256):
+        x = chunk.float() / 127.5 - 1  # (b, 3, F, H, W)
+        b, c, f, h, w = x.shape
+        m, lv = vae.encode_frames(x.transpose(1, 2).flatten(0, 1))  # (b*F, 4, h', w')
+        s = vae.cfg.scaling_factor
+        means.append((m * s).unflatten(0, (b, f)).transpose(1, 2))  # (b, 4, F, h', w')
+        stds.append((torch.exp(0.5 * lv) * s).unflatten(0, (b, f)).transpose(1, 2))
+    return torch.cat(means), torch.cat(stds)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="toy/model", help="model directory to write (must not exist)")
@@ -175,16 +189,7 @@ def main():
 
     # stage 2 inputs: every clip encoded once (posterior mean/std, scaled), every caption tokenized
     tokenizer = te.Tokenizer()
-    with torch.no_grad():
-        means, stds = [], []
-        for chunk in videos.split(256):
-            x = chunk.float() / 127.5 - 1  # (b, 3, F, H, W)
-            b, c, f, h, w = x.shape
-            m, lv = vae.encode_frames(x.transpose(1, 2).flatten(0, 1))  # (b*F, 4, h', w')
-            s = vae.cfg.scaling_factor
-            means.append((m * s).unflatten(0, (b, f)).transpose(1, 2))  # (b, 4, F, h', w')
-            stds.append((torch.exp(0.5 * lv) * s).unflatten(0, (b, f)).transpose(1, 2))
-        means, stds = torch.cat(means), torch.cat(stds)
+    means, stds = encode_pool(vae, videos)
     tokens = tokenizer(captions)  # (n, 77)
     empty = tokenizer([""])[0]
     log(f"encoded pool: latents {tuple(means.shape)}, scale {vae.cfg.scaling_factor:.4f}", logfile)
