@@ -1,0 +1,209 @@
+"""Pretrain the toy DiT: Wan 2.1's diffusion transformer (wan_dit.py) in a tiny config, on the toy world's BASE motions.
+
+    python toy/train_dit.py --work toy/runs/dit --minutes 60             # a budget of wall-clock minutes
+    python toy/train_dit.py --work toy/runs/dit --minutes 60 --resume    # continue (same data, same RNG stream)
+    python toy/train_dit.py --work toy/runs/dit --export-only --out toy/dit
+
+The DiT family's toy stand-in, beside the toy UNet (toy/train_base.py): the same clips and captions, and the committed
+toy model's frozen VAE and text encoder (toy/model: 32x32 frames -> 8x8x4 latents, 77 CLIP-like tokens of width 64),
+so the only thing that differs between the two families in the toy world is the denoiser and its objective. The
+denoiser is Wan's block (adaLN-modulated 3-D self-attention with RoPE, text cross-attention, FFN) with Wan's
+objective: rectified flow, x_s = (1 - s) x0 + s n, target v = n - x0 (flow.py), with s drawn uniformly on the
+1000-step grid and bent by the same time shift the sampler uses (TOY_SHIFT). 10% empty captions train the
+unconditional velocity for classifier-free guidance; an EMA of the weights is what gets exported.
+
+Every step's data is a function of (--seed, step), so --resume continues exactly; checkpoints every 250 steps and at
+the end; `log.jsonl` gets the running loss, and every --eval-every steps the base-motion accuracy of a fixed set of
+prompts on held-out colour/shape pairs (the toy scorer), sampled with the EMA weights.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python toy/x.py` puts toy/ on sys.path, not the repository root
+    import omp  # before torch loads OpenMP, which reads its wait policy once (omp.py)
+    omp.choose_wait_policy()
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from tqdm import tqdm
+
+import flow
+import wan_dit
+import weights
+from models import load_models
+from toy import world
+from toy.scorer import ToyScorer
+from toy.train_base import clip_pool, encode_pool, log
+
+# The toy DiT: 8 latent frames x 8x8 -> 8 x 4 x 4 = 128 tokens of width 128; 6 blocks, 4 heads of 32 (RoPE pairs
+# 6 / 5 / 5 over frames / rows / columns); the toy text encoder's 77 x 64 features as its context.
+TOY_DIT = wan_dit.WanDiTConfig(patch_size=(1, 2, 2), text_len=77, in_dim=4, dim=128, ffn_dim=384, freq_dim=64,
+                               text_dim=64, out_dim=4, num_heads=4, num_layers=6)
+TOY_SHIFT = 3.0  # the time shift of training and sampling (Wan samples 480p with 5.0; the toy latents are tiny)
+TOY_MODEL = ROOT / "toy" / "model"  # the frozen VAE and text encoder
+
+
+def train_sigmas(g, n: int, shift: float = TOY_SHIFT, probs=None) -> torch.Tensor:
+    """n noise levels: a grid index k in 0..999 (uniform, or from `probs` (1000,)), s = shift((k + 1) / 1000)."""
+    k = torch.randint(0, 1000, (n,), generator=g) if probs is None else \
+        torch.multinomial(probs, n, replacement=True, generator=g)
+    return flow.shift_sigma((k.double() + 1) / 1000, shift).float()
+
+
+@torch.no_grad()
+def eval_base(dit, base, prompts, seeds, steps: int = 20, guidance: float = 5.0) -> float:
+    """Base-motion accuracy of (prompt, seed) pairs: sample with UniPC, decode, score with the toy scorer."""
+    dit.eval()
+    tok = base.tokenizer(prompts)
+    ctx, unc = base.text_encoder(tok), base.text_encoder(base.tokenizer([""] * len(prompts)))
+    noise = torch.stack([torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = flow.sample_latents(dit, noise, ctx, unc, steps=steps, shift=TOY_SHIFT, guidance=guidance)
+    videos = decode(base.vae, z)
+    scorer = ToyScorer()
+    want = [" ".join(p.split()[3:]) for p in prompts]  # "a red triangle moving left" -> "moving left"
+    return sum(scorer.analyse(v)["motion"] == w for v, w in zip(videos, want)) / len(prompts)
+
+
+def decode(vae, z) -> torch.Tensor:
+    """Latents (B, 4, F, h, w) -> uint8 videos (B, 3, F, H, W) through the toy VAE, frame by frame."""
+    b, c, f, h, w = z.shape
+    frames = vae.decode_frames(z.transpose(1, 2).flatten(0, 1) / vae.cfg.scaling_factor)  # (B*F, 3, H, W)
+    x = frames.unflatten(0, (b, f)).transpose(1, 2)  # (B, 3, F, H, W)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def eval_prompts(n_per_motion: int = 4) -> tuple:
+    """Base-motion prompts on held-out colour/shape pairs, with fixed seeds."""
+    looks = sorted(world.HELD_OUT_COMBOS)
+    prompts = [world.caption_for(c, s, m) for m in world.BASE_MOTIONS for (c, s) in looks[:n_per_motion]]
+    return prompts, list(range(len(prompts)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="toy/runs/dit", help="checkpoints and log")
+    p.add_argument("--out", default="toy/dit", help="where --export-only writes the model (transformer/)")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
+    p.add_argument("--steps", type=int, default=0, help="stop at this step (0: only the time budget)")
+    p.add_argument("--clips", type=int, default=12000, help="size of the base-motion training pool")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=200, help="linear lr warm-up steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1000, help="base-motion accuracy every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from --work/state.pt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export-only", action="store_true", help="only write --out from the checkpoint in --work")
+    args = p.parse_args()
+    work = Path(args.work)
+    state_path = work / "state.pt"
+    if args.export_only:
+        print(f"wrote {export(state_path, Path(args.out))}")
+        return
+    torch.set_num_threads(args.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    logfile = work / "log.jsonl"
+    if state_path.exists() and not args.resume:
+        raise SystemExit(f"error: {state_path} exists; pass --resume or choose another --work")
+    t0 = time.time()
+
+    # --- data: the base-motion pool through the committed toy model's frozen VAE; captions through its text encoder
+    base = load_models(TOY_MODEL)
+    base.vae.eval().requires_grad_(False)
+    base.text_encoder.eval().requires_grad_(False)
+    videos, captions = clip_pool(args.clips, args.seed, frames=8, size=32)
+    means, stds = encode_pool(base.vae, videos)  # (n, 4, 8, 8, 8) each
+    with torch.no_grad():
+        unique = sorted(set(captions) | {""})
+        feats = base.text_encoder(base.tokenizer(unique))  # (U, 77, 64)
+    index = {c: i for i, c in enumerate(unique)}
+    cap_idx = torch.tensor([index[c] for c in captions])
+    empty = index[""]
+    log(f"pool: {len(videos)} clips, {len(unique)} captions, latents {tuple(means.shape)} in {time.time() - t0:.0f} s",
+        logfile)
+
+    # --- the model, its EMA and the optimizer (resumed when asked)
+    torch.manual_seed(args.seed + 1)
+    dit = wan_dit.WanDiT(TOY_DIT)
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.01)
+    step = 0
+    if args.resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        dit.load_state_dict(state["dit"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"resumed at step {step}", logfile)
+    log(f"toy DiT: {sum(p.numel() for p in dit.parameters()):,} params", logfile)
+    prompts, seeds = eval_prompts()
+
+    def save_state():
+        state = {"dit": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                 "config": json.dumps(vars(TOY_DIT))}
+        weights.atomic_write(state_path, lambda tmp: torch.save(state, tmp), overwrite=True)
+
+    # --- the loop: rectified flow, uniform s on the shifted grid, 10% unconditional
+    deadline = time.time() + 60 * args.minutes
+    bar = tqdm(desc="toy DiT", initial=step)
+    running = None
+    dit.train()
+    while time.time() < deadline and (args.steps == 0 or step < args.steps):
+        g = torch.Generator().manual_seed(hash((args.seed, step)) & 0x7FFFFFFF)  # data of step k: a function of k
+        idx = torch.randint(len(means), (args.batch,), generator=g)
+        x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)  # a posterior sample per clip
+        caps = cap_idx[idx].clone()
+        caps[torch.rand(args.batch, generator=g) < 0.1] = empty
+        s = train_sigmas(g, args.batch)
+        noise = torch.randn(x0.shape, generator=g)
+        v = dit(flow.add_noise(x0, noise, s), s * 1000, feats[caps])
+        loss = (v - (noise - x0)).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), dit.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 100 == 0:
+            log({"step": step, "loss": running, "minutes": (time.time() - t0) / 60}, logfile)
+        if step % 250 == 0:
+            save_state()
+        if args.eval_every and step % args.eval_every == 0:
+            acc = eval_base(ema, base, prompts, seeds)
+            log({"step": step, "base_motion_accuracy": acc, "n": len(prompts)}, logfile)
+    bar.close()
+    save_state()
+    log(f"stopped at step {step} after {(time.time() - t0) / 60:.1f} min", logfile)
+
+
+def export(state_path: Path, out: Path) -> Path:
+    """The EMA DiT as a model folder in the diffusers layout: transformer/config.json + fp16 safetensors."""
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    cfg = wan_dit.WanDiTConfig(**json.loads(state["config"]))
+    if out.exists():
+        out = out.with_name(out.name + f"-step{state['step']}")
+    folder = out / "transformer"
+    folder.mkdir(parents=True)
+    weights.write_json(wan_dit.dit_config_to_diffusers(cfg), folder / "config.json")
+    sd = {k: v.half() for k, v in wan_dit.dit_to_diffusers(state["ema"]).items()}
+    weights.save_state_dict(sd, folder / "diffusion_pytorch_model.safetensors")
+    return out
+
+
+if __name__ == "__main__":
+    main()
