@@ -17,7 +17,8 @@ import runs
 from runs import opt
 
 
-# Which UNet parameters each preset trains (group names: see train.param_group). Rows of the paper's Table 2 and baselines.
+# Which denoiser parameters each preset trains (groups: train.param_group, train.dit_param_group for the Wan DiT's
+# "dit-" presets). Rows of the paper's Table 2, baselines, and the DiT's candidate sets.
 PRESETS = {
     "newmove": dict(groups=("temporal", "spatial_kv")),  # the method: 570,882,176 params on the 1.7B UNet
     "temporal": dict(groups=("temporal",)),  # Table 2(a) "spatial: None"
@@ -29,6 +30,18 @@ PRESETS = {
     "textual-inversion": dict(groups=(), train_token=True, prior="none"),
     "dreambooth": dict(groups=("spatial_kv", "spatial_attn", "spatial_rest"), prior="synthetic"),
     "custom-diffusion": dict(groups=("spatial_kv",), train_token=True, prior="real"),
+    # the Wan DiT (wan_dit.py; groups: train.dit_param_group). It has no temporal layers: each block's self-attention
+    # mixes space and time in one operation, so which weights carry a motion is an open question these rows ask
+    "dit-newmove": dict(groups=("self_qk", "self_vo", "cross_kv"), family="dit"),  # the frame-mixing layer + text K/V
+    "dit-self-attn": dict(groups=("self_qk", "self_vo"), family="dit"),  # self-attention, all of it
+    "dit-self-qk": dict(groups=("self_qk",), family="dit"),  # only Q/K: the attention maps, where motion is drawn
+    "dit-self-qk+cross-kv": dict(groups=("self_qk", "cross_kv"), family="dit"),
+    "dit-cross-kv": dict(groups=("cross_kv",), family="dit"),  # NewMove's spatial choice alone
+    "dit-ffn": dict(groups=("ffn",), family="dit"),
+    "dit-linear-all": dict(groups=("self_qk", "self_vo", "cross_kv", "cross_rest", "ffn"), family="dit"),  # every
+    # Linear of the blocks (and their q/k norms): with --lora-rank R, the community's "LoRA on all" default
+    "dit-all": dict(groups=("self_qk", "self_vo", "cross_kv", "cross_rest", "ffn", "modulation", "dit_rest"),
+                    family="dit"),
 }
 
 

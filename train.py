@@ -72,11 +72,30 @@ def param_group(name: str) -> str:
     return "spatial_rest"
 
 
-def select_trainable(unet, preset: str) -> list:
+def dit_param_group(name: str) -> str:
+    """Family of a Wan DiT parameter (wan_dit.py, the original's names: blocks.N.self_attn.q.weight, ...)."""
+    # A DiT block has no temporal layer to pick: its self-attention relates every (frame, row, column) token to every
+    # other, so motion can only live in how it attends (Q/K: the attention maps) and what it moves (V/O). The text
+    # cross-attention's K/V map the words to what the tokens receive, NewMove's spatial choice; the FFN, the
+    # per-block modulation and the embeddings/head are the rest.
+    parts = name.split(".")
+    if parts[0] != "blocks":
+        return "dit_rest"  # patch, text and time embeddings, the head
+    module = parts[2]
+    if module == "self_attn":
+        return "self_qk" if parts[3] in ("q", "k", "norm_q", "norm_k") else "self_vo"
+    if module == "cross_attn":
+        return "cross_kv" if parts[3] in ("k", "v") else "cross_rest"
+    return {"ffn": "ffn", "modulation": "modulation", "norm3": "cross_rest"}[module]
+
+
+def select_trainable(net, preset: str) -> list:
     """[(name, parameter)] that `preset` trains, group by group in PRESETS order. Works on diffusers'
-    UNet3DConditionModel too (same names): the one copy of the selection, used by train.py, benchmarks and tests."""
-    params = list(unet.named_parameters())
-    return [(n, p) for g in PRESETS[preset]["groups"] for n, p in params if param_group(n) == g]
+    UNet3DConditionModel too (same names): the one copy of the selection, used by train.py, benchmarks and tests.
+    The "dit-" presets select from a Wan DiT by dit_param_group."""
+    group = dit_param_group if PRESETS[preset].get("family") == "dit" else param_group
+    params = list(net.named_parameters())
+    return [(n, p) for g in PRESETS[preset]["groups"] for n, p in params if group(n) == g]
 
 
 # -----------------------------------------------------------------------------------------------------------------------

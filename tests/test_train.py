@@ -22,6 +22,7 @@ from delta import apply_delta
 import train
 import layouts
 import unet3d
+import wan_dit
 import weights
 from inprocess import run_script, run_scripts_in_one_process, threads
 from models import load_models, save_models, tiny_models
@@ -68,6 +69,31 @@ def test_spatial_kv_is_not_the_naive_attn2_filter():
     assert sum(p.numel() for p in naive) == 50_864_128  # includes the temporal transformers' second self-attention
     kv = train.select_trainable(unet, "temporal-none")  # the spatial K/V group alone
     assert sum(p.numel() for _, p in kv) == 25_559_040 and all(".attentions." in n for n, _ in kv)
+
+
+@pytest.mark.parametrize("preset,params,tensors", [
+    ("dit-newmove", 425_041_920, 420), ("dit-self-qk", 141_742_080, 180), ("dit-cross-kv", 141_649_920, 120),
+    ("dit-ffn", 826_068_480, 120), ("dit-linear-all", 1_392_944_640, 780), ("dit-all", 1_418_996_800, 825)])
+def test_dit_preset_parameter_counts_full_size(preset, params, tensors):
+    """Wan 2.1 T2V 1.3B on the meta device: each candidate set's size (dit-all = every parameter, once)."""
+    with torch.device("meta"):
+        dit = wan_dit.WanDiT()
+    chosen = train.select_trainable(dit, preset)
+    assert (sum(p.numel() for _, p in chosen), len(chosen)) == (params, tensors)
+    assert len({id(p) for _, p in chosen}) == len(chosen)
+
+
+def test_dit_groups_put_each_projection_where_its_role_is():
+    g = train.dit_param_group
+    assert [g(f"blocks.3.self_attn.{m}.weight") for m in ("q", "k", "norm_q", "norm_k", "v", "o")] == \
+        ["self_qk"] * 4 + ["self_vo"] * 2
+    # the text K/V only: the cross-attention's queries come from the video tokens, its key norm stays with the rest
+    assert [g(f"blocks.0.cross_attn.{m}.weight") for m in ("k", "v", "q", "o", "norm_k")] == \
+        ["cross_kv"] * 2 + ["cross_rest"] * 3
+    assert (g("blocks.29.norm3.bias"), g("blocks.1.ffn.2.weight"), g("blocks.1.modulation")) == \
+        ("cross_rest", "ffn", "modulation")
+    assert {g(n) for n in ("patch_embedding.weight", "text_embedding.0.weight", "time_projection.1.bias",
+                           "head.head.weight", "head.modulation")} == {"dit_rest"}
 
 
 def test_loss_weights_give_instance_mean_plus_lambda_reg_mean():
