@@ -117,11 +117,12 @@ def _unic(x, x0s, x0_new, lam, sigmas, i: int, c: int):
 
 @torch.no_grad()
 def sample_latents(net, noise, context, uncond, steps: int = 50, shift: float = 5.0, guidance: float = 5.0,
-                   solver: str = "unipc") -> torch.Tensor:
+                   solver: str = "unipc", schedule: tuple | None = None) -> torch.Tensor:
     """Wan's denoising loop on latents: `net(x, t, context)` -> velocity, guided as v_u + g (v_c - v_u) (the original
     runs the conditional and unconditional passes separately; here they share one batch: the same numbers), from
-    `noise` (B, C, F, h, w) through `steps` steps of the shifted schedule. context, uncond: (B, L, D)."""
-    sigmas, timesteps = wan_schedule(steps, shift)
+    `noise` (B, C, F, h, w) through `steps` steps of the shifted schedule. context, uncond: (B, L, D). `schedule`:
+    another (sigmas, timesteps) pair, e.g. diffusers' (its flow UniPC spaces sigmas from 1, not 0.999)."""
+    sigmas, timesteps = schedule or wan_schedule(steps, shift)
     sigmas = sigmas.to(noise.device)
     timesteps = timesteps.to(noise.device)
     both = torch.cat([context, uncond]) if guidance != 1 else context  # (2B, L, D)

@@ -96,6 +96,8 @@ def loader_files(names, variant=None, read_config=None, layout=None) -> tuple:
         files = []
         for f in WAN_FILES if layout == "wan" else WAN_DIFFUSERS_FILES:
             index = f"{f}.index.json"  # a large network may come sharded: its index and the shards it names
+            if f in OPTIONAL_CONFIGS and f not in names:
+                continue
             files += _shards(index, read_config) if f not in names and index in names else [f]
         return layout, files
     if layout == "original":

@@ -286,15 +286,95 @@ def save_video(video: torch.Tensor, folder, stem: str, fps: int = 8) -> Path:
 
 
 # -----------------------------------------------------------------------------------------------------------------------
+# Wan 2.1 (wan_models.py): its text encoder, DiT, flow sampler (flow.py) and causal video VAE
+
+
+@torch.no_grad()
+def generate_wan(models, prompts: list, seeds: list, *, negative_prompt: str | None = None, frames: int = 81,
+                 height: int = 480, width: int = 832, steps: int = 50, shift: float = 5.0, guidance: float = 5.0,
+                 solver: str = "unipc", dtype=None, progress: bool = True, return_latents: bool = False):
+    """Wan 2.1 videos for the (prompt, seed) pairs: uint8 (N, 3, F, H, W), one pair at a time (a 480p clip fills a
+    GPU). Defaults are the original text2video.py's (wan_models.SAMPLE_DEFAULTS) with its negative prompt. The
+    initial noise (16, 1 + (F-1)/4, H/8, W/8) comes from a CPU generator per seed (seeded_noise), so a pair gives the
+    same video on any device (the original draws it on the GPU: same seed, other numbers)."""
+    import flow
+    import wan_models
+    from wan_t5 import encode_prompts
+
+    dit, vae, text = models.dit, models.vae, models.text_encoder
+    tf, sf = vae.cfg.temporal_factor, vae.cfg.spatial_factor
+    multiple = sf * dit.cfg.patch_size[1]  # pixels per token side: 8 x 2 = 16
+    if (frames - 1) % tf or height % multiple or width % multiple:
+        raise ValueError(f"Wan needs frames = 1 + {tf}k and sides divisible by {multiple}; got {frames} frames of "
+                         f"{width}x{height}")
+    device = dit.patch_embedding.weight.device
+    neg = wan_models.NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+    shape = (vae.cfg.z_dim, 1 + (frames - 1) // tf, height // sf, width // sf)
+    out = []
+    for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="sampling", disable=not progress):
+        ctx = encode_prompts(text, models.tokenizer, [prompt, neg], dit.cfg.text_len).float()  # (2, 512, 4096)
+        noise = seeded_noise(shape, [seed])[0].to(device)  # (1, 16, f, h, w)
+        with autocast(device, dtype):
+            z = flow.sample_latents(dit, noise, ctx[:1], ctx[1:], steps, shift, guidance, solver)
+            out.append(z if return_latents else to_uint8(vae.decode(z).float()).cpu())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
 # command line
+
+
+# flags whose default depends on the model family: (ModelScope / ZeroScope, Wan 2.1 = the original text2video.py's)
+FAMILY_DEFAULTS = {"modelscope": dict(frames=16, height=256, width=256, steps=50, guidance=9.0, fps=8, solver="ddim",
+                                      negative_prompt=""),
+                   "wan": dict(frames=81, height=480, width=832, steps=50, guidance=5.0, fps=16, solver="unipc",
+                               negative_prompt=None, shift=5.0)}  # None: Wan's own negative prompt
+SOLVERS = {"modelscope": ("ddim", "dpmpp-2m"), "wan": ("unipc", "euler")}
+
+
+def model_family(model: str, revision=None) -> str:
+    """"wan" for a Wan 2.1 folder or Hub repository in either layout, else "modelscope"."""
+    import hub
+    import wan_models
+
+    folder, _ = hub.resolve(model, revision)
+    return "wan" if wan_models.detect_layout(folder) else "modelscope"
+
+
+def check_sample_args(p, args, family: str | None = None):
+    """Option values that cannot work (p.error exits with the usage line): with family None, those wrong for any
+    model (flags still unset are skipped), before the model is fetched; then the family's own rules."""
+    for flag in ("num_samples", "batch_size", "frames", "steps", "height", "width", "fps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.guidance is not None and not math.isfinite(args.guidance) or not 0 <= args.eta <= 1:
+        p.error(f"--guidance must be a number and --eta in [0, 1], got {args.guidance} and {args.eta}")
+    if args.delta_from_t is not None and not args.delta:
+        p.error("--delta-from-t needs --delta")
+    if family is None:
+        return
+    if args.solver not in SOLVERS[family]:
+        p.error(f"--solver {args.solver}: {args.model} is a {family} model; its solvers are "
+                f"{', '.join(SOLVERS[family])}")
+    if family == "wan":
+        if args.delta:
+            p.error("--delta: customized weights are for the ModelScope family here; Wan deltas are not supported yet")
+        if args.eta or args.batch_size != 1:
+            p.error("--eta and --batch-size are ModelScope options; Wan samples one video at a time with UniPC")
+        if not (math.isfinite(args.shift) and args.shift > 0):
+            p.error(f"--shift must be a positive number, got {args.shift}")
+    elif args.shift is not None:
+        p.error(f"--shift is a Wan option; {args.model} is a ModelScope-family model")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate videos from text with a ModelScope-architecture model "
-                                "(original or diffusers layout), optionally with weights customized by train.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "(original or diffusers layout), optionally with weights customized by train.py, or "
+                                "with Wan 2.1 T2V (either layout). Defaults marked M / W are per family: M = the "
+                                "original ModelScope pipeline's, W = the original Wan text2video.py's.")
     p.add_argument("--model", required=True, help="model directory in either release layout, or a Hugging Face Hub "
-                   "repository id (cerspense/zeroscope_v2_576w: from the cache, else downloaded; hub.py)")
+                   "repository id (cerspense/zeroscope_v2_576w, Wan-AI/Wan2.1-T2V-1.3B(-Diffusers): from the "
+                   "cache, else downloaded; hub.py)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub --model")
     p.add_argument("--delta", help="customized weights (.safetensors) written by train.py")
     p.add_argument("--delta-from-t", type=float, default=None, metavar="TAU", help="use --delta only for steps with "
@@ -302,22 +382,27 @@ def main(argv=None):
                    "(0 = the delta at every step; 1000 = the base model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="text file with one prompt per line (blank lines and #comments ignored)")
-    p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
+    p.add_argument("--negative-prompt", default=None, help="the unconditional prompt (M: empty; W: Wan's default "
+                   "negative prompt, wan_models.NEGATIVE_PROMPT)")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample k of a prompt uses seed + k")
     p.add_argument("--num-samples", type=int, default=1, help="videos per prompt")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--height", type=int, default=256, help="pixels, a multiple of 64 for the released model")
-    p.add_argument("--width", type=int, default=256, help="pixels, a multiple of 64 (zeroscope_v2_576w: 576x320)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (model card: 25 with dpmpp-2m)")
-    p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic, as upstream)")
-    p.add_argument("--solver", choices=["ddim", "dpmpp-2m"], default="ddim")
-    p.add_argument("--batch-size", type=int, default=1, help="videos per UNet batch (x2 for guidance)")
+    p.add_argument("--frames", type=int, default=None, help="M: 16; W: 81 (1 + 4k)")
+    p.add_argument("--height", type=int, default=None, help="pixels; M: 256, a multiple of 64; W: 480, of 16")
+    p.add_argument("--width", type=int, default=None, help="pixels; M: 256 (zeroscope_v2_576w: 576x320); W: 832")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps; M: 50 (model card: 25 with dpmpp-2m); "
+                   "W: 50")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; M: 9.0; W: 5.0")
+    p.add_argument("--shift", type=float, default=None, help="W only: the flow schedule's time shift (5.0)")
+    p.add_argument("--eta", type=float, default=0.0, help="M only: DDIM noise (0 = deterministic, as upstream)")
+    p.add_argument("--solver", choices=[*SOLVERS["modelscope"], *SOLVERS["wan"]], default=None,
+                   help="M: ddim (default) or dpmpp-2m; W: unipc (default, Wan's) or euler")
+    p.add_argument("--batch-size", type=int, default=1, help="M only: videos per UNet batch (x2 for guidance)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast dtype for UNet and VAE (upstream samples in fp16 on CUDA)")
+                   help="autocast dtype for the denoiser and VAE (upstream samples ModelScope in fp16 and Wan in "
+                   "bf16 on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=None, help="of the written files; M: 8; W: 16")
     p.add_argument("--out", default="out", help="output folder (existing files are never overwritten)")
     args = p.parse_args(argv)
 
@@ -331,21 +416,34 @@ def main(argv=None):
                 p.error(f"--prompts {args.prompts}: the file has no prompts (blank and '#' lines are skipped)")
         if not prompts:
             p.error("give at least one --prompt or a --prompts file")
-        for flag in ("num_samples", "batch_size", "frames", "steps", "height", "width", "fps"):
-            if getattr(args, flag) < 1:
-                p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-        if not math.isfinite(args.guidance) or not 0 <= args.eta <= 1:
-            p.error(f"--guidance must be a number and --eta in [0, 1], got {args.guidance} and {args.eta}")
+        check_sample_args(p, args)  # what is wrong whatever the model
         writable_dir(args.out, "--out")  # before the sampling work, not after it
+        family = model_family(args.model, args.revision)  # resolves (fetches) a Hub id once; the loaders reuse it
+        for flag, value in FAMILY_DEFAULTS[family].items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, value)
+        check_sample_args(p, args, family)
+        pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]
+        dtype = autocast_dtype(args.precision)
+        if family == "wan":
+            import wan_models
+
+            models = wan_models.load_wan(args.model, revision=args.revision)
+            for m in (models.dit, models.vae, models.text_encoder):
+                m.to(args.device)
+            for prompt, seed in pairs:  # each video saved when done: a Ctrl-C keeps what was made
+                video = generate_wan(models, [prompt], [seed], negative_prompt=args.negative_prompt,
+                                     frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                                     shift=args.shift, guidance=args.guidance, solver=args.solver, dtype=dtype)[0]
+                base = save_video(video, args.out, f"{slug(prompt)}_seed{seed}", args.fps)
+                written.append(f"{base.name}.mp4")
+                print(f"{base}.mp4  ({prompt!r}, seed {seed})")
+            return 0
         models = load_models(args.model, variant=args.variant, revision=args.revision)
-        if args.delta_from_t is not None and not args.delta:
-            p.error("--delta-from-t needs --delta")
         if args.delta:
             apply_delta(models, args.delta, args.delta_from_t)
         for m in (models.unet, models.vae, models.text_encoder):
             m.to(args.device)
-        pairs = [(pr, args.seed + k) for pr in prompts for k in range(args.num_samples)]
-        dtype = autocast_dtype(args.precision)
         for i in range(0, len(pairs), args.batch_size):  # each batch saved when done: a Ctrl-C keeps what was made
             batch = pairs[i:i + args.batch_size]
             if len(batch) < len(pairs):

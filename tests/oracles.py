@@ -8,6 +8,7 @@ so they are executed directly from their file path; they need only torch, einops
 import gzip
 import importlib
 import importlib.util
+import json
 import math
 import sys
 import types
@@ -110,3 +111,36 @@ def release_keys(name: str) -> list:
     diffusers' conversion table for the UNet (original key, diffusers key, transform, diffusers shape)."""
     with gzip.open(ASSETS / f"{name}.tsv.gz", "rt", encoding="utf-8") as f:
         return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+def tiny_umt5_tokenizer(path, variant: str = "umt5", vocab_size: int = 64):
+    """A tiny umT5-style tokenizer folder (tokenizer.json + tokenizer_config.json) built with `tokenizers`.
+
+    `umt5`: laid out as the release is read by transformers 5's T5Tokenizer (Metaspace, `$A </s>`, no normalizer
+    other than the charsmap, which a test cannot build). `verbatim`: a generic fast tokenizer with its own normalizer,
+    which transformers loads as-is (as transformers 4's T5TokenizerFast loaded the release)."""
+    pieces = ["\u2581", "\u2581a", "\u2581photo", "\u2581of", "\u2581dog", "\u2581cat", "\u2581the", "\u2581on",
+              "\u2581mat", "\u2581caf\u00e9", "\u2581cafe", "\u2581<", ">", ".", "!", "&", '"', "\u00e9", "\u2581\u00e9"]
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(p, -3.0 - 0.1 * i) for i, p in enumerate(pieces)] + [(c, -8.0) for c in letters]
+    assert len(vocab) <= vocab_size  # the ids must fit the tiny model's embedding table
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    if variant == "verbatim":
+        tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase(),
+                                               normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    cls = "T5Tokenizer" if variant == "umt5" else "PreTrainedTokenizerFast"
+    config = {"tokenizer_class": cls, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+              "extra_ids": 0, "model_max_length": 512}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

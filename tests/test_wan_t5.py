@@ -5,14 +5,11 @@ Run: cd /work/main && python -m pytest -q tests/test_wan_t5.py   (CPU, tiny rand
 """
 
 import dataclasses
-import json
 import sys
 
 import pytest
 import torch
-from oracles import max_abs_diff, randomize_, wan_module
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
+from oracles import max_abs_diff, randomize_, tiny_umt5_tokenizer, wan_module
 from transformers import UMT5Config, UMT5EncoderModel
 
 import wan_t5
@@ -73,37 +70,9 @@ def _batch(L=20, lengths=(20, 11, 1), seed=0):
 # tiny tokenizers: a small SentencePiece Unigram model in a tokenizer.json, like google/umt5-xxl's
 
 
-def _tokenizer_dir(path, variant):
-    """`umt5`: laid out as the release is read by transformers 5's T5Tokenizer (Metaspace, `$A </s>`, no normalizer
-    other than the charsmap, which a test cannot build). `verbatim`: a generic fast tokenizer with its own normalizer,
-    which transformers loads as-is (as transformers 4's T5TokenizerFast loaded the release)."""
-    pieces = ["\u2581", "\u2581a", "\u2581photo", "\u2581of", "\u2581dog", "\u2581cat", "\u2581the", "\u2581on",
-              "\u2581mat", "\u2581caf\u00e9", "\u2581cafe", "\u2581<", ">", ".", "!", "&", '"', "\u00e9", "\u2581\u00e9"]
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [(p, -3.0 - 0.1 * i) for i, p in enumerate(pieces)] + [(c, -8.0) for c in letters]
-    assert len(vocab) <= TINY.vocab_size  # the ids must fit the tiny model's embedding table
-    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
-    if variant == "verbatim":
-        tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase(),
-                                               normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    cls = "T5Tokenizer" if variant == "umt5" else "PreTrainedTokenizerFast"
-    config = {"tokenizer_class": cls, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-              "extra_ids": 0, "model_max_length": 512}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
-
-
 @pytest.fixture(scope="module")
 def umt5_tokenizer_dir(tmp_path_factory):
-    return _tokenizer_dir(tmp_path_factory.mktemp("tok") / "umt5-xxl", "umt5")
+    return tiny_umt5_tokenizer(tmp_path_factory.mktemp("tok") / "umt5-xxl", "umt5")
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -263,7 +232,7 @@ def test_clean_prompt_matches_original():
 
 @pytest.mark.parametrize("variant", ["umt5", "verbatim"])
 def test_tokenizer_matches_original(tmp_path, variant):
-    path = _tokenizer_dir(tmp_path / variant, variant)
+    path = tiny_umt5_tokenizer(tmp_path / variant, variant)
     ref = wan_module("modules.tokenizers").HuggingfaceTokenizer(name=str(path), seq_len=512, clean="whitespace")
     expected_ids, expected_mask = ref(PROMPTS, return_mask=True, add_special_tokens=True)  # T5EncoderModel's call
     ids, mask = wan_t5.UMT5Tokenizer(path, seq_len=512)(PROMPTS)
