@@ -85,7 +85,8 @@ class WanDiTConfig:
 def _fp32_region(device_type: str):
     """Autocast off: the original's `torch.amp.autocast('cuda', dtype=torch.float32)` regions (the same on fp32
     weights)."""
-    return torch.autocast(device_type=device_type, enabled=False)
+    # meta tensors (the memory estimator's trace) have no autocast state of their own: the CPU's stands in
+    return torch.autocast(device_type="cpu" if device_type == "meta" else device_type, enabled=False)
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ import sample
 import train
 import weights
 from unet3d import UNET_PRESETS, Level, UNet3D, UNet3DConfig
+from wan_dit import WanDiT, WanDiTConfig
 from harness import (PERF_MD, TEXT_LEN, allocator_peak, machine_cpu, meta_flops, meta_model,
                      parse_args, random_value, randomize_, reset_rss_peak, rss_now_bytes, rss_peak_bytes,
                      set_trainable, start, trace_step, train_inputs, train_step_fn, trainable_names, write_atomic)
@@ -104,8 +105,41 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
     x = torch.empty(batch, cfg.in_channels, frames, hw, hw, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     ctx = torch.empty(batch, TEXT_LEN, cfg.cross_attention_dim, device="meta")
+    mem = trace_step(m, names, x, t, ctx, amp_scale=0.5 if precision != "fp32" else 1.0, free_grads=free_grads,
+                     flops=flops)
+    units = [unit for level in m.modules() if isinstance(level, Level) for group in level.children() for unit in group]
+    return budget(m, names, counts, mem, units, checkpointing, precision, frozen_dtype, optimizer, free_grads)
+
+
+def estimate_wan(cfg: WanDiTConfig, batch: int, frames: int, height: int, width: int,
+                 train_preset: str = "dit-newmove", checkpointing: str = "none", precision: str = "bf16",
+                 frozen_dtype: str = "bf16", optimizer: str = "adamw", free_grads: bool = False,
+                 flops: bool = True) -> dict:
+    """The same for the Wan 2.1 DiT: `frames` x height x width pixels become 1 + (frames - 1) / 4 latent frames of
+    (height / 8) x (width / 8) (the Wan VAE's factors), prompts the full text_len context; checkpointing none or full
+    (each block recomputed in backward, WanDiT.set_checkpointing)."""
+    if checkpointing not in ("none", "full"):
+        raise ValueError(f"--checkpointing {checkpointing}: the DiT has none or full (every block)")
+    with torch.device("meta"):
+        m = WanDiT(cfg)
+    m.set_checkpointing(checkpointing == "full")
+    names = [n for n, _ in train.select_trainable(m, train_preset)]
+    total = sum(p.numel() for p in m.parameters())
+    trainable = sum(m.get_parameter(n).numel() for n in names)
+    counts = {"total": total, "trainable": trainable, "frozen": total - trainable, "tensors": len(names)}
+    x = torch.empty(batch, cfg.in_dim, 1 + (frames - 1) // 4, height // 8, width // 8, device="meta")
+    t = torch.zeros(batch, device="meta")
+    ctx = torch.empty(batch, cfg.text_len, cfg.text_dim, device="meta")
+    mem = trace_step(m, names, x, t, ctx, amp_scale=0.5 if precision != "fp32" else 1.0, free_grads=free_grads,
+                     flops=flops)
+    return budget(m, names, counts, mem, list(m.blocks), checkpointing, precision, frozen_dtype, optimizer, free_grads)
+
+
+def budget(m, names: list, counts: dict, mem: dict, units: list, checkpointing: str, precision: str,
+           frozen_dtype: str, optimizer: str, free_grads: bool) -> dict:
+    """The budget's terms from a traced step: weights, optimizer state, autocast's weight copies and the step peak.
+    `units`: the layers full checkpointing recomputes one at a time."""
     bf16 = precision != "fp32"
-    mem = trace_step(m, names, x, t, ctx, amp_scale=0.5 if bf16 else 1.0, free_grads=free_grads, flops=flops)
     frozen_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[frozen_dtype]
     state = optim.state_bytes(optimizer, [m.get_parameter(n).shape for n in names])
     budget = {
@@ -120,10 +154,11 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
     cache = 2 * counts["trainable"] if bf16 else 0  # autocast's bf16 copy of each trainable weight, 2 B a value
     if bf16 and checkpointing == "full":
         # full checkpointing: the copies are cached while the forward runs (the cache is cleared when train.py's
-        # autocast region around the UNet exits); in backward each checkpointed layer re-casts its own under its own
-        # autocast region, kept by its recomputed graph until its backward is done. Not checkpointed: transformer_in.
+        # autocast region around the model exits); in backward each checkpointed layer re-casts its own under its own
+        # autocast region, kept by its recomputed graph until its backward is done. Outside those layers (the UNet's
+        # transformer_in) the copies are saved for backward as usual.
         copies = {"forward": mem["forward_peak"], "all copies": cache, "backward": mem["backward_peak"],
-                  "copies held in backward": 2 * copies_in_backward(m, names)}
+                  "copies held in backward": 2 * copies_in_backward(m, names, units)}
         budget[f"{step}) + autocast's bf16 weight copies where they live: max(forward + all copies, backward + "
                f"copies held in backward)"] = max(
             mem["forward_peak"] + cache, mem["backward_peak"] + copies["copies held in backward"])
@@ -139,13 +174,12 @@ def estimate(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset
             "copies": copies if bf16 and checkpointing == "full" else None}
 
 
-def copies_in_backward(model: UNet3D, names: list) -> int:
+def copies_in_backward(model, names: list, units: list) -> int:
     """Trainable values whose autocast copies can be alive at once in backward under full checkpointing: those outside
-    every checkpointed layer (their copies are saved for backward as usual) + those of the largest checkpointed layer
-    (each Level._run call: a ResBlock, TemporalConv, transformer or resampler, recomputed one after the other)."""
+    every checkpointed layer (their copies are saved for backward as usual) + those of the largest one of `units`
+    (the UNet's Level._run calls: a ResBlock, TemporalConv, transformer or resampler; the DiT's blocks), recomputed
+    one after the other."""
     trainable = {id(model.get_parameter(n)) for n in names}
-    units = [unit for level in model.modules() if isinstance(level, Level) for group in level.children()
-             for unit in group]
     per_unit = [{id(p): p.numel() for p in u.parameters() if id(p) in trainable} for u in units]
     inside = set().union(*per_unit)
     outside = sum(model.get_parameter(n).numel() for n in names if id(model.get_parameter(n)) not in inside)
@@ -157,12 +191,19 @@ OPTIONS = {"adamw": ("adamw", False), "adamw8bit": ("adamw8bit", False), "free-g
            "adamw8bit+free-grads": ("adamw8bit", True)}
 
 
-def option_budgets(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_preset: str, checkpointing,
-                   precision: str, frozen_dtype: str) -> dict:
+def option_budgets(cfg, batch: int, frames: int, size, train_preset: str, checkpointing, precision: str,
+                   frozen_dtype: str) -> dict:
     """{option: {"static", "peak", "total"} bytes} for each of OPTIONS: two traces (gradients kept or freed); the
-    optimizer state is swapped by count (it is not in the traced step)."""
-    traces = {fg: estimate(cfg, batch, frames, size, train_preset, checkpointing, precision, frozen_dtype,
-                           free_grads=fg, flops=False) for fg in (False, True)}
+    optimizer state is swapped by count (it is not in the traced step). `size`: the UNet's square side, or (height,
+    width) for a WanDiTConfig."""
+    def trace(free_grads):
+        if isinstance(cfg, WanDiTConfig):
+            return estimate_wan(cfg, batch, frames, *size, train_preset, checkpointing, precision, frozen_dtype,
+                                free_grads=free_grads, flops=False)
+        return estimate(cfg, batch, frames, size, train_preset, checkpointing, precision, frozen_dtype,
+                        free_grads=free_grads, flops=False)
+
+    traces = {fg: trace(fg) for fg in (False, True)}
     out = {}
     for name, (kind, fg) in OPTIONS.items():
         e = traces[fg]
@@ -234,7 +275,53 @@ def real_step_peak(cfg: UNet3DConfig, batch: int, frames: int, size: int, train_
     return {"peak": allocator_peak(timed_step, torch.device("cpu")), "seconds": seen["seconds"]}
 
 
+WAN_PRESET = "wan2.1-1.3b"  # --preset: the Wan 2.1 T2V 1.3B DiT (wan_dit.WanDiTConfig's defaults)
+
+
+def print_wan(args, precision: str, frozen: str):
+    """--preset wan2.1-1.3b: the DiT's training step (one clip of --frames x --height x --width, default the release's
+    81 x 480 x 832), or with --table each memory option at 81 and 33 frames, batch 1 and 2."""
+    cfg, GB = WanDiTConfig(), 1e9
+    train_preset = args.train_preset if args.train_preset.startswith("dit-") else "dit-newmove"
+    if args.table:
+        print(f"GPU memory budget per train.py memory option: Wan 2.1 T2V 1.3B DiT, train preset {train_preset}, "
+              f"{args.height}x{args.width} px, precision {precision}, frozen weights {frozen}, checkpointing "
+              f"{args.checkpointing} (GB = 1e9 B; + CUDA context ~0.5-1 GB and fragmentation; umT5 and the VAE are "
+              f"not resident)\n")
+        print("| frames | batch | option | weights + optimizer state | step peak (traced) | total |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for frames in (81, 33):
+            for batch in (1, 2):
+                for name, b in option_budgets(cfg, batch, frames, (args.height, args.width), train_preset,
+                                              args.checkpointing, precision, frozen).items():
+                    print(f"| {frames} | {batch} | {name} | {b['static'] / GB:.2f} | {b['peak'] / GB:.2f} | "
+                          f"{b['total'] / GB:.2f} |", flush=True)
+        return
+    frames, t0 = args.frames or 81, time.time()
+    e = estimate_wan(cfg, args.batch, frames, args.height, args.width, train_preset, args.checkpointing, precision,
+                     frozen, args.optimizer, args.free_grads)
+    c = e["counts"]
+    lat = (1 + (frames - 1) // 4, args.height // 8, args.width // 8)
+    tokens = lat[0] * (lat[1] // 2) * (lat[2] // 2)
+    print(f"Wan 2.1 T2V 1.3B DiT, train preset {train_preset}; batch {args.batch}, {frames} frames, {args.height}x"
+          f"{args.width} px ({lat[0]}x{lat[1]}x{lat[2]} latents, {tokens:,} tokens); checkpointing "
+          f"{args.checkpointing}; precision {precision}, frozen weights {frozen}; --optimizer {args.optimizer}"
+          f"{', --free-grads' if args.free_grads else ''}")
+    print(f"\nparameters: total {c['total']:,}; trainable {c['trainable']:,} ({100 * c['trainable'] / c['total']:.1f} "
+          f"%, {c['tensors']} tensors); frozen {c['frozen']:,}")
+    print(f"\nFLOPs: forward {e['fwd_flops'] / 1e12:.1f} TFLOP, training step {e['step_flops'] / 1e12:.1f} TFLOP")
+    print("\nGPU memory budget (GB = 1e9 B):")
+    for k, v in e["budget"].items():
+        print(f"  {v / GB:9.3f}  {k}")
+    print(f"  {e['total'] / GB:9.3f}  total (+ CUDA context ~0.5-1 GB and allocator fragmentation; umT5 and the VAE "
+          f"are not resident once the clips are encoded)")
+    print(f"(meta-device estimate in {time.time() - t0:.1f} s)")
+
+
 def print_estimate(args):
+    precision = args.precision if args.precision != "auto" else "bf16"
+    if args.preset == WAN_PRESET:
+        return print_wan(args, precision, args.frozen_dtype or ("bf16" if precision == "bf16" else "fp32"))
     cfg = UNET_PRESETS[args.preset]
     frames, precision = args.frames or 16, args.precision if args.precision != "auto" else "bf16"
     frozen = args.frozen_dtype or ("bf16" if precision == "bf16" else "fp32")

@@ -406,14 +406,18 @@ def parse_args(argv=None):
                    help="folder for results.md / full_size.md (default: benchmarks/ here; '' = write nothing)")
     g = p.add_argument_group("--estimate: params, FLOPs and a GPU memory budget of one training step")
     g.add_argument("--estimate", action="store_true", help="print the estimate and exit")
-    g.add_argument("--preset", default="modelscope-1.7b", choices=sorted(UNET_PRESETS),
-                   help="UNet preset (default modelscope-1.7b)")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip (default 16; --full-size: 8)")
+    g.add_argument("--preset", default="modelscope-1.7b", choices=[*sorted(UNET_PRESETS), "wan2.1-1.3b"],
+                   help="UNet preset (default modelscope-1.7b), or wan2.1-1.3b: the Wan 2.1 T2V 1.3B DiT")
+    g.add_argument("--height", type=int, default=480, help="wan2.1-1.3b: frame height in pixels (default 480)")
+    g.add_argument("--width", type=int, default=832, help="wan2.1-1.3b: frame width in pixels (default 832)")
+    g.add_argument("--frames", type=int, default=None, help="frames per clip (default 16, wan2.1-1.3b 81; --full-size: "
+                   "8)")
     g.add_argument("--size", type=int, default=256, help="frame size in pixels (default 256; also --full-size)")
     g.add_argument("--batch", type=int, default=2, help="clips per step, instance + reg (default 2)")
     g.add_argument("--train-preset", default="newmove", choices=sorted(k for k, v in train.PRESETS.items()
                                                                         if v["groups"]),
-                   help="which weights train, from train.py's PRESETS (default newmove)")
+                   help="which weights train, from train.py's PRESETS (default newmove; for wan2.1-1.3b a dit- "
+                   "preset, default dit-newmove)")
     g.add_argument("--checkpointing", nargs="?", const="full", default="none", choices=CHECKPOINTING,
                    help="activations recomputed in backward, as train.py --checkpointing: none (default) | selective "
                    "| full (the bare flag)")
