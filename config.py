@@ -107,6 +107,10 @@ class Config:
     recursive: bool = opt(False, "also read videos in subfolders")
     strict: bool = opt(False, "fail on the first unreadable video instead of skipping it with a warning")
     # the method
+    denoiser: str = opt("unet", "the toy model's denoiser: unet (ModelScope's architecture, DDPM eps loss) | dit "
+                        "(Wan 2.1's diffusion transformer in a toy config, toy/model/dit/, rectified flow; its presets "
+                        "are the dit- ones, dit-newmove unless --preset is given; see DIT_SETTINGS)",
+                        choices=("unet", "dit"))
     preset: str = opt("newmove", "which weights train; see PRESETS (newmove = temporal layers + spatial cross-attn K/V)",
                       choices=PRESETS)
     train_token: bool = opt(False, "also learn an embedding for --token (ablation; not NewMove)")
@@ -177,9 +181,10 @@ class Config:
                                 "no effect yet' while that is at most 1.1x the change with the base weights. Doubles "
                                 "validation time, plus one validation of the base weights before training")
     val_solver: str = opt("dpmpp-2m", "sampler of validation videos (and of --prior synthetic): dpmpp-2m (official "
-                          "validation: DPM-Solver++) | ddim", choices=("dpmpp-2m", "ddim"))
+                          "validation: DPM-Solver++) | ddim; the DiT's: unipc | euler",
+                          choices=("dpmpp-2m", "ddim", "unipc", "euler"))
     val_steps: int = opt(25, "sampling steps for validation videos (official 25)", low=1)
-    val_guidance: float = opt(9.0, "classifier-free guidance of validation videos (official 9)")
+    val_guidance: float = opt(9.0, "classifier-free guidance of validation videos (official 9; the DiT: 5, Wan's)")
     stop_clip: str = opt("", "open_clip model for the paper's stopping rule, e.g. ViT-B-32-quickgelu ('' = off)")
     stop_clip_weights: str = opt("", "local weights file for --stop-clip")
     stop_score: float = opt(0.265, "stop when the validation appearance CLIP score falls to this (paper: 0.265)",
@@ -204,6 +209,11 @@ TOY_REG_CLIPS = 24
 JOINT_SETTINGS = dict(train_subject_token=True, still_frames="1", subject_trains="word", subject_timesteps="same")
 
 
+# With --denoiser dit, the options not given take these values: the DiT's NewMove analogue (its self-attention, which
+# mixes frames, + the text cross-attention's K/V), and Wan's sampler and guidance for validation videos.
+DIT_SETTINGS = dict(preset="dit-newmove", val_solver="unipc", val_guidance=5.0)
+
+
 def check_config(cfg: Config, given=None):
     """Clear errors for bad option values before anything heavy happens. With no --model: the toy model and its
     settings (TOY_SETTINGS) for every option not in `given` (the flags set on the command line; from Python: the
@@ -222,6 +232,12 @@ def check_config(cfg: Config, given=None):
         if changed and int(os.environ.get("RANK", "0")) == 0:
             flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
             print(f"motion + subject: the joint recipe's settings ({flags}; docs/subject.md)", flush=True)
+    if cfg.denoiser == "dit":
+        check_dit(cfg, given)
+    elif PRESETS[cfg.preset].get("family") == "dit":
+        raise SystemExit(f"error: --preset {cfg.preset} selects DiT weights; it needs --denoiser dit")
+    elif cfg.val_solver in ("unipc", "euler"):
+        raise SystemExit(f"error: --val-solver {cfg.val_solver} samples the DiT; the UNet's are dpmpp-2m and ddim")
     prior = PRESETS[cfg.preset].get("prior", cfg.prior)
     toy = not cfg.model or Path(cfg.model).resolve() == TOY_MODEL
     if not cfg.model:
@@ -268,6 +284,27 @@ def check_config(cfg: Config, given=None):
     check_memory_options(cfg)
     if cfg.window == "random" and cfg.max_frames < cfg.frames:
         raise SystemExit(f"error: --max-frames {cfg.max_frames} must be at least --frames {cfg.frames}")
+
+
+def check_dit(cfg: Config, given):
+    """--denoiser dit: DIT_SETTINGS for the options not given, then what the DiT cannot do here."""
+    for k, v in DIT_SETTINGS.items():
+        if k not in given:
+            setattr(cfg, k, v)
+    if PRESETS[cfg.preset].get("family") != "dit":
+        raise SystemExit(f"error: --preset {cfg.preset} selects UNet weights; with --denoiser dit choose a dit- preset "
+                         f"({', '.join(k for k, v in PRESETS.items() if v.get('family') == 'dit')})")
+    if cfg.val_solver not in ("unipc", "euler"):
+        raise SystemExit(f"error: --val-solver {cfg.val_solver} samples the UNet; the DiT's are unipc and euler")
+    if cfg.checkpointing == "selective":
+        raise SystemExit("error: --checkpointing selective is the UNet's; the DiT checkpoints whole blocks: full")
+    if cfg.export_diffusers or cfg.prior == "synthetic":
+        raise SystemExit("error: --export-diffusers and --prior synthetic are for the UNet family")
+    folder = Path(cfg.model) if cfg.model else TOY_MODEL
+    if not (folder / "dit" / "config.json").is_file():
+        raise SystemExit(f"error: --denoiser dit trains the DiT in a model folder's dit/ (the toy model's: "
+                         f"toy/model/dit/, made by toy/train_dit.py); {folder} has none. Training Wan 2.1 itself "
+                         f"needs its video VAE and umT5 in train.py's data path, which it does not have yet")
 
 
 def check_memory_options(cfg: Config):

@@ -74,6 +74,9 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
         raise WeightsError(f"--delta-from-t must be in 0..{T}, got {from_t}")
     if models.gate is not None:
         raise WeightsError(f"{path}: these models already carry a noise-gated delta; load one gated delta at a time")
+    if from_t is not None and models.dit is not None:
+        raise WeightsError(f"{path}: noise gating (--delta-from-t) switches weights at a DDIM timestep; the DiT's flow "
+                           f"sampler has none of those here")
     sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged run: applying it would give black videos
@@ -81,9 +84,10 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
         raise WeightsError(f"{path}: {bad[0]} holds NaN or Inf values{more}; this delta comes from a diverged run")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    unet_sd, base = models.unet.state_dict(), {}
+    unet_sd, base = models.denoiser.state_dict(), {}  # the UNet's, or the toy DiT's (dit.* keys)
     bases = f" (trained on {meta.get('base_model', 'a model it does not name')}, applied to {models.root})"
-    values = unet_values(sd, unet_sd, path, bases)  # every tensor checked before the first is changed
+    kind = "unet" if models.dit is None else "dit"
+    values = unet_values(sd, unet_sd, path, bases, kind)  # every tensor checked before the first is changed
     rows = sd.get("text_encoder.placeholder_embeddings")
     if rows is not None and rows.shape[-1] != (width := models.text_encoder.token_embedding.weight.shape[1]):
         raise WeightsError(f"{path}: its learned token rows are {rows.shape[-1]} wide, this text encoder's {width}: a "
@@ -98,7 +102,7 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
         te.load_placeholder_state({"words": words, "embeddings": sd["text_encoder.placeholder_embeddings"]},
                                   models.tokenizer, models.text_encoder)
     if from_t is not None:
-        models.gate = NoiseGate(models.unet, base, from_t)
+        models.gate = NoiseGate(models.denoiser, base, from_t)
     return meta
 
 
@@ -114,9 +118,10 @@ def check_base(meta: dict, unet_sd: dict, model, path):
               f"{model} (weights {here}), which it is applied to: expect worse videos", file=sys.stderr)
 
 
-def unet_values(sd: dict, unet_sd: dict, path, bases: str = "") -> dict:
+def unet_values(sd: dict, unet_sd: dict, path, bases: str = "", denoiser: str = "unet") -> dict:
     """{UNet parameter name: its customized value} from a delta's tensors, low-rank pairs expanded on the base.
-    bases: the delta's base model and this one, for the message when the names or shapes do not fit."""
+    bases: the delta's base model and this one, for the message when the names or shapes do not fit. denoiser:
+    "dit" for a delta of the toy DiT (its tensors are dit.*)."""
     out = {}
     for key, value in sd.items():
         if key == "text_encoder.placeholder_embeddings":
@@ -129,8 +134,8 @@ def unet_values(sd: dict, unet_sd: dict, path, bases: str = "") -> dict:
             down = sd.get(f"lowrank.{name}.down")
             if half != "up" or down is None:
                 raise WeightsError(f"{path}: {key} has no partner (low-rank pairs are lowrank.<name>.up and .down)")
-        elif kind != "unet":
-            raise WeightsError(f"{path}: unexpected tensor {key} (expected unet.*, lowrank.* or "
+        elif kind != denoiser:
+            raise WeightsError(f"{path}: unexpected tensor {key} (expected {denoiser}.*, lowrank.* or "
                                "text_encoder.placeholder_embeddings)")
         if name not in unet_sd:
             raise WeightsError(f"{path}: {name} is not a parameter of this UNet: a delta for another base model{bases}")

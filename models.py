@@ -29,7 +29,8 @@ import layouts
 import text_encoder as te
 import unet3d
 import vae
-from weights import WeightsError, read_json, write_json
+import wan_dit
+from weights import WeightsError, assign_state_dict, read_json, read_state_dict, save_state_dict, write_json
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -54,6 +55,15 @@ class Models:
     root: Path
     gate: object = None  # a delta.NoiseGate: customized weights at high noise only (delta.apply_delta(from_t=...))
     source: dict | None = None  # where the weights came from (hub.resolve): folder, or Hub id, revision and commit
+    # The toy world's other family (load_models(denoiser="dit")): a Wan 2.1-architecture DiT trained with rectified
+    # flow (flow.py) in place of the UNet, on the same VAE, text encoder and tokenizer; `unet` is then None.
+    dit: nn.Module | None = None
+    flow_shift: float | None = None  # the DiT's time shift, for training and sampling alike
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network a run trains and samples: the UNet, or the DiT."""
+        return self.unet if self.dit is None else self.dit
 
 
 def _pick(folder: Path, stems, variant: str | None, what: str) -> Path:
@@ -80,11 +90,12 @@ def detect_layout(root) -> str:
 
 
 def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | None = None,
-                revision: str | None = None) -> Models:
+                revision: str | None = None, denoiser: str = "unet") -> Models:
     """Load UNet, VAE, text encoder, tokenizer and schedule constants from a model directory in either layout, or
     from a Hugging Face Hub repository id (hub.resolve: from the cache, or downloaded; `revision` pins a version).
 
     `variant="fp16"` picks diffusers' `*.fp16.*` files; `dtype` is what the weights become (None: as stored).
+    `denoiser="dit"`: the folder's `dit/` (save_dit: the toy model's DiT) replaces the UNet.
     """
 
     root, source = hub.resolve(str(root), revision, variant)
@@ -133,7 +144,43 @@ def load_models(root, dtype: torch.dtype | None = torch.float32, variant: str | 
             raise WeightsError(f"{root / 'scheduler'}: only epsilon prediction with scaled_linear betas is supported, "
                                f"found {schedule['prediction_type']} / {schedule['beta_schedule']}")
     tokenizer = te.Tokenizer(text.cfg.context_length)
-    return Models(unet, autoencoder, text, tokenizer, schedule, layout, root, source=source)
+    models = Models(unet, autoencoder, text, tokenizer, schedule, layout, root, source=source)
+    if denoiser == "dit":
+        models.dit, models.flow_shift = load_dit(root / "dit", dtype)
+        models.unet = None
+    elif denoiser != "unet":
+        raise ValueError(f"denoiser must be unet or dit, not {denoiser!r}")
+    return models
+
+
+DIT_FILES = ("config.json", "model.safetensors")  # a DiT folder (save_dit): WanDiTConfig's fields + flow_shift
+
+
+def load_dit(folder: Path, dtype: torch.dtype | None = torch.float32) -> tuple:
+    """(WanDiT, its flow shift) from a folder written by save_dit."""
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"{folder}: no DiT here (config.json missing); the toy model's is toy/model/dit/, made by "
+                           f"toy/train_dit.py")
+    conf = read_json(folder / "config.json", "DiT config")
+    try:
+        shift = float(conf.pop("flow_shift"))
+        cfg = wan_dit.WanDiTConfig(**conf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: unusable ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        dit = wan_dit.WanDiT(cfg)
+    sd = read_state_dict(folder / "model.safetensors", "DiT weights")
+    return assign_state_dict(dit, sd, source=str(folder), dtype=dtype).eval(), shift
+
+
+def save_dit(dit: nn.Module, folder, flow_shift: float, dtype: torch.dtype = torch.float16) -> Path:
+    """A DiT folder: config.json (WanDiTConfig's fields and the flow shift) + model.safetensors (the original Wan
+    names; half precision by default, which the loader casts back)."""
+    folder = Path(folder)
+    write_json({**asdict(dit.cfg), "patch_size": list(dit.cfg.patch_size), "flow_shift": flow_shift},
+               folder / "config.json")
+    save_state_dict({k: v.to(dtype) for k, v in dit.state_dict().items()}, folder / "model.safetensors")
+    return folder
 
 
 def base_metadata(models: Models) -> dict:

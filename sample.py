@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import flow
+
 from delta import apply_delta
 from weights import WeightsError, atomic_write, autocast_dtype, read_text, writable_dir
 from models import Models, load_models
@@ -132,7 +134,10 @@ def autocast(device: torch.device, dtype):
 
 
 def pixel_multiple(models: Models) -> int:
-    """Frame heights and widths must be multiples of this: pixels per cell of the UNet's deepest level (8 x 8 = 64)."""
+    """Frame heights and widths must be multiples of this: pixels per cell of the UNet's deepest level (8 x 8 = 64),
+    or of one DiT patch (8 x 2 = 16)."""
+    if models.dit is not None:
+        return models.vae.cfg.downsample_factor * models.dit.cfg.patch_size[1]
     return models.vae.cfg.downsample_factor * models.unet.cfg.downsample_factor
 
 
@@ -160,10 +165,13 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    unet, vae, text = models.unet, models.vae, models.text_encoder
+    unet, vae, text = models.denoiser, models.vae, models.text_encoder
     f = pixel_multiple(models)
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f} for this model, got {height}x{width}")
+    if (solver in ("unipc", "euler")) != (models.dit is not None):
+        which = "DiT (unipc, euler)" if models.dit is not None else "UNet (ddim, dpmpp-2m)"
+        raise ValueError(f"solver {solver!r} does not sample this model's {which}")
     device = next(unet.parameters()).device
     abar = alphas_cumprod(models.schedule)
     latent_hw = (height // vae.cfg.downsample_factor, width // vae.cfg.downsample_factor)
@@ -175,7 +183,8 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         B = len(bp)
         cond = text(models.tokenizer(bp).to(device))  # (B, 77, D)
         context = torch.cat([cond, uncond.expand(B, -1, -1)])  # (2B, 77, D): [cond; uncond]
-        x, gens = seeded_noise((unet.cfg.in_channels, frames, *latent_hw), bs)
+        channels = unet.cfg.in_dim if models.dit is not None else unet.cfg.in_channels
+        x, gens = seeded_noise((channels, frames, *latent_hw), bs)
         x = x.to(device)  # (B, C, F, h, w)
 
         def eps_fn(x, t):
@@ -191,7 +200,11 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
         show = progress and len(batches) > 1
         if show:
             print(f"batch {n + 1}/{len(batches)}", file=sys.stderr)
-        if solver == "ddim":
+        if models.dit is not None:  # rectified flow (flow.py): the toy DiT's velocity, on its shifted schedule
+            with autocast(device, dtype):
+                x = flow.sample_latents(unet, x, cond, uncond.expand(B, -1, -1), steps, models.flow_shift, guidance,
+                                        solver)
+        elif solver == "ddim":
             x = sample_ddim(eps_fn, x, abar, steps, eta, noise_fn, progress)
         elif solver == "dpmpp-2m":
             x = sample_dpmpp_2m(eps_fn, x, abar, steps, progress)
@@ -297,7 +310,6 @@ def generate_wan(models, prompts: list, seeds: list, *, negative_prompt: str | N
     GPU). Defaults are the original text2video.py's (wan_models.SAMPLE_DEFAULTS) with its negative prompt. The
     initial noise (16, 1 + (F-1)/4, H/8, W/8) comes from a CPU generator per seed (seeded_noise), so a pair gives the
     same video on any device (the original draws it on the GPU: same seed, other numbers)."""
-    import flow
     import wan_models
     from wan_t5 import encode_prompts
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import flow
 import latents
 import layouts
 import lora
@@ -137,14 +138,33 @@ def newmove_loss(model, x0, ctx, w, probs, abar, g, amp=None):
     # the paper's denoising objective (eq. 1, the LDM eps-prediction loss) with t drawn from p(t) rather than
     # uniformly; every clip draws its own t and noise, also in batches > 1 (the official code's batch > 1 bug,
     # method.md §6.3)
-    if probs.dim() == 1:  # one p(t) for every clip
-        t = torch.multinomial(probs, x0.shape[0], replacement=True, generator=g)  # (B,), one timestep per clip
-    else:  # (B, T): each clip's own set's p(t) (--subject-timesteps)
-        t = torch.multinomial(probs, 1, generator=g)[:, 0]  # (B,)
+    t = draw_timesteps(probs, x0.shape[0], g)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)  # one noise draw per clip
     with sample.autocast(x0.device, amp):  # bf16 on GPUs; weights stay fp32
         eps_hat = model(diffuse(x0, eps, t, abar), t, ctx.to(x0.dtype))  # (B, 4, F, h, w)
     return (*weighted_mse(eps_hat, eps, w), t)
+
+
+def flow_loss(model, x0, ctx, w, probs, shift: float, g, amp=None):
+    """The same for the DiT, in its own objective (rectified flow, flow.py): per clip a grid step k_i ~ p(k) (probs:
+    (T,) or (B, T)) at noise level s_i = shift((k_i + 1) / T) and n_i ~ N(0, I), x_s = (1 - s) x0 + s n, then
+    sum_i w_i ||v_hat(x_s, 1000 s, c_i) - (n - x0)||^2 / numel. Returns (loss, per-clip MSE (B,), k (B,))."""
+    # choice 3 carries over unchanged: the noise level rises with k, so the density that favours high t favours high
+    # noise here too; the shift (the sampler's) bends where on the path each grid step lies, as Wan's schedule does
+    k = draw_timesteps(probs, x0.shape[0], g)
+    T = probs.shape[-1]
+    s = flow.shift_sigma((k.double() + 1) / T, shift).float()  # (B,)
+    noise = torch.randn(x0.shape, generator=g, device=x0.device)  # one noise draw per clip
+    with sample.autocast(x0.device, amp):
+        v_hat = model(flow.add_noise(x0, noise, s), s * flow.NUM_TRAIN_TIMESTEPS, ctx.to(x0.dtype))
+    return (*weighted_mse(v_hat, noise - x0, w), k)
+
+
+def draw_timesteps(probs, n: int, g) -> torch.Tensor:
+    """One timestep per clip (B,): from one p(t) (T,), or each clip from its own row of (B, T) (--subject-timesteps)."""
+    if probs.dim() == 1:
+        return torch.multinomial(probs, n, replacement=True, generator=g)
+    return torch.multinomial(probs, 1, generator=g)[:, 0]
 
 
 def weighted_mse(eps_hat, eps, w):
@@ -172,25 +192,29 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     torch.manual_seed(cfg.seed + run.rank)  # dropout/LoRA RNG, per rank (its state is saved in the checkpoint)
 
     # --- the frozen base model: NewMove fine-tunes without dropout (method.md §6.8) ---
-    models = load_models(cfg.model, revision=cfg.revision or None)  # a folder, or a Hub id (cached or downloaded)
-    base_weights = weights_id(models.unet.state_dict())  # in the delta: applying it to other weights warns (delta.py)
-    unet, text = models.unet.to(run.device), models.text_encoder.to(run.device)
+    # a folder, or a Hub id (cached or downloaded); the toy model's DiT with --denoiser dit
+    models = load_models(cfg.model, revision=cfg.revision or None, denoiser=cfg.denoiser)
+    base_weights = weights_id(models.denoiser.state_dict())  # in the delta: applying it to other weights warns (delta.py)
+    net, text = models.denoiser.to(run.device), models.text_encoder.to(run.device)
     models.vae.to(run.device)
     abar = sample.alphas_cumprod(models.schedule).to(run.device)  # (T,), the scaled-linear schedule's alpha-bar
     T = models.schedule["num_train_timesteps"]
     amp = autocast_dtype(cfg.precision)
-    unet.requires_grad_(False)
+    net.requires_grad_(False)
     text.requires_grad_(False)
-    for m in unet.modules():  # the official run has none; --dropout 0.1 is the base model's pretraining value
+    for m in net.modules():  # the official run has none; --dropout 0.1 is the base model's pretraining value
         if isinstance(m, memory.Dropout):
             m.p = cfg.dropout
 
     # --- choice 1, which weights train: temporal layers + spatial cross-attention K/V (PRESETS["newmove"]) ---
-    chosen, trainable, token_id = make_trainable(cfg, unet, text, models.tokenizer, train_token)
+    chosen, trainable, token_id = make_trainable(cfg, net, text, models.tokenizer, train_token)
     learn_words = train_token or cfg.train_subject_token  # a text-encoder row trains too (--token's, --subject-token's)
     if run.master:
-        print_param_table(unet, trainable, cfg)
-    unet.set_recompute(cfg.checkpointing, cfg.elementwise_recompute)
+        print_param_table(net, trainable, cfg)
+    if models.dit is None:
+        net.set_recompute(cfg.checkpointing, cfg.elementwise_recompute)
+    else:  # the DiT checkpoints whole blocks or nothing (check_config refuses selective)
+        net.set_checkpointing(cfg.checkpointing == "full")
 
     # --- data: every clip encoded once (latents.py); choice 2, the regularization set, is `reg` ---
     inst, subj, reg, fingerprint = latents.encode_run_sets(cfg, models, prior, token_id, amp, out, run)
@@ -205,13 +229,13 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     make = lambda ps: optim.make_adamw(cfg.optimizer, ps, cfg.lr, cfg.weight_decay, run.device)  # noqa: E731
     optimizer = optim.StepInBackward(params, make) if cfg.free_grads else make(params)
     scaler = torch.amp.GradScaler(run.device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
-    model = DDP(unet, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
-        if run.ddp and any(p.requires_grad for p in unet.parameters()) else unet
+    model = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None) \
+        if run.ddp and any(p.requires_grad for p in net.parameters()) else net
     # the base weights' token effect, before a checkpoint replaces them (the untrained model's output already changes
     # when a word is deleted, so "the token does nothing" is judged against this; recomputed on each resume)
     base = None
     if cfg.val_every and cfg.val_token_check:
-        base = token_check(cfg, models, unet, 0, amp, run, save=state is None)[2]  # videos in val/step000000/
+        base = token_check(cfg, models, net, 0, amp, run, save=state is None)[2]  # videos in val/step000000/
         if run.master:
             print(f"base weights: token effect {base:.4f} (mean |with - without token| per pixel, in [0, 1])",
                   flush=True)
@@ -237,7 +261,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     stats = runs.Stats(out / "log.jsonl" if run.master else None, T, n_inst + n_subj, cfg.reg_weight, run, step,
                        f"lr {cfg.lr}, precision {cfg.precision}; the last good checkpoint {state_path} is untouched",
                        cfg.report_to, asdict(cfg))
-    unet.train()  # as upstream; with the default --dropout 0 train and eval mode compute the same thing
+    net.train()  # as upstream; with the default --dropout 0 train and eval mode compute the same thing
     bar, interrupt = tqdm(total=cfg.steps, initial=step, disable=not run.master, desc="train"), runs.Interrupt()
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
@@ -270,7 +294,10 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                 p_t = probs if subject_probs is None else \
                     torch.stack([subject_probs if s else probs for s in subject])  # (b, T)
                 with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
-                    loss, mse, t = newmove_loss(model, x0, ctx, w[pos], p_t, abar, g, amp)
+                    if models.dit is None:
+                        loss, mse, t = newmove_loss(model, x0, ctx, w[pos], p_t, abar, g, amp)
+                    else:  # the DiT family's piece: the same draws and weights in the flow-matching objective
+                        loss, mse, t = flow_loss(model, x0, ctx, w[pos], p_t, models.flow_shift, g, amp)
                     # inputs: the only tensors this call's gradient reaches (None: every trained one)
                     scaler.scale(loss / cfg.grad_accum).backward(inputs=appearance if all(subject) else None)
                 per_clip[pos] = mse.detach()
@@ -290,7 +317,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
         if stopping:
             interrupt.exit(step, state_path, cfg.resume, run.master)
-        if cfg.val_every and step % cfg.val_every == 0 and validate(cfg, models, unet, step, amp, score_fn,
+        if cfg.val_every and step % cfg.val_every == 0 and validate(cfg, models, net, step, amp, score_fn,
                                                                      stop_score, run, stats, base):
             break
     bar.close()
@@ -298,14 +325,14 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     # --- outputs: the delta (only the trained tensors), a final checkpoint, optionally the whole diffusers UNet ---
     if not cfg.lora_rank:  # (with LoRA the adapters are merged away below; the last periodic checkpoint stays)
         runs.save_checkpoint(state_path, trainable, optimizer, scaler, step, cfg, run)
-    delta, meta = delta_tensors(cfg, unet, chosen, trainable, models.tokenizer, text if learn_words else None)
+    delta, meta = delta_tensors(cfg, net, chosen, trainable, models.tokenizer, text if learn_words else None)
     meta.update(base_fingerprint=fingerprint, base_weights=base_weights, steps=step,
                 **base_metadata(models))  # base_model (+ Hub commit)
     if run.master:
         save_state_dict(delta, delta_path, metadata=meta, overwrite=cfg.resume)
         if cfg.export_diffusers:
-            write_json(layouts.unet_config_to_diffusers(unet.cfg), out / "unet" / "config.json", overwrite=cfg.resume)
-            layouts.save_unet(unet.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
+            write_json(layouts.unet_config_to_diffusers(net.cfg), out / "unet" / "config.json", overwrite=cfg.resume)
+            layouts.save_unet(net.float(), out / "unet" / "diffusion_pytorch_model.safetensors", overwrite=cfg.resume)
         print(f"wrote {delta_path} ({sum(v.numel() for v in delta.values()):,} params)", flush=True)
         stats.close()
     if run.ddp:
@@ -382,12 +409,16 @@ def print_param_table(unet, trainable: list, cfg: Config):
     total = sum(p.numel() for p in unet.parameters())
     lora = f", LoRA r={cfg.lora_rank}" if cfg.lora_rank else ""
     print(f"{'group':14s} {'params':>15s} {'tensors':>8s}  trains ({cfg.preset}{lora})")
-    for g in ("temporal", "spatial_kv", "spatial_attn", "spatial_rest"):
-        ps = [p for n, p in unet.named_parameters() if param_group(n) == g]
+    dit = cfg.denoiser == "dit"
+    groups = ("self_qk", "self_vo", "cross_kv", "cross_rest", "ffn", "modulation", "dit_rest") if dit else \
+        ("temporal", "spatial_kv", "spatial_attn", "spatial_rest")
+    for g in groups:
+        ps = [p for n, p in unet.named_parameters() if (dit_param_group if dit else param_group)(n) == g]
         trains = "yes" if g in PRESETS[cfg.preset]["groups"] else "no"
         print(f"{g:14s} {sum(p.numel() for p in ps):>15,d} {len(ps):>8d}  {trains}")
     n = sum(p.numel() for _, p in trainable)
-    print(f"{'trainable':14s} {n:>15,d} {len(trainable):>8d}  ({100 * n / total:.1f}% of {total:,d} UNet params)")
+    print(f"{'trainable':14s} {n:>15,d} {len(trainable):>8d}  ({100 * n / total:.1f}% of {total:,d} "
+          f"{'DiT' if dit else 'UNet'} params)")
 
 
 def optimizer_step(optimizer, scaler, params, clip: float) -> torch.Tensor:
@@ -471,12 +502,13 @@ def token_effect(with_token, without) -> float:
 def delta_tensors(cfg: Config, unet, chosen, trainable, tokenizer, text) -> tuple:
     """(tensors, metadata) of the delta file: only what trained (LoRA merged into plain weights first), plus the
     learned token row and its word when `text` is given (the token ablation)."""
+    prefix = "unet" if cfg.denoiser == "unet" else "dit"  # the toy DiT's tensors are dit.* (delta.apply_delta)
     if cfg.lora_rank:  # fold LoRA into the weights it adapts (W + s*up@down), so the delta is plain weights
         lora.merge_lora(unet)
-        delta = {f"unet.{n}": unet.get_parameter(n).detach().float()
+        delta = {f"{prefix}.{n}": unet.get_parameter(n).detach().float()
                  for n, p in chosen if p.ndim == 2 and n.endswith(".weight")}
     else:
-        delta = {f"unet.{n}": p.detach() for n, p in trainable if not n.startswith("text_encoder.")}
+        delta = {f"{prefix}.{n}": p.detach() for n, p in trainable if not n.startswith("text_encoder.")}
     meta = {"token": cfg.token, "preset": cfg.preset,
             "alpha": cfg.alpha, "reg_weight": cfg.reg_weight, "config": json.dumps(asdict(cfg)), "dtype": cfg.save_dtype}
     if cfg.subject_videos:  # the word the subject was taught under (prompts name it: "a sks doing pll")

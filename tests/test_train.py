@@ -25,7 +25,7 @@ import unet3d
 import wan_dit
 import weights
 from inprocess import run_script, run_scripts_in_one_process, threads
-from models import load_models, save_models, tiny_models
+from models import load_models, save_dit, save_models, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +307,7 @@ def test_bad_options_are_clear_errors(world, tmp_path, capfd):
                     (dict(frozen_dtype="bf16"), "--frozen-dtype"), (dict(checkpointing="yes"), "--checkpointing"),
                     (dict(dropout=1.0), "--dropout must be in"), (dict(window="middle"), "--window must be one of"),
                     (dict(stride=2), "--stride 2 needs --fps 0"), (dict(max_frames=2), "--max-frames 2 must be"),
-                    (dict(val_solver="euler"), "--val-solver must be one of")]:
+                    (dict(val_solver="heun"), "--val-solver must be one of")]:
         with pytest.raises(SystemExit, match=msg):
             train.main(dataclasses.replace(_cfg(root, model, tmp_path / "x"), **kw))
     run = run_script(capfd, "train.py", "--no-such-flag")  # the command line, in this process
@@ -1037,3 +1037,87 @@ def test_grad_accum_gradient_is_the_large_batch_gradient_of_the_same_data(world,
     assert len(ref) == len(grads[0])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[0], ref))
     assert any(b.abs().max() > 1e-6 for b in ref)
+
+
+# -----------------------------------------------------------------------------------------------------------------------
+# the DiT family (--denoiser dit): the same run with Wan's denoiser and the flow-matching objective
+
+
+def test_flow_loss_draws_like_the_eps_loss_and_regresses_the_velocity():
+    """flow_loss: grid steps from p(k) as newmove_loss draws t, noise level shift((k+1)/T) rising with k, the net
+    called at t = 1000 s on x_s = (1 - s) x0 + s n, and sum_i w_i MSE(v_hat_i, n_i - x0_i)."""
+    import flow
+
+    seen = {}
+
+    def net(x, t, ctx):  # a fixed, input-dependent "velocity"
+        seen["x"], seen["t"] = x, t
+        return torch.tanh(x) + ctx.mean() + t.view(-1, 1, 1, 1, 1) / 1000
+
+    x0 = torch.randn(3, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    ctx, w = torch.randn(3, 5, 6), torch.tensor([0.5, 0.25, 0.25])
+    probs = train.timestep_probs("coarse", 0.5)
+    loss, per_clip, k = train.flow_loss(net, x0, ctx, w, probs, 3.0, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same generator stream: k, then the noise
+    k_ref = torch.multinomial(probs, 3, replacement=True, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    s = 3.0 * (k_ref.double() + 1) / 1000 / (1 + 2.0 * (k_ref.double() + 1) / 1000)
+    assert torch.equal(k, k_ref) and torch.allclose(seen["t"].double(), s * 1000, atol=1e-3)
+    x_s = (1 - s.float().view(-1, 1, 1, 1, 1)) * x0 + s.float().view(-1, 1, 1, 1, 1) * noise
+    assert torch.allclose(seen["x"], x_s, atol=1e-6)
+    v_hat = net(x_s, s.float() * 1000, ctx)
+    want = ((v_hat - (noise - x0)) ** 2).mean(dim=(1, 2, 3, 4))
+    assert torch.allclose(per_clip, want, atol=1e-6) and torch.allclose(loss, (w * want).sum(), atol=1e-6)
+    levels = flow.shift_sigma((torch.arange(1000, dtype=torch.float64) + 1) / 1000, 3.0)
+    assert bool((levels[1:] > levels[:-1]).all()) and levels[-1] == 1.0  # the coarse density favours high noise
+
+
+@pytest.fixture(scope="module")
+def dit_world(world, tmp_path_factory):
+    """The tiny model folder with a tiny random DiT in dit/, matched to its VAE (4 channels) and text encoder."""
+    import shutil
+
+    root, model = world
+    folder = tmp_path_factory.mktemp("dit") / "model"
+    shutil.copytree(model, folder)
+    from oracles import randomize_
+
+    cfg = wan_dit.WanDiTConfig(text_len=77, in_dim=4, out_dim=4, dim=32, ffn_dim=48, freq_dim=32, text_dim=64,
+                               num_heads=2, num_layers=2)
+    save_dit(randomize_(wan_dit.WanDiT(cfg), 3), folder / "dit", flow_shift=3.0, dtype=torch.float32)
+    return root, folder
+
+
+@pytest.mark.slow
+def test_dit_run_trains_only_its_preset_and_its_delta_changes_samples(dit_world, tmp_path):
+    root, folder = dit_world
+    cfg = _cfg(root, folder, tmp_path / "dit", denoiser="dit", steps=3, batch_size=2, val_every=3, val_steps=2,
+               val_seeds="0")
+    path = train.main(cfg)
+    assert cfg.preset == "dit-newmove" and cfg.val_solver == "unipc"  # DIT_SETTINGS for the options not given
+    delta = weights.read_state_dict(path)
+    base = load_models(folder, denoiser="dit")
+    chosen = {n for n, _ in train.select_trainable(base.dit, "dit-newmove")}
+    assert {k.removeprefix("dit.") for k in delta} == chosen and all(k.startswith("dit.") for k in delta)
+    sd = base.dit.state_dict()
+    assert all(not torch.equal(delta[f"dit.{n}"], sd[n]) for n in chosen)  # every chosen tensor moved
+    kw = dict(frames=4, height=32, width=32, steps=3, guidance=5.0, solver="unipc", progress=False)
+    before = sample.generate(base, ["a square moving"], [0], **kw)
+    apply_delta(base, path)
+    after = sample.generate(base, ["a square moving"], [0], **kw)
+    assert not torch.equal(before, after) and (tmp_path / "dit" / "val" / "step000003").is_dir()
+    with pytest.raises(weights.WeightsError, match="unexpected tensor dit"):
+        apply_delta(load_models(folder), path)  # a DiT delta is not a UNet delta
+
+
+def test_dit_options_are_checked_before_anything_loads(dit_world, tmp_path):
+    root, folder = dit_world
+    bad = [(dict(denoiser="dit", preset="temporal"), "selects UNet weights"),
+           (dict(preset="dit-self-qk"), "needs --denoiser dit"),
+           (dict(denoiser="dit", checkpointing="selective"), "whole blocks"),
+           (dict(denoiser="dit", val_solver="ddim"), "the DiT's are unipc and euler"),
+           (dict(val_solver="unipc"), "the UNet's are dpmpp-2m"),
+           (dict(denoiser="dit", model=str(root)), "has none")]
+    for kw, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            train.check_config(dataclasses.replace(_cfg(root, folder, tmp_path / "x"), **kw), given=set(kw))

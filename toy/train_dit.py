@@ -2,7 +2,7 @@
 
     python toy/train_dit.py --work toy/runs/dit --minutes 60             # a budget of wall-clock minutes
     python toy/train_dit.py --work toy/runs/dit --minutes 60 --resume    # continue (same data, same RNG stream)
-    python toy/train_dit.py --work toy/runs/dit --export-only --out toy/dit
+    python toy/train_dit.py --work toy/runs/dit --export-only          # -> toy/model/dit/
 
 The DiT family's toy stand-in, beside the toy UNet (toy/train_base.py): the same clips and captions, and the committed
 toy model's frozen VAE and text encoder (toy/model: 32x32 frames -> 8x8x4 latents, 77 CLIP-like tokens of width 64),
@@ -28,6 +28,7 @@ if __name__ == "__main__":
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -35,9 +36,10 @@ import torch
 from tqdm import tqdm
 
 import flow
+import sample
 import wan_dit
 import weights
-from models import load_models
+from models import load_models, save_dit
 from toy import world
 from toy.scorer import ToyScorer
 from toy.train_base import clip_pool, encode_pool, log
@@ -59,24 +61,16 @@ def train_sigmas(g, n: int, shift: float = TOY_SHIFT, probs=None) -> torch.Tenso
 
 @torch.no_grad()
 def eval_base(dit, base, prompts, seeds, steps: int = 20, guidance: float = 5.0) -> float:
-    """Base-motion accuracy of (prompt, seed) pairs: sample with UniPC, decode, score with the toy scorer."""
+    """Base-motion accuracy of (prompt, seed) pairs: sampled as sample.generate samples the toy DiT (UniPC on the
+    shifted schedule, the toy VAE), scored by the toy scorer."""
     dit.eval()
-    tok = base.tokenizer(prompts)
-    ctx, unc = base.text_encoder(tok), base.text_encoder(base.tokenizer([""] * len(prompts)))
-    noise = torch.stack([torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    z = flow.sample_latents(dit, noise, ctx, unc, steps=steps, shift=TOY_SHIFT, guidance=guidance)
-    videos = decode(base.vae, z)
+    models = dataclasses.replace(base, unet=None, dit=dit, flow_shift=TOY_SHIFT)
+    videos = sample.generate(models, prompts, seeds, frames=8, height=32, width=32, steps=steps, guidance=guidance,
+                             solver="unipc", batch_size=len(prompts), progress=False)
     scorer = ToyScorer()
     want = [" ".join(p.split()[3:]) for p in prompts]  # "a red triangle moving left" -> "moving left"
+    dit.train()
     return sum(scorer.analyse(v)["motion"] == w for v, w in zip(videos, want)) / len(prompts)
-
-
-def decode(vae, z) -> torch.Tensor:
-    """Latents (B, 4, F, h, w) -> uint8 videos (B, 3, F, H, W) through the toy VAE, frame by frame."""
-    b, c, f, h, w = z.shape
-    frames = vae.decode_frames(z.transpose(1, 2).flatten(0, 1) / vae.cfg.scaling_factor)  # (B*F, 3, H, W)
-    x = frames.unflatten(0, (b, f)).transpose(1, 2)  # (B, 3, F, H, W)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def eval_prompts(n_per_motion: int = 4) -> tuple:
@@ -89,7 +83,7 @@ def eval_prompts(n_per_motion: int = 4) -> tuple:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="toy/runs/dit", help="checkpoints and log")
-    p.add_argument("--out", default="toy/dit", help="where --export-only writes the model (transformer/)")
+    p.add_argument("--out", default="toy/model", help="--export-only writes the EMA DiT into <out>/dit/")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
     p.add_argument("--steps", type=int, default=0, help="stop at this step (0: only the time budget)")
     p.add_argument("--clips", type=int, default=12000, help="size of the base-motion training pool")
@@ -192,17 +186,12 @@ def main():
 
 
 def export(state_path: Path, out: Path) -> Path:
-    """The EMA DiT as a model folder in the diffusers layout: transformer/config.json + fp16 safetensors."""
+    """The EMA DiT into `out`/dit/ (models.save_dit: fp16, config with the flow shift), beside the toy model's VAE and
+    text encoder: `load_models("toy/model", denoiser="dit")` loads them together. Refuses to overwrite."""
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    cfg = wan_dit.WanDiTConfig(**json.loads(state["config"]))
-    if out.exists():
-        out = out.with_name(out.name + f"-step{state['step']}")
-    folder = out / "transformer"
-    folder.mkdir(parents=True)
-    weights.write_json(wan_dit.dit_config_to_diffusers(cfg), folder / "config.json")
-    sd = {k: v.half() for k, v in wan_dit.dit_to_diffusers(state["ema"]).items()}
-    weights.save_state_dict(sd, folder / "diffusion_pytorch_model.safetensors")
-    return out
+    dit = wan_dit.WanDiT(wan_dit.WanDiTConfig(**json.loads(state["config"])))
+    dit.load_state_dict(state["ema"])
+    return save_dit(dit, out / "dit", TOY_SHIFT)
 
 
 if __name__ == "__main__":
