@@ -122,7 +122,7 @@ from toy import scorer as toy_scorer  # noqa: E402
 
 # The demo's settings (toy/demo.py's own command-line parser): motion, token, 8 examples, 24 regularization clips,
 # 200 steps at lr 6e-4, batch 4, 4 sampling seeds per novel prompt, 25 DDIM steps, guidance 7.5. FAST shrinks them.
-args = demo.parser().parse_args(["--steps", "4", "--batch-size", "1", "--seeds", "1", "--sample-steps", "4",
+args = demo.parse_args(["--steps", "4", "--batch-size", "1", "--seeds", "1", "--sample-steps", "4",
                                  "--reg", "4"] if FAST else [])
 ABLATION_STEPS = 2 if FAST else args.steps  # the live ablation of part 6 trains as long as the main run
 LOG_EVERY = 1 if FAST else 10  # log.jsonl lines: how often the loss curve of part 5 gets a point

@@ -105,6 +105,31 @@ def test_runner_resumes_without_repeating_or_losing_runs(tmp_path, monkeypatch):
     assert "| newmove |" in (tmp_path / "other.md").read_text() and len(ablate.read_results(results)) == 12
 
 
+def test_dit_table_runs_the_dit_rows_against_dit_newmove(tmp_path, monkeypatch):
+    """--denoiser dit: the DiT's rows, the denoiser in the settings (the UNet table's records never mix in) and in the
+    demo's arguments, its own default files, and paired differences to dit-newmove."""
+    seen = []
+
+    def customized(row, motion, seed, s, threads):
+        seen.append((row, ablate.demo_argv(motion, seed, s)[-1], ablate.rows_of(s)[row][1]))
+        return _fake_record(row, motion, seed)
+
+    monkeypatch.setattr(ablate, "customized_run", customized)
+    monkeypatch.setattr(ablate, "base_runs", lambda motion, seeds, s, threads: [_fake_record(ablate.BASE, motion, k)
+                                                                        for k in seeds])
+    monkeypatch.setattr(toy_scorer, "calibrate_leakage", lambda m: {"threshold": 0.8, "detected": 1.0})
+    results, out = tmp_path / "dit.jsonl", tmp_path / "dit.md"
+    ablate.main(["--denoiser", "dit", "--rows", "dit-newmove", "dit-self-qk", "--motions", "zigzagging", "--seeds",
+                 "1", "--jobs", "1", "--results", str(results), "--out", str(out)])
+    assert seen == [("dit-newmove", "dit", {"denoiser": "dit"}),
+                    ("dit-self-qk", "dit", {"denoiser": "dit", "preset": "dit-self-qk"})]
+    assert {r["settings"]["denoiser"] for r in ablate.read_results(results)} == {"dit"}
+    text = out.read_text()
+    assert "Paired differences to dit-newmove" in text and "| dit-self-qk | 1 |" in text and "--denoiser dit" in text
+    with pytest.raises(SystemExit):  # a UNet row is not in the DiT's table
+        ablate.main(["--denoiser", "dit", "--rows", "uniform", "--results", str(results), "--out", str(out)])
+
+
 def fake_task(task):
     """A run in a worker process: a fake record naming the process it ran in."""
     import os

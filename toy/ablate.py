@@ -61,7 +61,32 @@ ROWS = {
     "custom-diffusion": ("baseline: Custom Diffusion (spatial K,V + token, real prior)", {"preset": "custom-diffusion"},
                          ("lower", "")),
 }
+# The same questions of the toy DiT (train.py --denoiser dit; config.PRESETS' dit- sets): which weights, when a DiT has
+# no temporal layers; whether coarse-noise sampling still helps under flow matching; which prior. The paper has no
+# numbers for these (its model is a UNet), so there is no expected direction: the reference row is dit-newmove.
+DIT = {"denoiser": "dit"}
+DIT_ROWS = {
+    "dit-newmove": ("self-attention all + cross-attention K,V (NewMove's choice, read for a DiT)", DIT, None),
+    "dit-self-attn": ("self-attention all", {**DIT, "preset": "dit-self-attn"}, None),
+    "dit-self-qk": ("self-attention Q,K only (the attention maps)", {**DIT, "preset": "dit-self-qk"}, None),
+    "dit-self-qk+cross-kv": ("self-attention Q,K + cross-attention K,V", {**DIT, "preset": "dit-self-qk+cross-kv"},
+                             None),
+    "dit-cross-kv": ("cross-attention K,V only (NewMove's spatial choice alone)", {**DIT, "preset": "dit-cross-kv"},
+                     None),
+    "dit-ffn": ("FFN only", {**DIT, "preset": "dit-ffn"}, None),
+    "dit-lora-all": ("LoRA r=4 on every block Linear (the community's default)",
+                     {**DIT, "preset": "dit-linear-all", "lora_rank": 4}, None),
+    "dit-uniform": ("uniform timesteps (flow grid)", {**DIT, "timesteps": "uniform"}, None),
+    "dit-prior-none": ("regularization prior: none", {**DIT, "prior": "none"}, None),
+    "dit-prior-synthetic": ("regularization prior: synthetic", {**DIT, "prior": "synthetic"}, None),
+}
 BASE = "base model"  # the row of the uncustomized model
+
+
+def rows_of(settings: dict) -> dict:
+    """The rows of a table: the UNet's (the paper's Table 2) or, with settings' denoiser dit, the DiT's. The first
+    row is the reference of the paired differences."""
+    return DIT_ROWS if settings.get("denoiser") == "dit" else ROWS
 
 
 # -----------------------------------------------------------------------------------------------------------------------
@@ -140,12 +165,12 @@ def key(r: dict) -> tuple:
 def demo_argv(motion: str, seed: int, s: dict, threads: int = 2) -> list:
     return ["--motion", motion, "--seed", str(seed), "--steps", str(s["steps"]), "--lr", str(s["lr"]),
             "--seeds", str(s["sample_seeds"]), "--base-seeds", str(s["base_seeds"]), "--no-before", "--samples", "",
-            "--jobs", "1", "--threads", str(threads)]
+            "--jobs", "1", "--threads", str(threads), "--denoiser", s.get("denoiser", "unet")]
 
 
 def customized_run(row: str, motion: str, seed: int, s: dict, threads: int = 2) -> dict:
     """Customize with the row's overrides, then score the evaluation prompts (toy/demo.py)."""
-    r = demo.main(demo_argv(motion, seed, s, threads), overrides=ROWS[row][1], quiet=True, full=True)
+    r = demo.main(demo_argv(motion, seed, s, threads), overrides=rows_of(s)[row][1], quiet=True, full=True)
     return {"novel": r["novel"]["after"]["per_video"], "base": r["base"]["after"]["per_video"], "parts": r["seconds"]}
 
 
@@ -155,9 +180,9 @@ def base_runs(motion: str, seeds: list, s: dict, threads: int = 2) -> list:
 
     from models import load_models
 
-    args = demo.parser().parse_args(demo_argv(motion, 0, s, threads))
+    args = demo.parse_args(demo_argv(motion, 0, s, threads))
     torch.set_num_threads(args.threads)
-    models, scorer = load_models(args.model), toy_scorer.ToyScorer()
+    models, scorer = load_models(args.model, denoiser=args.denoiser), toy_scorer.ToyScorer()
     novel, base, base_want = demo.prompts_for(motion, args.token, args.seeds, args.base_seeds)
     n = demo.score(models, [p for p, _ in novel], [k for _, k in novel], [motion] * len(novel), args, scorer,
                    quiet=True)
@@ -205,40 +230,44 @@ def cells(records: list, thresholds: dict) -> dict:
 
 
 def table(records: list, settings: dict) -> str:
-    """The markdown report: every row's metrics with 95% intervals, and paired differences to NewMove."""
+    """The markdown report: every row's metrics with 95% intervals, and paired differences to NewMove (the DiT's
+    table: to dit-newmove)."""
+    rows = rows_of(settings)
+    ref = next(iter(rows))
+    label = "NewMove" if ref == "newmove" else ref
     motions = sorted({r["motion"] for r in records})
     thresholds = {m: toy_scorer.calibrate_leakage(m)["threshold"] for m in motions}
     data = cells(records, thresholds)
     fmt = lambda m, lo, hi: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"  # noqa: E731
     lines = ["| row | paper row | runs | " + " | ".join(name for name, _, _ in METRICS) + " |",
              "| --- | --- | --- |" + " --- |" * len(METRICS)]
-    for row in [BASE, *ROWS]:
+    for row in [BASE, *rows]:
         if row not in data:
             continue
         runs = sorted(data[row])
         stats = [fmt(*bootstrap(np.stack([data[row][k][name] for k in runs]))) for name, _, _ in METRICS]
-        lines.append(f"| {row} | {ROWS[row][0] if row in ROWS else 'no customization'} | {len(runs)} | "
+        lines.append(f"| {row} | {rows[row][0] if row in rows else 'no customization'} | {len(runs)} | "
                      + " | ".join(stats) + " |")
     lines += ["", "A row's motions and seeds are the cells it has run (the runs column; the base model is scored on every "
               "motion and seed). With one run the interval resamples only its videos and says nothing about seed-to-seed "
               "variation; rows are compared in the paired table below, on shared cells only."]
-    lines += ["", "Paired differences to NewMove (row minus NewMove, percentage points, same motions, seeds, prompts and "
+    lines += ["", f"Paired differences to {label} (row minus {label}, percentage points, same motions, seeds, prompts and "
               "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0; '(holds)' / '(reversed)' = "
               "a resolved difference in / against the paper's direction:", "",
               "| row | pairs | novel-motion accuracy | verdict | paper | copy score > threshold | verdict | paper | "
               "base-motion accuracy | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     tally = {}  # holds / reversed / unresolved -> the paper's comparisons
-    for row, (_, _, paper) in ROWS.items():
-        if row == "newmove" or row not in data or "newmove" not in data:
+    for row, (_, _, paper) in rows.items():
+        if row == ref or row not in data or ref not in data:
             continue
-        pairs = sorted(set(data[row]) & set(data["newmove"]))
+        pairs = sorted(set(data[row]) & set(data[ref]))
         if not pairs:
             continue
         cols = []
         paper = paper or ("", "")
         for name, claim in (("novel-motion accuracy", paper[0]), ("copy score > threshold", paper[1]),
                             ("base-motion accuracy", "")):
-            d = np.stack([data[row][k][name] - data["newmove"][k][name] for k in pairs])
+            d = np.stack([data[row][k][name] - data[ref][k][name] for k in pairs])
             m, lo, hi = bootstrap(d)
             v = verdict(lo, hi)
             cols += [fmt(m, lo, hi), reading(v, claim)]
@@ -261,8 +290,9 @@ def table(records: list, settings: dict) -> str:
         lines.append(f"Compute: {len(custom)} customization runs, {sum(custom) / 3600:.1f} h of run time in all "
                      f"(mean {np.mean(custom):.0f} s per run, as timed in its process; with --jobs 2 two run at once)"
                      f"; the base model {sum(r['seconds'] for r in records if r['row'] == BASE) / 60:.0f} min.")
-    lines.append("Command (resumes; every row x motion x seed not yet in the results file): python toy/ablate.py "
-                 f"--steps {settings['steps']} --lr {settings['lr']} --sample-seeds {settings['sample_seeds']} "
+    dit = " --denoiser dit" if settings.get("denoiser") == "dit" else ""
+    lines.append("Command (resumes; every row x motion x seed not yet in the results file): python toy/ablate.py"
+                 f"{dit} --steps {settings['steps']} --lr {settings['lr']} --sample-seeds {settings['sample_seeds']} "
                  f"--base-seeds {settings['base_seeds']}")
     return "\n".join(lines) + "\n"
 
@@ -273,23 +303,37 @@ def table(records: list, settings: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--denoiser", default="unet", choices=("unet", "dit"), help="unet: the paper's Table 2 on the toy "
+                   "UNet (toy/ablation.*); dit: the same questions of the toy DiT (DIT_ROWS, toy/ablation-dit.*)")
+    p.add_argument("--rows", nargs="*", default=None, choices=[*ROWS, *DIT_ROWS], help="default: every row of the "
+                   "--denoiser's table")
     p.add_argument("--motions", nargs="*", default=list(world.NOVEL_MOTIONS), choices=list(world.NOVEL_MOTIONS))
     p.add_argument("--seeds", type=int, default=3, help="customization seeds per (row, motion) (default 3)")
     p.add_argument("--steps", type=int, default=200, help="customization steps (the demo's 200)")
     p.add_argument("--lr", type=float, default=6e-4, help="learning rate (the demo's 6e-4)")
     p.add_argument("--sample-seeds", type=int, default=4, help="sampling seeds per novel prompt: x 5 looks = videos")
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (x 30)")
-    p.add_argument("--results", default=str(ROOT / "toy" / "ablation.jsonl"), help="JSON-lines results (appended)")
+    p.add_argument("--results", default=None, help="JSON-lines results, appended (default toy/ablation.jsonl; "
+                   "--denoiser dit: toy/ablation-dit.jsonl)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, in separate processes with one torch thread "
                    "each (2 on a 2-core machine: about twice the runs per hour, toy/speed.md)")
     p.add_argument("--table", action="store_true", help="only write the markdown table from --results")
-    p.add_argument("--out", default=str(ROOT / "toy" / "ablation.md"), help="the markdown table (rewritten)")
+    p.add_argument("--out", default=None, help="the markdown table, rewritten (default toy/ablation.md; --denoiser "
+                   "dit: toy/ablation-dit.md)")
     args = p.parse_args(argv)
+    stem = "ablation-dit" if args.denoiser == "dit" else "ablation"
+    args.results = args.results or str(ROOT / "toy" / f"{stem}.jsonl")
+    args.out = args.out or str(ROOT / "toy" / f"{stem}.md")
+    family = DIT_ROWS if args.denoiser == "dit" else ROWS
+    args.rows = list(family) if args.rows is None else args.rows
+    if any(r not in family for r in args.rows):
+        p.error(f"--rows: {', '.join(r for r in args.rows if r not in family)} not in the {args.denoiser} table")
     for flag in ("seeds", "steps", "sample_seeds", "base_seeds", "jobs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     settings = {"steps": args.steps, "lr": args.lr, "sample_seeds": args.sample_seeds, "base_seeds": args.base_seeds}
+    if args.denoiser == "dit":  # (the UNet's settings stay as they were: its records keep matching)
+        settings["denoiser"] = "dit"
     results, out = Path(args.results), Path(args.out)
 
     def write_table():

@@ -61,8 +61,10 @@ def score(models, prompts, seeds, want_motions, args, scorer, train_looks=(), de
     leak_similarity of its nearest training clip, toy/scorer.py). Per-video lists under "per_video"; with a `keep`
     folder, every video is also written there (sample.save_video) and its file stem listed under "stems"."""
     chunks = range(0, len(prompts), 16)
+    solver = "unipc" if models.dit is not None else "ddim"  # the DiT: Wan's sampler; the UNet: ModelScope's
     videos = torch.cat([sample.generate(models, prompts[i:i + 16], seeds[i:i + 16], frames=8, height=32, width=32,
-                                        steps=args.sample_steps, guidance=args.guidance, batch_size=16, progress=False)
+                                        steps=args.sample_steps, guidance=args.guidance, batch_size=16, solver=solver,
+                                        progress=False)
                         for i in tqdm(chunks, desc=desc, unit="batch", disable=quiet)])  # (N, 3, F, H, W) uint8
     found = [scorer.analyse(v) for v in videos]  # one analysis per video: motion, colour and shape
     motions, looks = [a["motion"] for a in found], [(a["colour"], a["shape"]) for a in found]
@@ -102,7 +104,7 @@ def score_sets(args, sets: dict, delta_path, when: str, quiet: bool, keep=None) 
     """score() of each set {name: (prompts, seeds, wanted motions, score() extras)} with the model plus the delta
     (None: the base model; noise-gated with --delta-from-t), in this process (or a worker's: everything it needs
     comes in the arguments); videos written to `keep`, if given."""
-    models = load_models(args.model)
+    models = load_models(args.model, denoiser=args.denoiser)
     if delta_path is not None:
         apply_delta(models, delta_path, args.delta_from_t)
     scorer = ToyScorer()
@@ -130,7 +132,8 @@ def train_config(args, work: Path, **overrides):
         model=args.model, videos=str(work / "videos"), reg_videos=str(work / "reg"), reg_caption="a shape moving",
         token=args.token, frames=8, size=32, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         precision="fp32", log_every=25, ckpt_every=0, out=str(work / "run"), seed=args.seed, prior_count=8,
-        val_steps=args.sample_steps, elementwise_recompute=False, optimizer=args.optimizer), **overrides})
+        val_steps=args.sample_steps, elementwise_recompute=False, optimizer=args.optimizer, denoiser=args.denoiser),
+        **overrides})
 
 
 def examples_for(motion: str, n: int, seed: int, token: str) -> list:
@@ -223,7 +226,10 @@ def parser():
     p.add_argument("--base-seeds", type=int, default=1, help="sampling seeds per base-motion prompt (0: skip the "
                    "forgetting check)")
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; with "
+                   "--denoiser dit 5.0, Wan's)")
+    p.add_argument("--denoiser", default="unet", choices=("unet", "dit"), help="the toy model's UNet, or its "
+                   "Wan-architecture DiT (toy/model/dit/: rectified flow, sampled with UniPC; train.py --denoiser)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="2: score the base model in a second process "
                    "while this one trains (one thread each); 1: everything in this process with --threads")
@@ -240,11 +246,19 @@ def parser():
     return p
 
 
+def parse_args(argv=None):
+    """parser()'s arguments, the per-denoiser defaults filled in."""
+    args = parser().parse_args(argv)
+    if args.guidance is None:
+        args.guidance = 5.0 if args.denoiser == "dit" else 7.5
+    return args
+
+
 def main(argv=None, overrides=None, quiet=False, full=False):
     """Run the demo; `overrides` are train.Config fields (the ablation runner uses them). Returns the table rows
     {name: (before, after)}; with full=True {"rows": those, "novel": {"before", "after"}, "base": {...}}: score()'s
     results, with leakage scores for the novel prompts (toy/ablate.py), and "copies_per_training_clip"."""
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     if args.threads < 1:
         raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     keep = samples_folder(args.samples, quiet)  # before the work: a bad --samples fails now, not after 15 min
