@@ -298,8 +298,8 @@ def check_dit(cfg: Config, given):
         raise SystemExit(f"error: --val-solver {cfg.val_solver} samples the UNet; the DiT's are unipc and euler")
     if cfg.checkpointing == "selective":
         raise SystemExit("error: --checkpointing selective is the UNet's; the DiT checkpoints whole blocks: full")
-    if cfg.export_diffusers or cfg.prior == "synthetic":
-        raise SystemExit("error: --export-diffusers and --prior synthetic are for the UNet family")
+    if cfg.export_diffusers:
+        raise SystemExit("error: --export-diffusers writes a diffusers UNet; the DiT's delta is its output")
     folder = Path(cfg.model) if cfg.model else TOY_MODEL
     if not (folder / "dit" / "config.json").is_file():
         raise SystemExit(f"error: --denoiser dit trains the DiT in a model folder's dit/ (the toy model's: "
