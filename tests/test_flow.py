@@ -43,33 +43,26 @@ def test_schedule_and_unipc_equal_the_original(steps, shift):
     assert _rel(ours, x) < 1e-5, _rel(ours, x)
 
 
-def test_unipc_equals_diffusers_flow_unipc():
-    """diffusers' UniPCMultistepScheduler with flow sigmas, as WanPipeline configures it, on its own schedule."""
-    from diffusers import UniPCMultistepScheduler
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                    num_train_timesteps=1000, solver_order=2, solver_type="bh2", predict_x0=True,
-                                    lower_order_final=True, final_sigmas_type="zero")
-    sched.set_timesteps(20)
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_samplers_equal_diffusers_on_its_schedule(solver):
+    """diffusers' UniPCMultistepScheduler with flow sigmas (as WanPipeline configures it) and its flow-matching Euler,
+    each on its own schedule, against ours given that schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if solver == "unipc":
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2, solver_type="bh2", predict_x0=True,
+                                        lower_order_final=True, final_sigmas_type="zero")
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
+    sched.set_timesteps(20 if solver == "unipc" else 12)
     field = _field(3)
     x_T = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(4))
     x = x_T.clone()
     for t in sched.timesteps:
         x = sched.step(field(x, t), t, x, return_dict=False)[0]
-    sigmas = sched.sigmas.float()
-    ours = flow.sample_unipc(lambda x, i: field(x, sched.timesteps[i]), x_T.clone(), sigmas)
-    assert _rel(ours, x) < 1e-5, _rel(ours, x)
-
-
-def test_euler_equals_diffusers_flow_match_euler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
-    sched.set_timesteps(12)
-    field = _field(5)
-    x_T = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(6))
-    x = x_T.clone()
-    for t in sched.timesteps:
-        x = sched.step(field(x, t), t, x, return_dict=False)[0]
-    ours = flow.sample_euler(lambda x, i: field(x, sched.timesteps[i]), x_T.clone(), sched.sigmas.float())
+    sampler = flow.sample_unipc if solver == "unipc" else flow.sample_euler
+    ours = sampler(lambda x, i: field(x, sched.timesteps[i]), x_T.clone(), sched.sigmas.float())
     assert _rel(ours, x) < 1e-5, _rel(ours, x)
 
 

@@ -112,6 +112,15 @@ def train_vae(videos, steps, seed, logfile):
 
 
 @torch.no_grad()
+def ema_update(ema, model, step: int):
+    """One step of the weights' exponential moving average, decay min(0.999, (1 + step) / (10 + step)) (a short
+    memory at the start, so early weights do not linger)."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+@torch.no_grad()
 def encode_pool(vae, videos):
     """Every clip's VAE posterior once, scaled: (mean, std), each (n, 4, F, h, w)."""
     means, stds = [], []
@@ -274,11 +283,8 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, m in ((ema_unet, unet), (ema_text, text)):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+        for e, m in ((ema_unet, unet), (ema_text, text)):
+            ema_update(e, m, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")

@@ -42,7 +42,7 @@ import weights
 from models import load_models, save_dit
 from toy import world
 from toy.scorer import ToyScorer
-from toy.train_base import clip_pool, encode_pool, log
+from toy.train_base import clip_pool, ema_update, encode_pool, log
 
 # The toy DiT: 8 latent frames x 8x8 -> 8 x 4 x 4 = 128 tokens of width 128; 6 blocks, 4 heads of 32 (RoPE pairs
 # 6 / 5 / 5 over frames / rows / columns); the toy text encoder's 77 x 64 features as its context.
@@ -166,10 +166,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        ema_update(ema, dit, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
