@@ -425,7 +425,7 @@ def test_cli_stopping_rule_with_a_clip_model(world, tmp_path, capfd):
 
 
 SCRIPTS = ["train.py", "sample.py", "evaluate.py", "delta.py", "models.py", "data.py", "benchmarks/bench.py",
-           "toy/demo.py", "toy/train_base.py", "toy/ablate.py", "toy/probe.py"]
+           "toy/demo.py", "toy/train_base.py", "toy/train_dit.py", "toy/ablate.py", "toy/probe.py"]
 
 
 @pytest.fixture(scope="module")
