@@ -14,6 +14,7 @@ from pathlib import Path
 
 import reporting
 import runs
+import wan_models
 from runs import opt
 
 
@@ -212,6 +213,10 @@ JOINT_SETTINGS = dict(train_subject_token=True, still_frames="1", subject_trains
 # With --denoiser dit, the options not given take these values: the DiT's NewMove analogue (its self-attention, which
 # mixes frames, + the text cross-attention's K/V), and Wan's sampler and guidance for validation videos.
 DIT_SETTINGS = dict(preset="dit-newmove", val_solver="unipc", val_guidance=5.0)
+# A Wan 2.1 --model (wan_models.is_wan) trains its DiT (--denoiser dit, DIT_SETTINGS); the options not given take these:
+# 33-frame clips (1 + 4k: Wan's VAE keeps frame 0 apart) of about 480^2 pixels, per-block checkpointing (docs/wan.md:
+# 1+1 clips at 480x832 need 12.5 GB with it, 63 GB without), and each clip's first window, encoded once as one video.
+WAN_SETTINGS = dict(denoiser="dit", frames=33, size=480, checkpointing="full", window="first")
 
 
 def check_config(cfg: Config, given=None):
@@ -232,8 +237,14 @@ def check_config(cfg: Config, given=None):
         if changed and int(os.environ.get("RANK", "0")) == 0:
             flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
             print(f"motion + subject: the joint recipe's settings ({flags}; docs/subject.md)", flush=True)
+    wan = bool(cfg.model) and wan_models.is_wan(cfg.model)
+    if wan:
+        for k, v in WAN_SETTINGS.items():
+            if k not in given:
+                setattr(cfg, k, v)
+        check_wan(cfg)
     if cfg.denoiser == "dit":
-        check_dit(cfg, given)
+        check_dit(cfg, given, wan)
     elif PRESETS[cfg.preset].get("family") == "dit":
         raise SystemExit(f"error: --preset {cfg.preset} selects DiT weights; it needs --denoiser dit")
     elif cfg.val_solver in ("unipc", "euler"):
@@ -286,7 +297,20 @@ def check_config(cfg: Config, given=None):
         raise SystemExit(f"error: --max-frames {cfg.max_frames} must be at least --frames {cfg.frames}")
 
 
-def check_dit(cfg: Config, given):
+def check_wan(cfg: Config):
+    """What a Wan 2.1 run cannot do here (yet), before anything loads."""
+    if cfg.denoiser != "dit":
+        raise SystemExit(f"error: {cfg.model} is Wan 2.1: its denoiser is a DiT (--denoiser dit), not a UNet")
+    if (cfg.frames - 1) % 4:
+        raise SystemExit(f"error: --frames {cfg.frames}: Wan's VAE takes 1 + 4k frames (e.g. 33, 49, 81)")
+    if cfg.window != "first":
+        raise SystemExit("error: --window random: Wan's causal VAE encodes a window as one video (its first frame "
+                         "alone), so windows are not cut from cached frames here; use --window first")
+    if cfg.train_token or cfg.train_subject_token or cfg.subject_videos:
+        raise SystemExit("error: learned words and --subject-videos are not supported with Wan's umT5 here")
+
+
+def check_dit(cfg: Config, given, wan: bool = False):
     """--denoiser dit: DIT_SETTINGS for the options not given, then what the DiT cannot do here."""
     for k, v in DIT_SETTINGS.items():
         if k not in given:
@@ -301,10 +325,9 @@ def check_dit(cfg: Config, given):
     if cfg.export_diffusers:
         raise SystemExit("error: --export-diffusers writes a diffusers UNet; the DiT's delta is its output")
     folder = Path(cfg.model) if cfg.model else TOY_MODEL
-    if not (folder / "dit" / "config.json").is_file():
+    if not wan and not (folder / "dit" / "config.json").is_file():
         raise SystemExit(f"error: --denoiser dit trains the DiT in a model folder's dit/ (the toy model's: "
-                         f"toy/model/dit/, made by toy/train_dit.py); {folder} has none. Training Wan 2.1 itself "
-                         f"needs its video VAE and umT5 in train.py's data path, which it does not have yet")
+                         f"toy/model/dit/, made by toy/train_dit.py), or Wan 2.1's; {folder} is neither")
 
 
 def check_memory_options(cfg: Config):

@@ -69,14 +69,14 @@ def apply_delta(models, path, from_t: float | None = None) -> dict:
     if path.suffix != ".safetensors":  # train.py writes nothing else; a .pt here is most likely a state.pt
         raise WeightsError(f"{path}: a delta must be the .safetensors file train.py writes (delta.safetensors), "
                            f"not a {path.suffix or 'suffix-less'} file")
-    T = models.schedule["num_train_timesteps"]
+    if from_t is not None and models.dit is not None:
+        raise WeightsError(f"{path}: noise gating (--delta-from-t) switches weights at a DDIM timestep; the DiT's flow "
+                           f"sampler has none of those here")
+    T = models.schedule["num_train_timesteps"] if from_t is not None else None
     if from_t is not None and not 0 <= from_t <= T:  # T: the base model at every step (t <= T - 1)
         raise WeightsError(f"--delta-from-t must be in 0..{T}, got {from_t}")
     if models.gate is not None:
         raise WeightsError(f"{path}: these models already carry a noise-gated delta; load one gated delta at a time")
-    if from_t is not None and models.dit is not None:
-        raise WeightsError(f"{path}: noise gating (--delta-from-t) switches weights at a DDIM timestep; the DiT's flow "
-                           f"sampler has none of those here")
     sd = read_state_dict(path, "customized weights (.safetensors from train.py)")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged run: applying it would give black videos

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 import data
 import sample
+import wan_t5
+import wan_vae
 from weights import read_state_dict, save_state_dict
 
 
@@ -81,6 +83,9 @@ def encode_set(dataset, vae, text, tokenizer, cache_dir: Path, fingerprint: str,
         path = cache_dir / f"{key}.safetensors"
         if path.exists():
             cached = read_state_dict(path)
+        elif isinstance(vae, wan_vae.WanVAE):
+            cached = encode_wan_clip(item, vae, text, tokenizer, device)
+            save_state_dict(cached, path, overwrite=True)
         else:
             frames = item["video"].transpose(0, 1)  # (L, 3, H, W) in [-1, 1]: the VAE encodes frame by frame
             posterior = [vae.encode_frames(frames[k:k + 16].to(device)) for k in range(0, len(frames), 16)]
@@ -95,10 +100,23 @@ def encode_set(dataset, vae, text, tokenizer, cache_dir: Path, fingerprint: str,
         stds.append(cached["std"].pin_memory() if pin else cached["std"])
         contexts.append(cached["context"])
         tokens.append(cached["tokens"])
-    if tokenizer.placeholders:  # captions are tokenized again: the cached ids predate the learned words
+    if tokenizer.placeholders:  # captions are tokenized again: the cached ids predate the learned words (not umT5)
         tokens = list(tokenizer(captions).to(device))
     stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
     return {"mean": means, "std": stds, "context": stack(contexts), "tokens": stack(tokens)}
+
+
+def encode_wan_clip(item: dict, vae, text, tokenizer, device) -> dict:
+    """A clip for Wan 2.1: its frames (1 + 4k) as ONE video through the causal VAE, whose first latent frame encodes
+    the first pixel frame alone (so a window cut from a longer encoding would not be what Wan trains on), and its
+    caption through umT5 as Wan's pipeline encodes prompts. Wan trains on the posterior mean: std is zero, so the
+    per-step posterior sample of batch_latents is the mean itself."""
+    video = item["video"].unsqueeze(0).to(device)  # (1, 3, 1 + 4k, H, W) in [-1, 1]
+    z = vae.encode(video)[0].transpose(0, 1)  # (1 + k, 16, h, w), frame-major as the KL VAE's cache
+    ids, _ = tokenizer([item["caption"]])
+    context = wan_t5.encode_prompts(text, tokenizer, [item["caption"]], tokenizer.seq_len)[0]  # (512, 4096)
+    return {"mean": z.float().cpu(), "std": torch.zeros_like(z, dtype=torch.float32).cpu(), "context": context.float(),
+            "tokens": ids[0].to(device)}
 
 
 def window_report(s: dict, frames: int, max_frames: int) -> str:
@@ -160,9 +178,10 @@ def encode_run_sets(cfg, models, prior: str, token_id, amp, out: Path, run) -> t
         print(f"instance clips: {count(inst)}{subject}; regularization clips: {count(reg)} "
               f"({prior}); lambda {cfg.reg_weight}; timesteps {cfg.timesteps} (alpha {cfg.alpha}); "
               f"dropout {cfg.dropout}")
+        latent = 1 + (cfg.frames - 1) // getattr(models.vae.cfg, "temporal_factor", 1)  # Wan's VAE: 1 + (F - 1) / 4
         for name, s in (("instance", inst), ("subject", subj), ("regularization", reg)):
             if s is not None:
-                print(f"{name} windows: {window_report(s, cfg.frames, max_frames)}", flush=True)
+                print(f"{name} windows: {window_report(s, latent, max_frames)}", flush=True)
     return inst, subj, reg, encode["fingerprint"]
 
 

@@ -165,6 +165,12 @@ def generate(models: Models, prompts: list, seeds: list, *, negative_prompt: str
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    if not isinstance(models, Models):  # Wan 2.1 (wan_models.WanModels): its own pipeline, one video at a time
+        if return_latents:
+            raise ValueError("return_latents: generate_wan(..., return_latents=True) gives Wan's latents alone")
+        return generate_wan(models, prompts, seeds, negative_prompt=negative_prompt or None, frames=frames,
+                            height=height, width=width, steps=steps, shift=models.flow_shift, guidance=guidance,
+                            solver=solver, dtype=dtype, progress=progress)
     unet, vae, text = models.denoiser, models.vae, models.text_encoder
     f = pixel_multiple(models)
     if height % f or width % f:
@@ -369,8 +375,6 @@ def check_sample_args(p, args, family: str | None = None):
         p.error(f"--solver {args.solver}: {args.model} is a {family} model; its solvers are "
                 f"{', '.join(SOLVERS[family])}")
     if family == "wan":
-        if args.delta:
-            p.error("--delta: customized weights are for the ModelScope family here; Wan deltas are not supported yet")
         if args.eta or args.batch_size != 1:
             p.error("--eta and --batch-size are ModelScope options; Wan samples one video at a time with UniPC")
         if not (math.isfinite(args.shift) and args.shift > 0):
@@ -441,6 +445,8 @@ def main(argv=None):
             import wan_models
 
             models = wan_models.load_wan(args.model, revision=args.revision)
+            if args.delta:  # train.py's delta of Wan's DiT (dit.* tensors)
+                apply_delta(models, args.delta, args.delta_from_t)
             for m in (models.dit, models.vae, models.text_encoder):
                 m.to(args.device)
             for prompt, seed in pairs:  # each video saved when done: a Ctrl-C keeps what was made

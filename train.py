@@ -50,6 +50,7 @@ import optim
 import runs
 import sample
 import text_encoder as te
+import wan_models
 from config import PRESETS, TOY_REG_CLIPS, Config, check_config, parse_args  # noqa: F401 (as train.X too)
 from models import base_metadata, load_models
 from weights import DTYPES, WeightsError, autocast_dtype, cast, save_state_dict, weights_id, writable_dir, write_json
@@ -192,13 +193,19 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
     torch.manual_seed(cfg.seed + run.rank)  # dropout/LoRA RNG, per rank (its state is saved in the checkpoint)
 
     # --- the frozen base model: NewMove fine-tunes without dropout (method.md §6.8) ---
-    # a folder, or a Hub id (cached or downloaded); the toy model's DiT with --denoiser dit
-    models = load_models(cfg.model, revision=cfg.revision or None, denoiser=cfg.denoiser)
+    # a folder, or a Hub id (cached or downloaded); the toy model's DiT with --denoiser dit; Wan 2.1 in either layout
+    models = wan_models.load_wan(cfg.model, revision=cfg.revision or None) if wan_models.is_wan(cfg.model) else \
+        load_models(cfg.model, revision=cfg.revision or None, denoiser=cfg.denoiser)
     base_weights = weights_id(models.denoiser.state_dict())  # in the delta: applying it to other weights warns (delta.py)
     net, text = models.denoiser.to(run.device), models.text_encoder.to(run.device)
     models.vae.to(run.device)
-    abar = sample.alphas_cumprod(models.schedule).to(run.device)  # (T,), the scaled-linear schedule's alpha-bar
-    T = models.schedule["num_train_timesteps"]
+    if models.dit is None:  # the UNet's DDPM schedule; the DiT's noise levels come from flow.py
+        abar = sample.alphas_cumprod(models.schedule).to(run.device)  # (T,), the scaled-linear schedule's alpha-bar
+        T = models.schedule["num_train_timesteps"]
+    else:
+        abar, T = None, flow.NUM_TRAIN_TIMESTEPS
+    # the clips' frames in the latent: as many for the KL VAE (frame by frame), 1 + (F - 1) / 4 for Wan's causal VAE
+    frames = 1 + (cfg.frames - 1) // getattr(models.vae.cfg, "temporal_factor", 1)
     amp = autocast_dtype(cfg.precision)
     net.requires_grad_(False)
     text.requires_grad_(False)
@@ -276,13 +283,13 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
             clips = sorted(clips, key=lambda c: c[0] == "reg")
             per_clip = torch.zeros(len(clips), device=run.device)  # each clip's MSE, for the log
             # usually one group: all clips in ONE UNet call; else one per aspect bucket, and one for one-frame stills
-            groups = latents.shape_groups(clips, cfg.frames)
+            groups = latents.shape_groups(clips, frames)
             if appearance is not None:  # the subject's clips in UNet calls of their own, first: the last call trains all
                 groups = [[j for j in pos if clips[j][0] == "subject"] for pos in groups] + \
                          [[j for j in pos if clips[j][0] != "subject"] for pos in groups]
                 groups = [pos for pos in groups if pos]
             for k, pos in enumerate(groups):
-                x0, ctx = latents.batch_latents([clips[j] for j in pos], b, cfg.seed, cfg.frames,
+                x0, ctx = latents.batch_latents([clips[j] for j in pos], b, cfg.seed, frames,
                                                 cfg.window == "random", g, run.device)  # (b, 4, F, h, w), (b, 77, D)
                 if learn_words:  # captions that use a learned word are re-encoded with grad through its embedding
                     tokens = torch.stack([clips[j][1]["tokens"][clips[j][2]] for j in pos])  # (b, 77)

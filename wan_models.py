@@ -50,7 +50,18 @@ class WanModels:
     layout: str  # "wan" or "wan-diffusers"
     root: Path
     source: dict | None = None  # hub.resolve's provenance: folder, or Hub id, revision and commit
-    flow_shift: float | None = None  # the diffusers scheduler config's shift, when the folder has one
+    # The time shift of training (train.flow_loss) and sampling: the original sampler's 5.0, or the diffusers
+    # scheduler config's flow_shift when the folder has one. (Wan's own training shift is not published.)
+    flow_shift: float = SAMPLE_DEFAULTS["shift"]
+    gate: object = None  # as models.Models: delta.apply_delta's noise gate (not supported for the DiT: always None)
+
+    @property
+    def unet(self):  # the loaders' common interface: train.py and delta.py ask for the denoiser
+        return None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.dit
 
 
 def detect_layout(root) -> str | None:
@@ -61,6 +72,18 @@ def detect_layout(root) -> str | None:
     if (root / "transformer" / "config.json").is_file():
         return "wan-diffusers"
     return None
+
+
+def is_wan(model: str) -> bool:
+    """Whether a --model names Wan 2.1, without downloading: a folder's files, a known Hub id, or its cached copy."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return detect_layout(path) is not None
+    layout = hub.KNOWN_MODELS.get(model, (None,))[0]
+    if layout is not None:
+        return layout.startswith("wan")
+    folder = hub.snapshot(model) if hub.REPO_ID.fullmatch(model) else None
+    return bool(folder and detect_layout(folder))
 
 
 def read_weights(path: Path, what: str) -> dict:
@@ -109,7 +132,7 @@ def load_wan(root, dtype: torch.dtype | None = torch.float32, revision: str | No
         dit_sd = read_weights(root / "diffusion_pytorch_model.safetensors", "Wan DiT weights")
         vae_sd = read_state_dict(root / "Wan2.1_VAE.pth", "Wan VAE weights")
         t5_sd = read_state_dict(root / "models_t5_umt5-xxl-enc-bf16.pth", "umT5 encoder weights")
-        tokenizer_dir, flow_shift = root / "google" / "umt5-xxl", None
+        tokenizer_dir, flow_shift = root / "google" / "umt5-xxl", SAMPLE_DEFAULTS["shift"]
     elif layout == "wan-diffusers":
         def config(sub):
             return read_json(root / sub / "config.json", f"diffusers {sub} config")
@@ -129,6 +152,7 @@ def load_wan(root, dtype: torch.dtype | None = torch.float32, revision: str | No
         tokenizer_dir = root / "tokenizer"
         scheduler = root / "scheduler" / "scheduler_config.json"
         flow_shift = read_json(scheduler, "scheduler config").get("flow_shift") if scheduler.is_file() else None
+        flow_shift = SAMPLE_DEFAULTS["shift"] if flow_shift is None else float(flow_shift)
     else:
         raise WeightsError(f"{root}: not a Wan 2.1 model folder (no Wan2.1_VAE.pth, no transformer/config.json)")
     dit = _build(wan_dit.WanDiT, dit_cfg, dit_sd, f"{root} (DiT)", dtype)

@@ -274,6 +274,8 @@ class UMT5Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json at {path} (Wan: <ckpt>/google/umt5-xxl, Diffusers: tokenizer/)")
         self.tok = tokenizers.Tokenizer.from_file(str(file))
         self.seq_len = seq_len
+        self.context_length = seq_len  # the name train.py's caption checks read (te.Tokenizer's)
+        self.placeholders = {}  # no learned words for umT5 (te.Tokenizer's interface)
         self.pad_token = pad_token
         self.pad_id = self.tok.token_to_id(pad_token)
         if self.pad_id is None:
@@ -282,6 +284,12 @@ class UMT5Tokenizer:
             eos = self.tok.token_to_id("</s>")
             self.tok.post_processor = tokenizers.processors.TemplateProcessing(
                 single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+
+    def encode(self, text: str) -> list:
+        """The ids of `text` after Wan's cleaning, without </s> (te.Tokenizer.encode's contract)."""
+        self.tok.no_padding()  # __call__ turns both on for its fixed-length batches
+        self.tok.no_truncation()
+        return self.tok.encode(clean_prompt(text), add_special_tokens=False).ids
 
     def __call__(self, prompts, seq_len: int | None = None):  # str or B str -> ids (B, L) int64, mask (B, L) int64
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

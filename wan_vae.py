@@ -111,6 +111,10 @@ class WanVAEConfig:
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)  # 8 for the release
 
+    @property
+    def downsample_factor(self) -> int:  # the name the KL VAE's config uses (sample.pixel_multiple reads it)
+        return self.spatial_factor
+
 
 WAN_VAE_PRESETS = {
     # the released Wan 2.1 VAE (Wan2.1_VAE.pth): 126,892,531 params (encoder 53,595,872, decoder 73,295,331), 194 tensors

@@ -1117,7 +1117,7 @@ def test_dit_options_are_checked_before_anything_loads(dit_world, tmp_path):
            (dict(denoiser="dit", checkpointing="selective"), "whole blocks"),
            (dict(denoiser="dit", val_solver="ddim"), "the DiT's are unipc and euler"),
            (dict(val_solver="unipc"), "the UNet's are dpmpp-2m"),
-           (dict(denoiser="dit", model=str(root)), "has none")]
+           (dict(denoiser="dit", model=str(root)), "is neither")]
     for kw, message in bad:
         with pytest.raises(SystemExit, match=message):
             train.check_config(dataclasses.replace(_cfg(root, folder, tmp_path / "x"), **kw), given=set(kw))
