@@ -30,6 +30,7 @@ import text_encoder as te
 import unet3d
 import vae
 import wan_dit
+import wan_models
 from weights import WeightsError, assign_state_dict, read_json, read_state_dict, save_state_dict, write_json
 
 
@@ -302,7 +303,8 @@ def main(argv=None):
         return fetch_main(argv)
     p = argparse.ArgumentParser(description="Load a ModelScope text-to-video model (a directory in the original or "
                                 "diffusers layout, or a Hugging Face Hub id), print what it holds and run one UNet "
-                                "call + VAE decode on random latents. Also: models.py fetch NAME..., models.py check.")
+                                "call + VAE decode on random latents; a Wan 2.1 folder or id: one DiT call + decode. "
+                                "Also: models.py fetch NAME..., models.py check.")
     p.add_argument("model", nargs="?", help="model directory (configuration.json + *.pth, or unet/ vae/ "
                    "text_encoder/), or a Hub repository id, e.g. " + hub.SUGGESTED)
     p.add_argument("--tiny", action="store_true", help="instead: build random tiny models, save them in both layouts "
@@ -315,6 +317,11 @@ def main(argv=None):
     if bool(args.model) == args.tiny:
         p.error("give a model directory or --tiny (not both)")
     try:
+        if args.model and wan_models.is_wan(args.model):  # Wan 2.1 (wan_models.py): its own networks
+            models = wan_models.load_wan(args.model, revision=args.revision)
+            print(f"{args.model}: {models.layout} layout")
+            wan_models.check(models, 1 + 4 * max(1, (args.frames - 1) // 4), args.size)
+            return 0
         if args.model:
             models = load_models(args.model, variant=args.variant, revision=args.revision)
             at = f" ({models.source['repo_id']} at {models.source['commit']})" if "commit" in models.source else ""

@@ -198,3 +198,26 @@ def save_wan(models: WanModels, root, layout: str = "wan-diffusers", tokenizer_j
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         (tokenizer_dir / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
     return root
+
+
+@torch.no_grad()
+def check(models: WanModels, frames: int = 5, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """`python models.py <Wan folder or id>`: what was loaded, then one DiT call and one decode on random latents."""
+    import time
+
+    for name in ("dit", "vae", "text_encoder"):
+        m = getattr(models, name)
+        n = sum(p.numel() for p in m.parameters())
+        print(f"  {name:13s} {type(m).__name__:15s} {n:>14,d} params  {next(m.parameters()).dtype}")
+    t0 = time.perf_counter()
+    context = wan_t5.encode_prompts(models.text_encoder, models.tokenizer, ["a person doing the pll sign", ""],
+                                    models.dit.cfg.text_len)  # (2, text_len, D)
+    cfg = models.vae.cfg
+    shape = (2, cfg.z_dim, 1 + (frames - 1) // cfg.temporal_factor, size // 8, size // 8)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    v = models.dit(latents, torch.tensor([999.0, 999.0]), context.float())  # (2, 16, f, h, w)
+    video = models.vae.decode(latents - 0.1 * v)  # (2, 3, F, H, W)
+    print(f"  text {tuple(context.shape)} -> DiT {tuple(v.shape)} -> VAE decode {tuple(video.shape)} "
+          f"in {time.perf_counter() - t0:.2f} s; output mean {video.mean():+.4f} std {video.std():.4f}")
+    assert torch.isfinite(video).all(), "non-finite output"
+    return video

@@ -267,3 +267,12 @@ def test_wan_options_are_checked_before_anything_loads(wan_run, tmp_path):
                         (dict(preset="temporal"), "selects UNet weights")):
         with pytest.raises(SystemExit, match=message):
             train.check_config(dataclasses.replace(cfg, **kw), given=set(kw))
+
+
+def test_models_py_checks_a_wan_folder(tiny, capfd):
+    import models
+
+    _, folders = tiny
+    assert models.main([str(folders["wan-diffusers"])]) == 0
+    out = capfd.readouterr().out
+    assert "wan-diffusers layout" in out and "-> DiT (2, 4, 2, 8, 8) -> VAE decode (2, 3, 5, 64, 64)" in out
