@@ -169,6 +169,7 @@ def test_errors_name_the_folder_and_the_problem(tiny, tmp_path):
         wan_models.load_wan(broken)
 
 
+@pytest.mark.slow
 def test_sample_cli_on_a_wan_folder_and_its_refusals(tiny, tmp_path, capfd):
     _, folders = tiny
     args = ["--model", str(folders["wan"]), "--prompt", "a dog", "--frames", str(FRAMES), "--height", str(HEIGHT),
@@ -183,6 +184,7 @@ def test_sample_cli_on_a_wan_folder_and_its_refusals(tiny, tmp_path, capfd):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.text, (extra, r.text)
 
 
+@pytest.mark.slow
 def test_wan_by_hub_id_fetches_only_what_the_loader_reads(fake_hub, tiny, tmp_path, capfd):  # noqa: F811
     models, folders = tiny
     for repo, layout in (("Wan-AI/Wan2.1-T2V-1.3B", "wan"), ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan-diffusers")):
@@ -226,6 +228,7 @@ def wan_run(tmp_path_factory):
     return folder, clips, tmp / "run"
 
 
+@pytest.mark.slow
 def test_train_py_trains_wans_dit_on_whole_clip_latents(wan_run):
     """--model Wan: the dit-newmove set trains (and only it), on each clip's first 1 + 4k frames encoded as one video
     (Wan's VAE; the cache holds 2 latent frames for 5 pixel frames) with umT5 contexts of the DiT's text_len."""
@@ -244,6 +247,7 @@ def test_train_py_trains_wans_dit_on_whole_clip_latents(wan_run):
     assert (run / "val" / "step000003").is_dir()
 
 
+@pytest.mark.slow
 def test_sample_py_applies_a_wan_delta(wan_run, tmp_path, capfd):
     folder, _, run = wan_run
     args = ["--model", str(folder), "--prompt", "a red circle doing pll", "--frames", str(FRAMES), "--height",
@@ -255,12 +259,12 @@ def test_sample_py_applies_a_wan_delta(wan_run, tmp_path, capfd):
     assert base != custom
 
 
-def test_wan_options_are_checked_before_anything_loads(wan_run, tmp_path):
+def test_wan_options_are_checked_before_anything_loads(tiny, tmp_path):
     import dataclasses
 
     import train
 
-    folder, clips, _ = wan_run
+    folder, clips = tiny[1]["wan"], tmp_path / "clips"
     cfg = train.Config(model=str(folder), videos=str(clips), reg_videos=str(clips), out=str(tmp_path / "x"))
     for kw, message in ((dict(frames=16), "1 \\+ 4k frames"), (dict(window="random"), "--window first"),
                         (dict(train_token=True), "not supported with Wan"), (dict(denoiser="unet"), "is a DiT"),
