@@ -7,6 +7,8 @@
     torchrun --nnodes 2 --node_rank 0 --master_addr host0 --nproc_per_node 8 train.py ...   (multi-node: the same)
     python train.py ... --resume                     (continue the run in --out from its last checkpoint)
     python train.py ... --preset temporal            (an ablation row; see config.PRESETS)
+    python train.py --model Wan-AI/Wan2.1-T2V-1.3B --videos pll_clips/ --token pll --reg-videos reg/   (a DiT)
+    python train.py --videos clips/ --token pll --denoiser dit          (the toy model's DiT)
 
 Defaults are the official run's (adobe-research/custom_motion; docs/fidelity.md lists every setting): no
 dropout, a 16-frame window drawn at a new start in every clip at every step, 24 fps, aspect buckets of about 384^2
@@ -20,6 +22,12 @@ loop, where each clip contributes a window of its cached frames:
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps             one eps per clip
     L   = MSE(eps_hat(instance), eps) + lambda * MSE(eps_hat(reg), eps)    instance + reg clips in ONE UNet batch
                                                                            (one per aspect bucket if they differ)
+
+The DiT family (Wan 2.1, or the toy model's DiT: docs/wan.md) runs the same loop with its own objective, flow_loss:
+
+    k_i ~ p(k), the same density; s_i = shift((k_i + 1) / T)   noise levels rise with k: coarse noise carries over
+    x_s = (1 - s_i) x_0 + s_i n                               rectified flow (flow.py)
+    L   = MSE(v_hat(instance), n - x_0) + lambda * MSE(v_hat(reg), n - x_0)
 
 Output in --out: `delta.safetensors` (only the trained tensors + metadata; `python sample.py --delta` loads it),
 `state.pt` (resume checkpoint), `config.json`, `log.jsonl`, validation videos in `val/`.
