@@ -214,9 +214,10 @@ JOINT_SETTINGS = dict(train_subject_token=True, still_frames="1", subject_trains
 # mixes frames, + the text cross-attention's K/V), and Wan's sampler and guidance for validation videos.
 DIT_SETTINGS = dict(preset="dit-newmove", val_solver="unipc", val_guidance=5.0)
 # A Wan 2.1 --model (wan_models.is_wan) trains its DiT (--denoiser dit, DIT_SETTINGS); the options not given take these:
-# 33-frame clips (1 + 4k: Wan's VAE keeps frame 0 apart) of about 480^2 pixels, per-block checkpointing (docs/wan.md:
-# 1+1 clips at 480x832 need 12.5 GB with it, 63 GB without), and each clip's first window, encoded once as one video.
-WAN_SETTINGS = dict(denoiser="dit", frames=33, size=480, checkpointing="full", window="first")
+# 33-frame clips (1 + 4k: Wan's VAE keeps frame 0 apart) of about 480^2 pixels and per-block checkpointing (docs/wan.md:
+# 1+1 clips at 480x832 need 12.5 GB with it, 63 GB without). --window random (the default) draws one of each clip's
+# windows per step, each encoded once as a video of its own (latents.encode_wan_clip).
+WAN_SETTINGS = dict(denoiser="dit", frames=33, size=480, checkpointing="full")
 
 
 def check_config(cfg: Config, given=None):
@@ -303,9 +304,6 @@ def check_wan(cfg: Config):
         raise SystemExit(f"error: {cfg.model} is Wan 2.1: its denoiser is a DiT (--denoiser dit), not a UNet")
     if (cfg.frames - 1) % 4:
         raise SystemExit(f"error: --frames {cfg.frames}: Wan's VAE takes 1 + 4k frames (e.g. 33, 49, 81)")
-    if cfg.window != "first":
-        raise SystemExit("error: --window random: Wan's causal VAE encodes a window as one video (its first frame "
-                         "alone), so windows are not cut from cached frames here; use --window first")
     if cfg.train_token or cfg.train_subject_token or cfg.subject_videos:
         raise SystemExit("error: learned words and --subject-videos are not supported with Wan's umT5 here")
 

@@ -266,8 +266,7 @@ def test_wan_options_are_checked_before_anything_loads(tiny, tmp_path):
 
     folder, clips = tiny[1]["wan"], tmp_path / "clips"
     cfg = train.Config(model=str(folder), videos=str(clips), reg_videos=str(clips), out=str(tmp_path / "x"))
-    for kw, message in ((dict(frames=16), "1 \\+ 4k frames"), (dict(window="random"), "--window first"),
-                        (dict(train_token=True), "not supported with Wan"), (dict(denoiser="unet"), "is a DiT"),
+    for kw, message in ((dict(frames=16), "1 \\+ 4k frames"), (dict(train_token=True), "not supported with Wan"), (dict(denoiser="unet"), "is a DiT"),
                         (dict(preset="temporal"), "selects UNet weights")):
         with pytest.raises(SystemExit, match=message):
             train.check_config(dataclasses.replace(cfg, **kw), given=set(kw))
@@ -280,3 +279,27 @@ def test_models_py_checks_a_wan_folder(tiny, capfd):
     assert models.main([str(folders["wan-diffusers"])]) == 0
     out = capfd.readouterr().out
     assert "wan-diffusers layout" in out and "-> DiT (2, 4, 2, 8, 8) -> VAE decode (2, 3, 5, 64, 64)" in out
+
+
+def test_wan_windows_are_encoded_one_by_one_and_drawn_whole(tiny):
+    """--window random with Wan: each window of a clip goes through the causal VAE as a video of its own (its first
+    frame alone), and a step draws one whole window, never a slice across two."""
+    import latents
+
+    models, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 13, HEIGHT, WIDTH, generator=g) * 2 - 1  # 13 frames: windows of 5 at starts 0 and 8
+    item = {"video": video, "caption": "a photo of a dog"}
+    cached = latents.encode_wan_clip(item, models.vae, models.text_encoder, models.tokenizer, torch.device("cpu"), 5)
+    with torch.no_grad():
+        want = [models.vae.encode(video[None, :, a:a + 5])[0].transpose(0, 1) for a in (0, 8)]
+    assert torch.equal(cached["mean"], torch.cat(want)) and cached["mean"].shape[0] == 4
+    with torch.no_grad():  # a window cut from one encoding of all 13 frames is something else
+        whole = models.vae.encode(video[None, :, :13])[0].transpose(0, 1)
+    assert not torch.allclose(whole[3:5], want[1], atol=1e-3)
+    s = {"mean": [cached["mean"]], "std": [cached["std"]], "context": cached["context"][None], "window": 2}
+    starts = set()
+    for b in range(40):
+        x0, _ = latents.batch_latents([("instance", s, 0)], b, 1, 2, True, g, torch.device("cpu"))
+        starts.add(next(k for k in range(4) if torch.equal(x0[0].transpose(0, 1), cached["mean"][k:k + 2])))
+    assert starts == {0, 2}
