@@ -313,10 +313,8 @@ class Encoder3d(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 layers.append(Downsample(out_dim, cfg.temporal_downsample[i]))
         self.downsamples = nn.ModuleList(layers)
-        d = dims[-1]
-        self.middle = nn.ModuleList([ResidualBlock(d, d, cfg.dropout), AttentionBlock(d),
-                                     ResidualBlock(d, d, cfg.dropout)])
-        self.head = nn.Sequential(RMSNorm(d), nn.SiLU(), CausalConv3d(d, 2 * cfg.z_dim, 3, padding=1))
+        self.middle = _middle(dims[-1], cfg.dropout)
+        self.head = _head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x, cache=None):
         x = self.conv1(x, cache)
@@ -335,8 +333,7 @@ class Decoder3d(nn.Module):
         dims = [cfg.dim * m for m in (mult[-1], *mult[::-1])]  # (384, 384, 384, 192, 96) released
         temporal_upsample = cfg.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0], cfg.dropout), AttentionBlock(dims[0]),
-                                     ResidualBlock(dims[0], dims[0], cfg.dropout)])
+        self.middle = _middle(dims[0], cfg.dropout)
         # per level: num_res_blocks + 1 residual blocks, then an Upsample except after the last level
         layers = []
         for i, (in_dim, out_dim) in enumerate(pairwise(dims)):
@@ -347,7 +344,7 @@ class Decoder3d(nn.Module):
             if i < len(mult) - 1:
                 layers.append(Upsample(out_dim, temporal_upsample[i]))
         self.upsamples = nn.ModuleList(layers)
-        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+        self.head = _head(out_dim, 3)
 
     def forward(self, x, cache=None):
         x = self.conv1(x, cache)
@@ -355,6 +352,16 @@ class Decoder3d(nn.Module):
             x = layer(x, cache)
         norm, act, conv = self.head
         return conv(act(norm(x)), cache)
+
+
+def _middle(d: int, dropout: float) -> nn.ModuleList:
+    """The bottleneck of both halves: residual block, spatial self-attention, residual block (keys middle.0/1/2)."""
+    return nn.ModuleList([ResidualBlock(d, d, dropout), AttentionBlock(d), ResidualBlock(d, d, dropout)])
+
+
+def _head(d: int, out: int) -> nn.Sequential:
+    """RMS norm, SiLU and a causal 3x3x3 conv to `out` channels (keys head.0 and head.2)."""
+    return nn.Sequential(RMSNorm(d), nn.SiLU(), CausalConv3d(d, out, 3, padding=1))
 
 
 def _chunk_bounds(n: int, chunk: int | None) -> list:
