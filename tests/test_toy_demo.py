@@ -43,13 +43,14 @@ def test_committed_toy_dit_loads_and_samples():
 
 @pytest.mark.slow
 def test_committed_toy_dit_draws_the_base_motions():
-    """The pretrained toy DiT follows the base-motion words on colour/shape pairs it never saw (30 prompts, 25 UniPC
-    steps, guidance 5): measured 76.7% (2026-12-07, the committed weights; chance 1 in 10 motions)."""
+    """The pretrained toy DiT follows the base-motion words on colour/shape pairs it never saw (12 prompts, 15 UniPC
+    steps, guidance 5): measured 75% (2026-12-07, the committed weights; 76.7% on 30 prompts at 25 steps; chance 1 in
+    10 motions)."""
     from toy.train_dit import eval_base, eval_prompts
 
-    prompts, seeds = eval_prompts(5)
-    accuracy = eval_base(load_models(TOY, denoiser="dit").dit, load_models(TOY), prompts, seeds, steps=25)
-    assert accuracy >= 0.6, accuracy
+    prompts, seeds = eval_prompts(2)
+    accuracy = eval_base(load_models(TOY, denoiser="dit").dit, load_models(TOY), prompts, seeds, steps=15)
+    assert accuracy >= 0.5, accuracy
 
 
 @pytest.mark.slow
