@@ -104,8 +104,13 @@ def encode_set(dataset, vae, text, tokenizer, cache_dir: Path, fingerprint: str,
         tokens = list(tokenizer(captions).to(device))
     stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
     # Wan: each clip's windows were encoded one by one and laid end to end; a window is `window` latent frames
-    window = 1 + (frames - 1) // vae.cfg.temporal_factor if isinstance(vae, wan_vae.WanVAE) else None
+    window = latent_frames(frames, vae) if isinstance(vae, wan_vae.WanVAE) else None
     return {"mean": means, "std": stds, "context": stack(contexts), "tokens": stack(tokens), "window": window}
+
+
+def latent_frames(frames: int, vae) -> int:
+    """Latent frames of a `frames`-frame clip: as many for the KL VAE (frame by frame), 1 + (F - 1) / 4 for Wan's."""
+    return 1 + (frames - 1) // getattr(vae.cfg, "temporal_factor", 1)
 
 
 WAN_WINDOW_STRIDE = 8  # pixel frames between the starts of a clip's cached Wan windows (--window random)
@@ -185,7 +190,7 @@ def encode_run_sets(cfg, models, prior: str, token_id, amp, out: Path, run) -> t
         print(f"instance clips: {count(inst)}{subject}; regularization clips: {count(reg)} "
               f"({prior}); lambda {cfg.reg_weight}; timesteps {cfg.timesteps} (alpha {cfg.alpha}); "
               f"dropout {cfg.dropout}")
-        latent = 1 + (cfg.frames - 1) // getattr(models.vae.cfg, "temporal_factor", 1)  # Wan's VAE: 1 + (F - 1) / 4
+        latent = latent_frames(cfg.frames, models.vae)
         for name, s in (("instance", inst), ("subject", subj), ("regularization", reg)):
             if s is not None:
                 print(f"{name} windows: {window_report(s, latent, max_frames)}", flush=True)

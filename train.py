@@ -212,8 +212,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
         T = models.schedule["num_train_timesteps"]
     else:
         abar, T = None, flow.NUM_TRAIN_TIMESTEPS
-    # the clips' frames in the latent: as many for the KL VAE (frame by frame), 1 + (F - 1) / 4 for Wan's causal VAE
-    frames = 1 + (cfg.frames - 1) // getattr(models.vae.cfg, "temporal_factor", 1)
+    frames = latents.latent_frames(cfg.frames, models.vae)  # the clips' frames in the latent
     amp = autocast_dtype(cfg.precision)
     net.requires_grad_(False)
     text.requires_grad_(False)
