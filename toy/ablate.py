@@ -239,7 +239,9 @@ def table(records: list, settings: dict) -> str:
     thresholds = {m: toy_scorer.calibrate_leakage(m)["threshold"] for m in motions}
     data = cells(records, thresholds)
     fmt = lambda m, lo, hi: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"  # noqa: E731
-    lines = ["| row | paper row | runs | " + " | ".join(name for name, _, _ in METRICS) + " |",
+    has_paper = any(paper for _, _, paper in rows.values())  # the DiT's rows have no paper to compare with
+    lines = [f"| row | {'paper row' if has_paper else 'what trains / changes'} | runs | "
+             + " | ".join(name for name, _, _ in METRICS) + " |",
              "| --- | --- | --- |" + " --- |" * len(METRICS)]
     for row in [BASE, *rows]:
         if row not in data:
@@ -252,10 +254,13 @@ def table(records: list, settings: dict) -> str:
               "motion and seed). With one run the interval resamples only its videos and says nothing about seed-to-seed "
               "variation; rows are compared in the paired table below, on shared cells only."]
     lines += ["", f"Paired differences to {label} (row minus {label}, percentage points, same motions, seeds, prompts and "
-              "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0; '(holds)' / '(reversed)' = "
-              "a resolved difference in / against the paper's direction:", "",
-              "| row | pairs | novel-motion accuracy | verdict | paper | copy score > threshold | verdict | paper | "
-              "base-motion accuracy | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0"
+              + ("; '(holds)' / '(reversed)' = a resolved difference in / against the paper's direction:" if has_paper
+                 else ":"), ""]
+    heads = ["novel-motion accuracy", "verdict", "paper", "copy score > threshold", "verdict", "paper",
+             "base-motion accuracy", "verdict"]
+    keep = [i for i, h in enumerate(heads) if has_paper or h != "paper"]
+    lines += ["| row | pairs | " + " | ".join(heads[i] for i in keep) + " |", "| --- | --- |" + " --- |" * len(keep)]
     tally = {}  # holds / reversed / unresolved -> the paper's comparisons
     for row, (_, _, paper) in rows.items():
         if row == ref or row not in data or ref not in data:
@@ -274,8 +279,8 @@ def table(records: list, settings: dict) -> str:
             if a := agreement(v, claim):  # a comparison the paper reports: tallied below the table
                 tally.setdefault(a, []).append(
                     f"{row} {'accuracy' if name == 'novel-motion accuracy' else 'copying'}")
-        lines.append(f"| {row} | {len(pairs)} | {cols[0]} | {cols[1]} | {paper[0]} | {cols[2]} | {cols[3]} | "
-                     f"{paper[1]} | {cols[4]} | {cols[5]} |")
+        cells_ = [cols[0], cols[1], paper[0], cols[2], cols[3], paper[1], cols[4], cols[5]]
+        lines.append(f"| {row} | {len(pairs)} | " + " | ".join(cells_[i] for i in keep) + " |")
     if tally:
         lines += ["", "The paper's comparisons (its direction vs NewMove in accuracy and copying): " + "; ".join(
             f"{k} {len(tally[k])}: {', '.join(tally[k])}" for k in ("holds", "reversed", "unresolved") if k in tally)
