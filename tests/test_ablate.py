@@ -176,3 +176,17 @@ def test_joint_table_means_intervals_and_paired_differences():
     diff = [ln for ln in text.splitlines() if ln.startswith("| split-coarse | 2 |")]  # paired: the 2 shared runs
     assert len(diff) == 1 and diff[0].split(" | ")[2] == "+100.0 [+100.0, +100.0] higher"
     assert diff[0].split(" | ")[3] == "+0.0 [+0.0, +0.0] unresolved"  # subject: equal in both rows
+
+
+@pytest.mark.slow  # the copy-score calibration of 4 motions: ~8 s
+@pytest.mark.parametrize("denoiser, stem, rows", [("unet", "ablation", ablate.ROWS), ("dit", "ablation-dit",
+                                                                                        ablate.DIT_ROWS)])
+def test_committed_tables_are_their_results_files_and_complete(tmp_path, denoiser, stem, rows):
+    """toy/ablation.md and toy/ablation-dit.md (whose numbers the README and docs quote) are what the runner writes
+    from the committed JSON-lines records, and every row has all 4 motions x 3 seeds."""
+    out = tmp_path / f"{stem}.md"
+    ablate.main(["--denoiser", denoiser, "--table", "--out", str(out)])
+    text = out.read_text()
+    assert text == (ablate.ROOT / "toy" / f"{stem}.md").read_text()
+    for row in rows:
+        assert f"| {row} | {rows[row][0]} | 12 |" in text, row
