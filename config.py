@@ -124,6 +124,9 @@ class Config:
                          choices=("coarse", "uniform", "fine"))
     alpha: float = opt(0.5, "skew of the coarse/fine distribution, f(t) = 1 -/+ alpha*cos(pi t/T) (official 0.5)",
                        low=0, high=1)
+    flow_shift: float = opt(0.0, "--denoiser dit: the time shift of the training noise levels, sigma = s t / (1 + "
+                            "(s - 1) t) at grid step t in (0, 1]; 0 = the model's own, its sampler's (Wan 2.1: 5.0, "
+                            "the toy DiT: 3.0; Wan's training shift is not published). 1 = no shift", low=0)
     reg_weight: float = opt(0.5, "lambda in L = L_instance + lambda * L_reg (official 0.5)", low=0)
     reg_ratio: int = opt(1, "regularization clips per instance clip in each step (official 1)", low=1)
     dropout: float = opt(0.0, "dropout in the UNet's ResBlocks and temporal convs while customizing (official run: "
@@ -246,6 +249,9 @@ def check_config(cfg: Config, given=None):
         check_wan(cfg)
     if cfg.denoiser == "dit":
         check_dit(cfg, given, wan)
+    elif cfg.flow_shift:
+        raise SystemExit(f"error: --flow-shift {cfg.flow_shift:g} bends the DiT's flow-matching noise levels; the "
+                         f"UNet's are its DDPM schedule's (it needs --denoiser dit)")
     elif PRESETS[cfg.preset].get("family") == "dit":
         raise SystemExit(f"error: --preset {cfg.preset} selects DiT weights; it needs --denoiser dit")
     elif cfg.val_solver in ("unipc", "euler"):

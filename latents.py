@@ -188,7 +188,8 @@ def encode_run_sets(cfg, models, prior: str, token_id, amp, out: Path, run) -> t
         count = lambda s: 0 if s is None else len(s["mean"])  # noqa: E731
         subject = f"; subject clips: {count(subj)} ({cfg.subject_token})" if subj is not None else ""
         print(f"instance clips: {count(inst)}{subject}; regularization clips: {count(reg)} "
-              f"({prior}); lambda {cfg.reg_weight}; timesteps {cfg.timesteps} (alpha {cfg.alpha}); "
+              f"({prior}); lambda {cfg.reg_weight}; timesteps {cfg.timesteps} (alpha {cfg.alpha}"
+              f"{f', shift {cfg.flow_shift or models.flow_shift:g}' if models.dit is not None else ''}); "
               f"dropout {cfg.dropout}")
         latent = latent_frames(cfg.frames, models.vae)
         for name, s in (("instance", inst), ("subject", subj), ("regularization", reg)):

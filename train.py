@@ -260,6 +260,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- the loop; choice 3, coarse-noise timesteps, is `probs` ---
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
+    shift = cfg.flow_shift or models.flow_shift  # the DiT's: where on the flow path each grid step lies
     # a joint run can draw the subject's clips from their own p(t) and let their loss reach the appearance weights only
     # (docs/subject.md: the toy model settles colour at low noise; the temporal layers learn motion from motion clips)
     subject_probs = None if subj is None or cfg.subject_timesteps in ("same", cfg.timesteps) else \
@@ -311,7 +312,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
                     if models.dit is None:
                         loss, mse, t = newmove_loss(model, x0, ctx, w[pos], p_t, abar, g, amp)
                     else:  # the DiT family's piece: the same draws and weights in the flow-matching objective
-                        loss, mse, t = flow_loss(model, x0, ctx, w[pos], p_t, models.flow_shift, g, amp)
+                        loss, mse, t = flow_loss(model, x0, ctx, w[pos], p_t, shift, g, amp)
                     # inputs: the only tensors this call's gradient reaches (None: every trained one)
                     scaler.scale(loss / cfg.grad_accum).backward(inputs=appearance if all(subject) else None)
                 per_clip[pos] = mse.detach()

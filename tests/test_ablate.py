@@ -130,6 +130,22 @@ def test_dit_table_runs_the_dit_rows_against_dit_newmove(tmp_path, monkeypatch):
         ablate.main(["--denoiser", "dit", "--rows", "uniform", "--results", str(results), "--out", str(out)])
 
 
+def test_a_versus_row_is_also_compared_with_its_own_reference(monkeypatch):
+    """ablate.VERSUS: dit-uniform-shift1 gets a line against dit-newmove and one against dit-shift1 (coarse vs uniform
+    at the same shift), each the paired mean of its own reference's runs."""
+    monkeypatch.setattr(toy_scorer, "calibrate_leakage", lambda m: {"threshold": 0.8, "detected": 1.0})
+    settings = {"steps": 200, "lr": 0.002, "sample_seeds": 4, "base_seeds": 1, "denoiser": "dit"}
+    accuracy = {"base model": 0.0, "dit-newmove": 0.25, "dit-shift1": 0.5, "dit-uniform-shift1": 1.0}
+    records = [{"row": row, "motion": "zigzagging", "seed": k, "settings": settings, "seconds": 1.0,
+                "novel": {"motion": [a] * 4, "colour": [1.0] * 4, "copy": [0.0] * 4, "leak": [0.5] * 4},
+                "base": {"motion": [1.0] * 3, "colour": [1.0] * 3, "copy": [0.0] * 3}}
+               for row, a in accuracy.items() for k in (0, 1)]
+    text = ablate.table(records, settings)
+    assert "| dit-uniform-shift1 | 2 | 75.0 [75.0, 75.0] | higher |" in text
+    assert "| dit-uniform-shift1 minus dit-shift1 | 2 | 50.0 [50.0, 50.0] | higher |" in text
+    assert "| dit-shift1 minus" not in text and "'A minus B'" in text
+
+
 def fake_task(task):
     """A run in a worker process: a fake record naming the process it ran in."""
     import os

@@ -1110,6 +1110,24 @@ def test_dit_run_trains_only_its_preset_and_its_delta_changes_samples(dit_world,
         apply_delta(load_models(folder), path)  # a DiT delta is not a UNet delta
 
 
+def test_flow_shift_option_reaches_the_loss(dit_world, tmp_path, monkeypatch):
+    """--flow-shift S sets the noise levels' shift of every flow_loss call; 0 (the default) keeps the model folder's
+    own (its sampler's, 3.0 in this folder)."""
+    root, folder = dit_world
+    seen, real = [], train.flow_loss
+
+    def spy(*args, **kw):
+        seen.append(args[5])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "flow_loss", spy)
+    for shift, want in ((0.0, 3.0), (1.0, 1.0), (7.5, 7.5)):
+        seen.clear()
+        train.main(_cfg(root, folder, tmp_path / str(shift), denoiser="dit", flow_shift=shift, steps=2, frames=1,
+                        cache=str(tmp_path / "c")))
+        assert seen == [want, want], (shift, seen)
+
+
 def test_dit_options_are_checked_before_anything_loads(dit_world, tmp_path):
     root, folder = dit_world
     bad = [(dict(denoiser="dit", preset="temporal"), "selects UNet weights"),
@@ -1117,7 +1135,8 @@ def test_dit_options_are_checked_before_anything_loads(dit_world, tmp_path):
            (dict(denoiser="dit", checkpointing="selective"), "whole blocks"),
            (dict(denoiser="dit", val_solver="ddim"), "the DiT's are unipc and euler"),
            (dict(val_solver="unipc"), "the UNet's are dpmpp-2m"),
-           (dict(denoiser="dit", model=str(root)), "is neither")]
+           (dict(denoiser="dit", model=str(root)), "is neither"),
+           (dict(flow_shift=3.0), "needs --denoiser dit")]
     for kw, message in bad:
         with pytest.raises(SystemExit, match=message):
             train.check_config(dataclasses.replace(_cfg(root, folder, tmp_path / "x"), **kw), given=set(kw))

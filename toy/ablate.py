@@ -77,9 +77,16 @@ DIT_ROWS = {
     "dit-lora-all": ("LoRA r=4 on every block Linear (the community's default)",
                      {**DIT, "preset": "dit-linear-all", "lora_rank": 4}, None),
     "dit-uniform": ("uniform timesteps (flow grid)", {**DIT, "timesteps": "uniform"}, None),
+    # the shifted grid already puts 75% of uniform draws above sigma 0.5: without the shift, does coarse noise help?
+    "dit-shift1": ("coarse timesteps, training shift 1 (sigma = grid step; sampling keeps 3)",
+                   {**DIT, "flow_shift": 1.0}, None),
+    "dit-uniform-shift1": ("uniform timesteps, training shift 1", {**DIT, "timesteps": "uniform", "flow_shift": 1.0},
+                           None),
     "dit-prior-none": ("regularization prior: none", {**DIT, "prior": "none"}, None),
     "dit-prior-synthetic": ("regularization prior: synthetic", {**DIT, "prior": "synthetic"}, None),
 }
+# Rows also compared with another row than the first (row -> that row): coarse against uniform at the same shift.
+VERSUS = {"dit-uniform-shift1": "dit-shift1"}
 BASE = "base model"  # the row of the uncustomized model
 
 
@@ -255,6 +262,7 @@ def table(records: list, settings: dict) -> str:
               "variation; rows are compared in the paired table below, on shared cells only."]
     lines += ["", f"Paired differences to {label} (row minus {label}, percentage points, same motions, seeds, prompts and "
               "sampling seeds; 95% bootstrap interval); 'resolved' = the interval excludes 0"
+              + ("; 'A minus B': row A against row B, likewise" if any(r in rows for r in VERSUS) else "")
               + ("; '(holds)' / '(reversed)' = a resolved difference in / against the paper's direction:" if has_paper
                  else ":"), ""]
     heads = ["novel-motion accuracy", "verdict", "paper", "copy score > threshold", "verdict", "paper",
@@ -262,17 +270,19 @@ def table(records: list, settings: dict) -> str:
     keep = [i for i, h in enumerate(heads) if has_paper or h != "paper"]
     lines += ["| row | pairs | " + " | ".join(heads[i] for i in keep) + " |", "| --- | --- |" + " --- |" * len(keep)]
     tally = {}  # holds / reversed / unresolved -> the paper's comparisons
-    for row, (_, _, paper) in rows.items():
-        if row == ref or row not in data or ref not in data:
+    compared = [(row, ref, paper) for row, (_, _, paper) in rows.items()] + \
+        [(row, other, None) for row, other in VERSUS.items() if row in rows]
+    for row, base, paper in compared:
+        if row == base or row not in data or base not in data:
             continue
-        pairs = sorted(set(data[row]) & set(data[ref]))
+        pairs = sorted(set(data[row]) & set(data[base]))
         if not pairs:
             continue
         cols = []
         paper = paper or ("", "")
         for name, claim in (("novel-motion accuracy", paper[0]), ("copy score > threshold", paper[1]),
                             ("base-motion accuracy", "")):
-            d = np.stack([data[row][k][name] - data[ref][k][name] for k in pairs])
+            d = np.stack([data[row][k][name] - data[base][k][name] for k in pairs])
             m, lo, hi = bootstrap(d)
             v = verdict(lo, hi)
             cols += [fmt(m, lo, hi), reading(v, claim)]
@@ -280,7 +290,8 @@ def table(records: list, settings: dict) -> str:
                 tally.setdefault(a, []).append(
                     f"{row} {'accuracy' if name == 'novel-motion accuracy' else 'copying'}")
         cells_ = [cols[0], cols[1], paper[0], cols[2], cols[3], paper[1], cols[4], cols[5]]
-        lines.append(f"| {row} | {len(pairs)} | " + " | ".join(cells_[i] for i in keep) + " |")
+        name = row if base == ref else f"{row} minus {base}"
+        lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells_[i] for i in keep) + " |")
     if tally:
         lines += ["", "The paper's comparisons (its direction vs NewMove in accuracy and copying): " + "; ".join(
             f"{k} {len(tally[k])}: {', '.join(tally[k])}" for k in ("holds", "reversed", "unresolved") if k in tally)
