@@ -206,3 +206,28 @@ def test_committed_tables_are_their_results_files_and_complete(tmp_path, denoise
     assert text == (ablate.ROOT / "toy" / f"{stem}.md").read_text()
     for row in rows:
         assert f"| {row} | {rows[row][0]} | 12 |" in text, row
+
+
+def test_readme_dit_table_quotes_the_committed_table():
+    """The README's DiT table (its answer) is toy/ablation-dit.md's numbers: each row's three means, its paired
+    differences to dit-newmove, and a ▲/▼ exactly where that difference is resolved higher/lower."""
+    readme = (ablate.ROOT / "README.md").read_text()
+    section = readme.split("## NewMove on a diffusion transformer")[1].split("\n## ")[0]
+    quoted = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    md = (ablate.ROOT / "toy" / "ablation-dit.md").read_text().split("\n\n")
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    means = {c[0]: c for c in map(cells, md[0].splitlines()[2:])}  # row -> its cells (means [lo, hi])
+    paired = {c[0]: c for c in map(cells, next(b for b in md if b.startswith("| row | pairs")).splitlines()[2:])}
+    assert len(quoted) == len(ablate.DIT_ROWS) + 1  # every row, and the base model
+    for line in quoted:
+        c = cells(line.replace("**", ""))
+        row = "base model" if c[0].startswith("base DiT") else c[0].split(":")[0]
+        for j, (mean_col, diff_col) in enumerate(((3, 2), (4, 4), (7, 6))):  # novel, copy > threshold, base motions
+            value = c[1 + j].split(" (")[0]
+            assert float(value) == float(means[row][mean_col].split(" [")[0]), (row, j)
+            if row in ("base model", "dit-newmove"):
+                continue
+            diff = c[1 + j].split(" (")[1].rstrip(")")
+            d, verdict = paired[row][diff_col], paired[row][diff_col + 1]
+            assert float(diff.split(" ")[0]) == float(d.split(" [")[0]), (row, j)
+            assert ("▲" in diff, "▼" in diff) == (verdict == "higher", verdict == "lower"), (row, j)
