@@ -195,13 +195,18 @@ def test_joint_table_means_intervals_and_paired_differences():
 
 
 @pytest.mark.slow  # the copy-score calibration of 4 motions: ~8 s
-@pytest.mark.parametrize("denoiser, stem, rows", [("unet", "ablation", ablate.ROWS), ("dit", "ablation-dit",
-                                                                                        ablate.DIT_ROWS)])
-def test_committed_tables_are_their_results_files_and_complete(tmp_path, denoiser, stem, rows):
-    """toy/ablation.md and toy/ablation-dit.md (whose numbers the README and docs quote) are what the runner writes
-    from the committed JSON-lines records, and every row has all 4 motions x 3 seeds."""
+@pytest.mark.parametrize("denoiser, stem, rows, lr", [
+    ("unet", "ablation", ablate.ROWS, []), ("dit", "ablation-dit", ablate.DIT_ROWS, []),
+    ("dit", "ablation-dit-lr5e-3", ["dit-newmove", "dit-uniform", "dit-self-qk", "dit-cross-kv", "dit-lora-all"],
+     ["--lr", "0.005"]),
+    ("dit", "ablation-dit-lr2e-2", ["dit-newmove", "dit-lora-all"], ["--lr", "0.02"])])
+def test_committed_tables_are_their_results_files_and_complete(tmp_path, denoiser, stem, rows, lr):
+    """toy/ablation.md, toy/ablation-dit.md and the DiT's tables at other learning rates (whose numbers the README and
+    docs quote) are what the runner writes from the committed JSON-lines records, and every row has all 4 motions x
+    3 seeds."""
     out = tmp_path / f"{stem}.md"
-    ablate.main(["--denoiser", denoiser, "--table", "--out", str(out)])
+    ablate.main(["--denoiser", denoiser, "--table", "--out", str(out), *lr])
+    rows = {row: ablate.rows_of({"denoiser": denoiser})[row] for row in rows}
     text = out.read_text()
     assert text == (ablate.ROOT / "toy" / f"{stem}.md").read_text()
     for row in rows:
