@@ -223,6 +223,11 @@ DIT_SETTINGS = dict(preset="dit-newmove", val_solver="unipc", val_guidance=5.0)
 WAN_SETTINGS = dict(denoiser="dit", frames=33, size=480, checkpointing="full")
 
 
+def flow_shift(cfg: Config, models) -> float:
+    """The DiT's training shift: --flow-shift, else the model's own (its sampler's, which sampling always keeps)."""
+    return cfg.flow_shift or models.flow_shift
+
+
 def check_config(cfg: Config, given=None):
     """Clear errors for bad option values before anything heavy happens. With no --model: the toy model and its
     settings (TOY_SETTINGS) for every option not in `given` (the flags set on the command line; from Python: the

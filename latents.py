@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import config
 import data
 import sample
 import wan_t5
@@ -189,7 +190,7 @@ def encode_run_sets(cfg, models, prior: str, token_id, amp, out: Path, run) -> t
         subject = f"; subject clips: {count(subj)} ({cfg.subject_token})" if subj is not None else ""
         print(f"instance clips: {count(inst)}{subject}; regularization clips: {count(reg)} "
               f"({prior}); lambda {cfg.reg_weight}; timesteps {cfg.timesteps} (alpha {cfg.alpha}"
-              f"{f', shift {cfg.flow_shift or models.flow_shift:g}' if models.dit is not None else ''}); "
+              f"{f', shift {config.flow_shift(cfg, models):g}' if models.dit is not None else ''}); "
               f"dropout {cfg.dropout}")
         latent = latent_frames(cfg.frames, models.vae)
         for name, s in (("instance", inst), ("subject", subj), ("regularization", reg)):

@@ -59,7 +59,7 @@ import runs
 import sample
 import text_encoder as te
 import wan_models
-from config import PRESETS, TOY_REG_CLIPS, Config, check_config, parse_args  # noqa: F401 (as train.X too)
+from config import PRESETS, TOY_REG_CLIPS, Config, check_config, flow_shift, parse_args  # noqa: F401 (as train.X too)
 from models import base_metadata, load_models
 from weights import DTYPES, WeightsError, autocast_dtype, cast, save_state_dict, weights_id, writable_dir, write_json
 
@@ -260,7 +260,7 @@ def main(cfg: Config, score_fn=None, stop_score: float | None = None):
 
     # --- the loop; choice 3, coarse-noise timesteps, is `probs` ---
     probs = timestep_probs(cfg.timesteps, cfg.alpha, T).to(run.device)
-    shift = cfg.flow_shift or models.flow_shift  # the DiT's: where on the flow path each grid step lies
+    shift = flow_shift(cfg, models)  # the DiT's: where on the flow path each grid step lies
     # a joint run can draw the subject's clips from their own p(t) and let their loss reach the appearance weights only
     # (docs/subject.md: the toy model settles colour at low noise; the temporal layers learn motion from motion clips)
     subject_probs = None if subj is None or cfg.subject_timesteps in ("same", cfg.timesteps) else \
